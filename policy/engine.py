@@ -1,0 +1,139 @@
+"""Casbin enforcers for access and key routing, and `decide()` for one request.
+
+Access is one Casbin enforcer per tenant (that tenant's rules plus the `*` ones), so a decision
+scans only the rules that can apply. Decisions are data and are cached per
+(tenant, subjects, model) for the lifetime of one `Policy`: a reload builds a new `Policy`,
+so a cache can never outlive the rules it was computed from.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import casbin
+from casbin import model as casbin_model
+
+from policy.files import AccessRule, PolicyFiles, RouteRule
+
+logging.getLogger("casbin").setLevel(logging.WARNING)
+
+DEFAULT_MODEL_CONF = Path(__file__).with_name("model.conf")
+ANY_TENANT = "*"
+_CACHE_LIMIT = 100_000
+
+ROUTE_MODEL = """
+[request_definition]
+r = dom, obj
+[policy_definition]
+p = dom, obj, keys
+[policy_effect]
+e = some(where (p.eft == allow))
+[matchers]
+m = (p.dom == "*" || p.dom == r.dom) && modelGlob(r.obj, p.obj)
+"""
+
+
+@lru_cache(maxsize=4096)
+def _glob_regex(glob: str) -> re.Pattern[str]:
+    parts = [".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in glob]
+    return re.compile("".join(parts) + r"\Z", re.DOTALL)
+
+
+def model_glob(name: str, glob: str) -> bool:
+    """`*` matches any run of characters (`/` included), `?` exactly one.
+
+    >>> model_glob("openai/gpt-4o-mini", "openai/*"), model_glob("openai/gpt-4o", "*mini")
+    (True, False)
+    """
+    return _glob_regex(glob).match(name) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class AccessDecision:
+    allowed: bool
+    rule: AccessRule | None  # the rule that decided (None: no rule matched, default deny)
+    route: RouteRule | None  # the first route matching tenant and model
+
+
+class Policy:
+    """An immutable, validated policy set. Build a new one to change anything."""
+
+    def __init__(self, files: PolicyFiles, model_conf: Path | None = None) -> None:
+        if files.errors:
+            raise ValueError("refusing to build a policy from files with errors")
+        self.files = files
+        conf = model_conf if model_conf and model_conf.exists() else DEFAULT_MODEL_CONF
+        self._model_text = conf.read_text(encoding="utf-8")
+        tenants = {r.tenant for r in files.access} | {g.tenant for g in files.roles} | set(files.tenants)
+        self._access = {t: self._access_enforcer(t) for t in tenants | {ANY_TENANT}}
+        self._routes = self._route_enforcer()
+        self._rules = {(r.subject, r.tenant, r.model_glob, r.effect): r for r in files.access}
+        self._route_rules = {(r.tenant, r.model_glob, "|".join(r.key_ids)): r for r in files.routes}
+        self._cache: dict[tuple[str, tuple[str, ...], str], AccessDecision] = {}
+
+    def decide(self, tenant: str, subjects: tuple[str, ...], model: str) -> AccessDecision:
+        """May these subjects use `provider/model` in this tenant, and which route serves it?
+
+        `subjects` is the user id followed by `role:NAME` for each role the credential carries.
+        """
+        key = (tenant, subjects, model)
+        cached = self._cache.get(key)
+        if cached is None:
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            cached = self._cache[key] = self._decide(tenant, subjects, model)
+        return cached
+
+    def _decide(self, tenant: str, subjects: tuple[str, ...], model: str) -> AccessDecision:
+        enforcer = self._access.get(tenant) or self._access[ANY_TENANT]
+        allowed, row = enforcer.enforce_ex(subjects, tenant, model)
+        rule = self._rules.get(tuple(row)) if row else None
+        route_ok, route_row = self._routes.enforce_ex(tenant, model)
+        route = self._route_rules.get(tuple(route_row)) if route_ok and route_row else None
+        return AccessDecision(bool(allowed), rule, route)
+
+    def route_for(self, tenant: str, model: str) -> RouteRule | None:
+        ok, row = self._routes.enforce_ex(tenant, model)
+        return self._route_rules.get(tuple(row)) if ok and row else None
+
+    def _access_enforcer(self, tenant: str) -> casbin.Enforcer:
+        enforcer = casbin.Enforcer(self._load_model(self._model_text))
+        rules = _unique([r.as_row() for r in self.files.access if r.tenant in (tenant, ANY_TENANT)])
+        links = _unique([[g.user, g.role, g.tenant] for g in self.files.roles if g.tenant in (tenant, ANY_TENANT)])
+        if rules:
+            enforcer.add_policies(rules)
+        if links:
+            enforcer.add_grouping_policies(links)
+        roles = enforcer.get_role_manager()
+
+        def subject_match(subjects: tuple[str, ...], rule_subject: str, domain: str) -> bool:
+            if rule_subject == "*":
+                return True
+            return any(s == rule_subject or roles.has_link(s, rule_subject, domain) for s in subjects)
+
+        enforcer.add_function("subjectMatch", subject_match)
+        enforcer.add_function("modelGlob", model_glob)
+        return enforcer
+
+    def _route_enforcer(self) -> casbin.Enforcer:
+        enforcer = casbin.Enforcer(self._load_model(ROUTE_MODEL))
+        rows = _unique([[r.tenant, r.model_glob, "|".join(r.key_ids)] for r in self.files.routes])
+        if rows:
+            enforcer.add_policies(rows)
+        enforcer.add_function("modelGlob", model_glob)
+        return enforcer
+
+    @staticmethod
+    def _load_model(text: str) -> casbin_model.Model:
+        model = casbin_model.Model()
+        model.load_model_from_text(text)
+        return model
+
+
+def _unique(rows: list[list[str]]) -> list[list[str]]:
+    """Casbin refuses a batch holding a duplicate: keep the first of each, in file order."""
+    return [list(row) for row in dict.fromkeys(tuple(r) for r in rows)]

@@ -1,0 +1,236 @@
+"""Load and validate the governance lead's CSV files, with `file:line: reason` problems.
+
+Casbin loads a malformed CSV mostly silently, so every file is parsed and checked here first;
+only a set with no errors is ever turned into enforcers.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+EFFECTS = ("allow", "deny")
+_NAME = re.compile(r"^[A-Za-z0-9._@:\-]+$")
+_GLOB = re.compile(r"^[A-Za-z0-9._@:/\-*?]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    file: str
+    line: int
+    message: str
+    severity: str = "error"  # error | warning
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.severity}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRule:
+    line: int
+    subject: str
+    tenant: str
+    model_glob: str
+    effect: str
+
+    def as_row(self) -> list[str]:
+        return [self.subject, self.tenant, self.model_glob, self.effect]
+
+
+@dataclass(frozen=True, slots=True)
+class RoleLink:
+    line: int
+    user: str
+    role: str
+    tenant: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    line: int
+    tenant: str
+    model_glob: str
+    key_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    tenant: str
+    name: str
+    markup_pct: Decimal
+    byok_fee_pct: Decimal
+
+
+@dataclass
+class PolicyFiles:
+    access: list[AccessRule] = field(default_factory=list)
+    roles: list[RoleLink] = field(default_factory=list)
+    routes: list[RouteRule] = field(default_factory=list)
+    tenants: dict[str, Tenant] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+
+def csv_lines(path: Path) -> list[tuple[int, list[str]]]:
+    """Non-blank, non-comment lines as (line number, stripped fields)."""
+    out = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip() or raw.lstrip().startswith("#"):
+                continue
+            fields = next(csv.reader([raw], skipinitialspace=True))
+            out.append((number, [f.strip() for f in fields]))
+    return out
+
+
+def load_policy_files(data_dir: Path) -> PolicyFiles:
+    """Parse `tenants.csv`, `policy/access.csv` and `policy/routes.csv` from a deployment."""
+    files = PolicyFiles()
+    files.tenants = _load_tenants(data_dir / "tenants.csv", files.problems)
+    _load_access(data_dir / "policy" / "access.csv", files)
+    _load_routes(data_dir / "policy" / "routes.csv", files)
+    return files
+
+
+def _relative(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}" if path.parent.name == "policy" else path.name
+
+
+def _read(path: Path, problems: list[Problem]) -> list[tuple[int, list[str]]]:
+    if not path.exists():
+        problems.append(Problem(_relative(path), 0, "file is missing; `tollway init` writes a sample"))
+        return []
+    try:
+        return csv_lines(path)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        problems.append(Problem(_relative(path), 0, f"cannot be read as UTF-8 CSV: {exc}"))
+        return []
+
+
+def _load_tenants(path: Path, problems: list[Problem]) -> dict[str, Tenant]:
+    name = _relative(path)
+    rows = _read(path, problems)
+    tenants: dict[str, Tenant] = {}
+    if rows and rows[0][1] == ["tenant", "name", "markup_pct", "byok_fee_pct"]:
+        rows = rows[1:]
+    elif rows:
+        problems.append(Problem(name, rows[0][0], "header must be tenant,name,markup_pct,byok_fee_pct"))
+        return tenants
+    for line, fields in rows:
+        if len(fields) != 4:
+            problems.append(Problem(name, line, f"expected 4 columns, got {len(fields)}"))
+            continue
+        tenant, title, markup, fee = fields
+        if not _NAME.match(tenant) or tenant == "*":
+            problems.append(Problem(name, line, f"tenant id {tenant!r} may only hold letters, digits and - _ . @"))
+            continue
+        pcts = [_percent(value) for value in (markup, fee)]
+        if None in pcts:
+            problems.append(Problem(name, line, "markup_pct and byok_fee_pct must be numbers >= 0, e.g. 10 or 2.5"))
+            continue
+        if tenant in tenants:
+            problems.append(Problem(name, line, f"tenant {tenant!r} is listed twice"))
+            continue
+        tenants[tenant] = Tenant(tenant, title, pcts[0], pcts[1])
+    return tenants
+
+
+def _percent(value: str) -> Decimal | None:
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        return None
+    return number if number.is_finite() and number >= 0 else None
+
+
+def _load_access(path: Path, files: PolicyFiles) -> None:
+    name = _relative(path)
+    for line, fields in _read(path, files.problems):
+        kind, rest = fields[0], fields[1:]
+        if kind == "p":
+            rule = _access_rule(name, line, rest, files)
+            if rule:
+                files.access.append(rule)
+        elif kind == "g":
+            link = _role_link(name, line, rest, files)
+            if link:
+                files.roles.append(link)
+        else:
+            files.problems.append(Problem(name, line, f"unknown rule type {kind!r}: use p (permission) or g (role)"))
+
+
+def _access_rule(name: str, line: int, rest: list[str], files: PolicyFiles) -> AccessRule | None:
+    if len(rest) != 4:
+        files.problems.append(Problem(name, line, f"p needs 4 fields (subject, tenant, model-glob, effect), got {len(rest)}"))
+        return None
+    subject, tenant, glob, effect = rest
+    problem = (_empty(rest) or _subject_problem(subject) or _tenant_problem(tenant, files.tenants)
+               or _glob_problem(glob) or (None if effect in EFFECTS else f"unknown effect {effect!r}: use allow or deny"))
+    if problem:
+        files.problems.append(Problem(name, line, problem))
+        return None
+    return AccessRule(line, subject, tenant, glob, effect)
+
+
+def _role_link(name: str, line: int, rest: list[str], files: PolicyFiles) -> RoleLink | None:
+    if len(rest) != 3:
+        files.problems.append(Problem(name, line, f"g needs 3 fields (user, role:NAME, tenant), got {len(rest)}"))
+        return None
+    user, role, tenant = rest
+    problem = (_empty(rest) or _subject_problem(user)
+               or (None if role.startswith("role:") and _NAME.match(role) else f"role {role!r} must look like role:NAME")
+               or _tenant_problem(tenant, files.tenants))
+    if problem:
+        files.problems.append(Problem(name, line, problem))
+        return None
+    return RoleLink(line, user, role, tenant)
+
+
+def _load_routes(path: Path, files: PolicyFiles) -> None:
+    name = _relative(path)
+    for line, fields in _read(path, files.problems):
+        if fields[0] != "p":
+            files.problems.append(Problem(name, line, f"unknown rule type {fields[0]!r}: routes use p lines only"))
+            continue
+        rest = fields[1:]
+        if len(rest) != 3:
+            files.problems.append(Problem(name, line, f"p needs 3 fields (tenant, model-glob, key-id[|key-id...]), got {len(rest)}"))
+            continue
+        tenant, glob, keys = rest
+        key_ids = tuple(k.strip() for k in keys.split("|"))
+        problem = (_empty(rest) or _tenant_problem(tenant, files.tenants) or _glob_problem(glob)
+                   or next((f"key id {k!r} is not valid" for k in key_ids if not _NAME.match(k)), None))
+        if problem:
+            files.problems.append(Problem(name, line, problem))
+            continue
+        files.routes.append(RouteRule(line, tenant, glob, key_ids))
+
+
+def _empty(fields: list[str]) -> str | None:
+    return "empty field" if any(not f for f in fields) else None
+
+
+def _subject_problem(subject: str) -> str | None:
+    if subject == "*" or _NAME.match(subject):
+        return None
+    return f"subject {subject!r} is not valid: use a user id, role:NAME or *"
+
+
+def _tenant_problem(tenant: str, tenants: dict[str, Tenant]) -> str | None:
+    if tenant == "*" or tenant in tenants:
+        return None
+    return f"tenant {tenant!r} is not in tenants.csv"
+
+
+def _glob_problem(glob: str) -> str | None:
+    if not _GLOB.match(glob):
+        return f"bad model glob {glob!r}: use provider/model with * and ? wildcards"
+    if glob != "*" and "/" not in glob and not glob.endswith("*"):
+        return f"bad model glob {glob!r}: models are named provider/model, e.g. openai/gpt-4o-mini"
+    return None

@@ -1,0 +1,67 @@
+"""`create_app`: wiring only. Provider routes are plain ASGI mounts handled by `proxy.forward`."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from litestar import Litestar, Request, Response, get
+from litestar.exceptions import NotFoundException
+from litestar.handlers import asgi
+
+from proxy import forward
+from proxy.errors import UnknownProvider
+from proxy.events import Event
+from proxy.gateway import Gateway, ProviderRoute
+from proxy.providers.registry import adapter_for
+
+for noisy in ("httpx", "apscheduler", "litestar", "casbin"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def create_app(gateway: Gateway) -> Litestar:
+    @get("/healthz", sync_to_thread=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/readyz", sync_to_thread=False)
+    def readyz() -> Response[dict[str, Any]]:
+        recorder = gateway.recorder
+        checks = {
+            "policy": "ok",
+            "event_store": "ok" if recorder and recorder.last_error is None else (
+                recorder.last_error if recorder else "not started"),
+        }
+        ready = all(v == "ok" for v in checks.values())
+        return Response({"status": "ready" if ready else "not ready", "checks": checks},
+                        status_code=200 if ready else 503)
+
+    def not_found(request: Request, exc: NotFoundException) -> Response:
+        """Unknown provider: answered (and recorded) in the OpenAI format, the most common client."""
+        name = request.url.path.strip("/").split("/", 1)[0]
+        known = ", ".join(sorted(gateway.routes))
+        err = UnknownProvider(f"Unknown provider {name!r}. This gateway serves: {known}. "
+                              "Use e.g. /openai/v1/chat/completions, or declare it in tollway.toml [providers].")
+        event = Event(event_id=uuid.uuid4(), ts=datetime.now(UTC), status_code=404, outcome=err.outcome)
+        if gateway.recorder:
+            gateway.recorder.record(event)
+        return Response(adapter_for("openai").error_body(err), status_code=404, media_type="application/json",
+                        headers={forward.REQUEST_ID_HEADER.decode(): str(event.event_id)})
+
+    return Litestar(
+        route_handlers=[healthz, readyz, *(_provider_mount(gateway, r) for r in gateway.routes.values())],
+        on_startup=[gateway.start],
+        on_shutdown=[gateway.stop],
+        exception_handlers={NotFoundException: not_found},
+        openapi_config=None,
+        logging_config=None,
+    )
+
+
+def _provider_mount(gateway: Gateway, route: ProviderRoute):
+    async def mount(scope: Any, receive: Any, send: Any) -> None:
+        await forward.handle(gateway, route, scope, receive, send)
+
+    return asgi(f"/{route.name}", is_mount=True, copy_scope=False, name=f"provider-{route.name}")(mount)

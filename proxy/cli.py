@@ -1,0 +1,244 @@
+"""The `tollway` command: assembles each package's slice and adds init, serve, keys, tokens.
+
+Thin by design: every command parses its flags, calls into the core, and prints. With `--json`
+a command prints one JSON document on stdout; messages go to stderr. Exit codes: 0 success,
+1 a check failed or the input was refused, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from proxy.control import ControlError, ControlStore, utcnow
+from proxy.crypto import Keyring, SecretError, load_master_key, write_master_key
+from proxy.errors import StartupError
+from proxy.settings import SettingsError, load_settings, resolve_data_dir
+
+SAMPLES = Path(__file__).resolve().parent.parent / "data"
+SAMPLE_FILES = ("tollway.toml", "tenants.csv", "pricing.csv", "policy/model.conf", "policy/access.csv",
+                "policy/routes.csv", "policy/limits.csv")
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+class CommandError(Exception):
+    """Refused input: printed as `error: ...` with exit code 1."""
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def emit(args: argparse.Namespace, document: object, human: str) -> None:
+    """`--json`: the document on stdout; otherwise the human text."""
+    if getattr(args, "json", False):
+        print(json.dumps(document, indent=2, default=str))
+    else:
+        print(human)
+
+
+def open_store(args: argparse.Namespace) -> ControlStore:
+    data_dir = resolve_data_dir(args.data_dir)
+    if not data_dir.is_dir():
+        raise CommandError(f"no deployment at {data_dir}: run `tollway init {data_dir}` first")
+    return ControlStore(data_dir / "control.db", Keyring(load_master_key(data_dir)))
+
+
+# --- init ---------------------------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> int:
+    target = Path(args.dir or args.data_dir or "./data").expanduser().resolve()
+    (target / "policy").mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in SAMPLE_FILES:
+        dest = target / name
+        if not dest.exists():
+            shutil.copyfile(SAMPLES / name, dest)
+            written.append(name)
+    key_file = write_master_key(target)
+    ControlStore(target / "control.db", Keyring(load_master_key(target))).close()
+    say(f"deployment ready in {target} ({len(written)} sample files written, existing files kept)")
+    say(f"next: add a provider key:  echo \"$OPENAI_API_KEY\" | tollway --data-dir {target} keys add "
+        "operator-openai --provider openai --operator")
+    emit(args, {"data_dir": str(target), "written": written, "master_key_file": str(key_file)}, str(target))
+    return 0
+
+
+# --- serve --------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from proxy.app import create_app
+    from proxy.gateway import Gateway
+
+    settings = load_settings(resolve_data_dir(args.data_dir))
+    gateway = Gateway.load(settings)
+    host, port = args.host or settings.server.host, args.port or settings.server.port
+    config = uvicorn.Config(create_app(gateway), host=host, port=port, access_log=False, log_level="info",
+                            timeout_graceful_shutdown=30, server_header=False)
+    say(f"tollway serving {settings.data_dir} on http://{host}:{port}  "
+        f"(providers: {', '.join(sorted(gateway.routes))})")
+    uvicorn.Server(config).run()
+    return 0
+
+
+# --- keys ---------------------------------------------------------------------------------------
+def _key_json(key) -> dict:
+    return {"id": key.key_id, "provider": key.provider, "owner": key.owner, "fingerprint": key.fingerprint,
+            "status": key.status, "created_at": key.created_at, "updated_at": key.updated_at}
+
+
+def _read_secret() -> str:
+    if sys.stdin.isatty():
+        say("paste the provider key, then press Enter:")
+    secret = sys.stdin.readline().strip()
+    if not secret:
+        raise CommandError("no key on stdin: pipe it in, e.g. `echo \"$OPENAI_API_KEY\" | tollway keys add ...`")
+    return secret
+
+
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    data_dir = resolve_data_dir(args.data_dir)
+    settings = load_settings(data_dir)
+    if args.provider not in settings.providers:
+        raise CommandError(f"unknown provider {args.provider!r}; known: {', '.join(sorted(settings.providers))} "
+                           "(declare others in tollway.toml [providers.NAME])")
+    store = open_store(args)
+    key = store.add_key(args.key_id, args.provider, _read_secret(), None if args.operator else args.tenant)
+    say(f"stored key {key.key_id} ({key.provider}, owner {key.owner}, fingerprint {key.fingerprint})")
+    emit(args, _key_json(key), key.key_id)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    keys = open_store(args).list_keys()
+    lines = [f"{'ID':24} {'PROVIDER':12} {'OWNER':16} {'FINGERPRINT':12} STATUS"] + [
+        f"{k.key_id:24} {k.provider:12} {k.owner:16} {k.fingerprint:12} {k.status}" for k in keys]
+    emit(args, [_key_json(k) for k in keys], "\n".join(lines))
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    key = open_store(args).rotate_key(args.key_id, _read_secret())
+    say(f"rotated key {key.key_id} (fingerprint now {key.fingerprint}); the gateway uses it from the next request")
+    emit(args, _key_json(key), key.key_id)
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    key = open_store(args).revoke_key(args.key_id)
+    say(f"revoked key {key.key_id}; routes naming it fall through to the next key of their pool")
+    emit(args, _key_json(key), key.key_id)
+    return 0
+
+
+# --- tokens -------------------------------------------------------------------------------------
+def parse_duration(text: str) -> timedelta:
+    """`30d`, `12h`, `90m`, `2w`, `45s`."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise CommandError(f"--expires-in {text!r}: use a number and a unit, e.g. 30d, 12h, 90m, 2w")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def cmd_tokens_create(args: argparse.Namespace) -> int:
+    expires = utcnow() + parse_duration(args.expires_in) if args.expires_in else None
+    token, secret = open_store(args).create_token(args.tenant, args.user, args.role or [], expires)
+    say(f"token {token.token_id} for {token.user_id} in {token.tenant}; it is shown only this once")
+    emit(args, {**token.as_json(), "token": secret}, secret)
+    return 0
+
+
+def cmd_tokens_list(args: argparse.Namespace) -> int:
+    tokens = open_store(args).list_tokens()
+    lines = [f"{'ID':18} {'TENANT':14} {'USER':28} {'ROLES':24} {'EXPIRES':21} STATUS"] + [
+        f"{t.token_id:18} {t.tenant:14} {t.user_id:28} {','.join(t.roles):24} {t.expires_at or '-':21} "
+        f"{'revoked' if t.revoked_at else 'active'}" for t in tokens]
+    emit(args, [t.as_json() for t in tokens], "\n".join(lines))
+    return 0
+
+
+def cmd_tokens_revoke(args: argparse.Namespace) -> int:
+    token = open_store(args).revoke_token(args.token_id)
+    say(f"revoked token {token.token_id}; it is refused from the next request on")
+    emit(args, token.as_json(), token.token_id)
+    return 0
+
+
+# --- assembly -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from policy.cli import register as register_policy
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", default=argparse.SUPPRESS,
+                        help="deployment directory (default: $TOLLWAY_DATA_DIR or ./data)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+    parser = argparse.ArgumentParser(prog="tollway", parents=[common],
+                                     description="Tollway: a self-hosted BYOK LLM gateway with governance and metering.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = commands.add_parser("init", parents=[common, as_json], help="create a deployment directory with samples")
+    init.add_argument("dir", nargs="?", help="directory to create (default: --data-dir or ./data)")
+    init.set_defaults(func=cmd_init)
+
+    serve = commands.add_parser("serve", parents=[common], help="run the gateway")
+    serve.add_argument("--host", help="interface to listen on (default from tollway.toml)")
+    serve.add_argument("--port", type=int, help="port to listen on (default from tollway.toml)")
+    serve.set_defaults(func=cmd_serve)
+
+    keys = commands.add_parser("keys", parents=[common], help="provider keys: add, list, rotate, revoke")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    add = key_commands.add_parser("add", parents=[common, as_json], help="store a provider key read from stdin")
+    add.add_argument("key_id")
+    add.add_argument("--provider", required=True, help="provider name, e.g. openai, anthropic, gemini")
+    owner = add.add_mutually_exclusive_group(required=True)
+    owner.add_argument("--tenant", help="the tenant that owns the key (BYOK: the provider bills the tenant)")
+    owner.add_argument("--operator", action="store_true", help="the operator owns the key (unified billing)")
+    add.set_defaults(func=cmd_keys_add)
+    key_commands.add_parser("list", parents=[common, as_json], help="list keys (id and fingerprint only)"
+                            ).set_defaults(func=cmd_keys_list)
+    rotate = key_commands.add_parser("rotate", parents=[common, as_json], help="replace a key's secret (stdin)")
+    rotate.add_argument("key_id")
+    rotate.set_defaults(func=cmd_keys_rotate)
+    revoke = key_commands.add_parser("revoke", parents=[common, as_json], help="stop using a key")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(func=cmd_keys_revoke)
+
+    tokens = commands.add_parser("tokens", parents=[common], help="client tokens: create, list, revoke")
+    token_commands = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
+    create = token_commands.add_parser("create", parents=[common, as_json], help="issue a client token (tw_...)")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--user", required=True, help="user id or email (stored only in control.db)")
+    create.add_argument("--role", action="append", help="a role the token carries (repeatable)")
+    create.add_argument("--expires-in", help="lifetime, e.g. 30d, 12h, 2w (default: no expiry)")
+    create.set_defaults(func=cmd_tokens_create)
+    token_commands.add_parser("list", parents=[common, as_json], help="list tokens (never their secrets)"
+                              ).set_defaults(func=cmd_tokens_list)
+    revoke_token = token_commands.add_parser("revoke", parents=[common, as_json], help="revoke a token by id")
+    revoke_token.add_argument("token_id")
+    revoke_token.set_defaults(func=cmd_tokens_revoke)
+
+    register_policy(commands, common, as_json)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "data_dir"):
+        args.data_dir = None
+    try:
+        return args.func(args)
+    except (CommandError, ControlError, SecretError, SettingsError, StartupError) as exc:
+        say(f"error: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

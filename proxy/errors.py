@@ -1,0 +1,84 @@
+"""Gateway errors: one tree, status codes and event outcomes as class attributes.
+
+    TollwayError                 500  upstream_error
+    ├── Unauthenticated          401  unauthenticated
+    ├── Forbidden                403  denied
+    │   ├── PolicyDenied
+    │   └── NoRoute
+    ├── UnknownProvider          404  bad_request
+    ├── BadRequest               400  bad_request
+    │   └── BodyTooLarge         413
+    ├── RateLimited              429  rate_limited     (carries retry_after)
+    │   └── BudgetExceeded            budget_exceeded
+    ├── StoreUnavailable         503  upstream_error
+    ├── UpstreamUnreachable      502  upstream_error
+    └── UpstreamTimeout          504  timeout
+
+Third-party exceptions (aiohttp, asyncio timeouts) are translated into this tree in one place,
+`proxy.upstream`. Each provider adapter renders an error in its own format from `kind`.
+"""
+
+from __future__ import annotations
+
+
+class TollwayError(Exception):
+    status = 500
+    outcome = "upstream_error"
+    kind = "upstream"  # generic kind; adapters map it to their own error type
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class Unauthenticated(TollwayError):
+    status, outcome, kind = 401, "unauthenticated", "authentication"
+
+
+class Forbidden(TollwayError):
+    status, outcome, kind = 403, "denied", "permission"
+
+
+class PolicyDenied(Forbidden):
+    pass
+
+
+class NoRoute(Forbidden):
+    pass
+
+
+class UnknownProvider(TollwayError):
+    status, outcome, kind = 404, "bad_request", "not_found"
+
+
+class BadRequest(TollwayError):
+    status, outcome, kind = 400, "bad_request", "invalid_request"
+
+
+class BodyTooLarge(BadRequest):
+    status, kind = 413, "too_large"
+
+
+class RateLimited(TollwayError):
+    status, outcome, kind = 429, "rate_limited", "rate_limit"
+
+
+class BudgetExceeded(RateLimited):
+    outcome = "budget_exceeded"
+
+
+class StoreUnavailable(TollwayError):
+    status, outcome, kind = 503, "upstream_error", "unavailable"
+
+
+class UpstreamUnreachable(TollwayError):
+    status, outcome, kind = 502, "upstream_error", "upstream"
+
+
+class UpstreamTimeout(TollwayError):
+    status, outcome, kind = 504, "timeout", "timeout"
+
+
+class StartupError(RuntimeError):
+    """The deployment cannot be served; the message says which file and what to fix."""

@@ -1,0 +1,270 @@
+"""The passthrough pipeline for one request on `/{provider}/{rest}`.
+
+identify → decide → forward (strip client credentials, inject the routed key, stream through,
+tap usage) → meter → record. Written as a plain ASGI callable so the bytes of a stream go
+straight from the upstream socket to the client's, with no framework buffering in between.
+Every request, refused ones included, ends as exactly one event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode
+
+import msgspec
+from yarl import URL
+
+from proxy.errors import BadRequest, BodyTooLarge, PolicyDenied, TollwayError
+from proxy.events import Event
+from proxy.providers.base import Adapter, CallInfo, Usage, estimate_tokens, json_decode, text_chars
+from proxy.providers.registry import CREDENTIAL_HEADERS, CREDENTIAL_QUERY_PARAMS
+from proxy.sse import SseParser
+
+if TYPE_CHECKING:
+    from proxy.gateway import Gateway, ProviderRoute
+
+REQUEST_ID_HEADER = b"x-tollway-request-id"
+#: Never forwarded upstream: hop-by-hop, routing and client-identity headers, and what aiohttp sets.
+_DROP_REQUEST_HEADERS = CREDENTIAL_HEADERS | {
+    "host", "content-length", "connection", "keep-alive", "proxy-authorization", "proxy-authenticate",
+    "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "forwarded", "x-real-ip",
+    "accept-encoding", "cookie", "expect",
+}
+#: Never passed back to the client: framing is redone here, uvicorn adds its own date/server.
+_DROP_RESPONSE_HEADERS = frozenset({
+    "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "date", "server",
+    "proxy-authenticate", "trailer", "upgrade",
+})
+_CLIENT_GONE_STATUS = 499  # as nginx logs it: the client closed the request
+
+
+@dataclass(slots=True)
+class Call:
+    """The state of one request as it moves through the pipeline."""
+
+    event: Event
+    started: float
+    usage: Usage = field(default_factory=Usage)
+    info: CallInfo | None = None
+    body: dict | None = None
+    response_started: bool = False
+    client_gone: bool = False
+    done: bool = False
+    estimate_output_chars: int | None = None
+
+    def elapsed_ms(self) -> float:
+        return round((time.perf_counter() - self.started) * 1000, 3)
+
+
+async def handle(gw: Gateway, route: ProviderRoute, scope: dict, receive, send) -> None:
+    """ASGI entry for one provider route."""
+    call = Call(Event(event_id=uuid.uuid4(), ts=datetime.now(UTC), provider=route.name), time.perf_counter())
+    try:
+        await _serve(gw, route, call, scope, receive, send)
+    except TollwayError as err:
+        call.event.outcome = err.outcome
+        if not call.response_started:
+            call.event.status_code = err.status
+            await _send_error(call, route.adapter, err, send)
+    except asyncio.CancelledError:
+        call.event.outcome = "cancelled"
+        call.event.status_code = _CLIENT_GONE_STATUS
+        if not call.client_gone:
+            raise
+    finally:
+        call.done = True
+        _finish(gw, call)
+
+
+async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, receive, send) -> None:
+    adapter, event = route.adapter, call.event
+    path = upstream_path(scope, route.name)
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > gw.settings.server.max_body_bytes:
+        raise BodyTooLarge(_too_large_message(gw))
+    raw = await read_body(receive, gw.settings.server.max_body_bytes, gw.settings.server.body_timeout_s, gw)
+
+    identity = gw.control.authenticate(adapter.client_credential(headers, dict(query)), route.credential_hint)
+    event.tenant, event.auth_method = identity.tenant, identity.auth_method
+    event.user_pseudonym = gw.pseudonymize(identity.tenant, identity.user)
+
+    call.body = parse_json_body(raw, scope["method"])
+    info = call.info = adapter.inspect(scope["method"], path, call.body, raw)
+    model = f"{route.name}/{info.model}"
+    event.model, event.endpoint, event.streamed = model, info.endpoint, info.stream
+
+    policy = gw.policy  # one policy for the whole request, even if a reload swaps it meanwhile
+    decision = policy.decide(identity.tenant, identity.subjects, model)
+    if not decision.allowed:
+        raise PolicyDenied(f"Tenant {identity.tenant!r} may not use model {model!r}. "
+                           "Ask your governance lead to allow it in policy/access.csv.")
+    key = gw.resolve_key(decision.route, identity.tenant, route.name, model)
+    event.key_id, event.billing_mode = key.key_id, ("byok" if key.owner_tenant else "unified")
+
+    url = upstream_url(route.base_url, path, [(k, v) for k, v in query if k not in CREDENTIAL_QUERY_PARAMS])
+    out_headers = [(k, v) for k, v in headers.items() if k not in _DROP_REQUEST_HEADERS and not k.startswith("x-forwarded-")]
+    out_headers += adapter.key_headers(key.secret)
+    _watch_for_disconnect(call, receive)
+    event.attempts = 1
+    upstream_started = time.perf_counter()
+    async with gw.upstream.request(route.settings, scope["method"], url, out_headers,
+                                   info.body if info.body is not None else raw) as response:
+        event.status_code = response.status
+        event.outcome = "ok" if response.status < 400 else "upstream_error"
+        response_headers = _response_headers(response.raw_headers, event.event_id)
+        if response.content_type == "text/event-stream":
+            await _relay_stream(call, adapter, response, response_headers, send)
+        else:
+            await _relay_body(call, adapter, response, response_headers, send)
+        event.upstream_ms = round((time.perf_counter() - upstream_started) * 1000, 3)
+
+
+async def _relay_body(call: Call, adapter: Adapter, response, headers: list, send) -> None:
+    body = await response.read()
+    if response.status < 400 and body:
+        try:
+            payload = json_decode(body)
+        except msgspec.DecodeError:
+            payload = None
+        if payload is not None:
+            call.usage = adapter.usage_from_body(payload)
+            call.estimate_output_chars = text_chars(payload)
+    headers.append((b"content-length", str(len(body)).encode()))
+    call.response_started = True
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    call.event.ttfb_ms = call.elapsed_ms()
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _relay_stream(call: Call, adapter: Adapter, response, headers: list, send) -> None:
+    """Pass each chunk on as it arrives; read usage from complete events on the side."""
+    tap = adapter.stream_tap(call.info)
+    parser = SseParser()
+    filtering = tap.hide_usage_event
+    call.response_started = True
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    async for chunk in response.content.iter_any():
+        if call.event.ttfb_ms is None:
+            call.event.ttfb_ms = call.elapsed_ms()
+        events = parser.feed(chunk)
+        if filtering:
+            chunk = b"".join(e.raw for e in events if tap.feed(e))
+        else:
+            for e in events:
+                tap.feed(e)
+        if chunk:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    tail = b"".join(e.raw for e in parser.close() if tap.feed(e))  # a last event without its blank line
+    call.usage = tap.usage
+    call.estimate_output_chars = tap.text_chars
+    await send({"type": "http.response.body", "body": tail if filtering else b"", "more_body": False})
+
+
+def _finish(gw: Gateway, call: Call) -> None:
+    """Meter and record: runs once for every request, however it ended."""
+    event = call.event
+    event.latency_ms = call.elapsed_ms()
+    usage = call.usage
+    if usage.reported:
+        event.usage_source = "reported"
+    elif (event.outcome in ("ok", "cancelled") and call.info is not None and call.info.metered
+          and call.estimate_output_chars is not None):
+        usage = Usage(input_tokens=estimate_tokens(text_chars(call.body)),
+                      output_tokens=estimate_tokens(call.estimate_output_chars))
+        event.usage_source = "estimated"
+    if event.usage_source != "none":
+        event.input_tokens, event.output_tokens = usage.input_tokens, usage.output_tokens
+        event.cached_input_tokens, event.cache_write_tokens = usage.cached_input_tokens, usage.cache_write_tokens
+        event.reasoning_tokens = usage.reasoning_tokens
+        event.cost_usd = gw.prices.cost(event.provider, call.info.model, event.ts, usage)
+    gw.recorder.record(event)
+
+
+async def _send_error(call: Call, adapter: Adapter, err: TollwayError, send) -> None:
+    headers = [(b"content-type", b"application/json"), (REQUEST_ID_HEADER, str(call.event.event_id).encode())]
+    if err.retry_after is not None:
+        headers.append((b"retry-after", str(err.retry_after).encode()))
+    call.response_started = True
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": adapter.error_body(err)})
+
+
+def _watch_for_disconnect(call: Call, receive) -> None:
+    """Cancel the request's task if the client goes away before it is done."""
+    task = asyncio.current_task()
+
+    async def watch() -> None:
+        message = await receive()
+        if message["type"] == "http.disconnect" and not call.done:
+            call.client_gone = True
+            task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    task.add_done_callback(lambda _: watcher.cancel())
+
+
+async def read_body(receive, limit: int, timeout_s: float, gw: Gateway) -> bytes:
+    chunks, size = [], 0
+    async with asyncio.timeout(timeout_s):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise asyncio.CancelledError
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(_too_large_message(gw))
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def parse_json_body(raw: bytes, method: str) -> dict | None:
+    if not raw:
+        return None
+    try:
+        body = json_decode(raw)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON ({exc}).") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return body
+
+
+def upstream_path(scope: dict, provider: str) -> str:
+    """The `{rest}` of `/{provider}/{rest}`, still percent-encoded, refused if it could escape."""
+    raw = scope.get("raw_path") or scope["path"].encode()
+    rest = raw.split(b"?", 1)[0][len(provider) + 1:].decode("latin-1")
+    lowered = rest.lower()
+    if not rest.startswith("/") or rest.startswith("//") or "%2f" in lowered or "%5c" in lowered or "\\" in rest:
+        raise BadRequest("The path after the provider name is not a plain API path.")
+    segments = lowered.replace("%2e", ".").split("/")
+    if any(s in (".", "..") for s in segments):
+        raise BadRequest("The path may not contain '.' or '..' segments.")
+    return rest
+
+
+def upstream_url(base_url: URL, path: str, query: list[tuple[str, str]]) -> URL:
+    """`base_url` + `path` (+ query); the host is always the configured one."""
+    url = URL(str(base_url).rstrip("/") + path + ("?" + urlencode(query) if query else ""), encoded=True)
+    if (url.scheme, url.host, url.port) != (base_url.scheme, base_url.host, base_url.port):
+        raise BadRequest("The path would leave the configured provider host.")
+    return url
+
+
+def _response_headers(raw_headers: Any, event_id: uuid.UUID) -> list[tuple[bytes, bytes]]:
+    headers = [(k.lower(), v) for k, v in raw_headers if k.lower().decode("latin-1") not in _DROP_RESPONSE_HEADERS]
+    headers.append((REQUEST_ID_HEADER, str(event_id).encode()))
+    return headers
+
+
+def _too_large_message(gw: Gateway) -> str:
+    return (f"The request body is larger than this gateway accepts ({gw.settings.server.max_body_bytes} bytes). "
+            "Send less, or ask the operator to raise [server] max_body_bytes.")

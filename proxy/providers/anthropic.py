@@ -1,0 +1,69 @@
+"""Anthropic Messages wire format.
+
+Anthropic reports `input_tokens` without the prompt-cache reads and writes; canonical usage adds
+them back. In a stream, `message_start` carries the input side and `message_delta` the
+cumulative output (and, in newer API versions, refined input figures).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.errors import TollwayError
+from proxy.providers.base import Adapter, CallInfo, StreamTap, Usage, dig, int_or_none, json_encode
+
+
+def usage_from_anthropic(usage: Any) -> Usage:
+    if not isinstance(usage, dict):
+        return Usage()
+    uncached = int_or_none(usage.get("input_tokens"))
+    read = int_or_none(usage.get("cache_read_input_tokens"))
+    write = int_or_none(usage.get("cache_creation_input_tokens"))
+    total_in = None if uncached is None else uncached + (read or 0) + (write or 0)
+    return Usage(input_tokens=total_in, output_tokens=int_or_none(usage.get("output_tokens")),
+                 cached_input_tokens=read, cache_write_tokens=write)
+
+
+class AnthropicStreamTap(StreamTap):
+    def on_payload(self, event_name: str | None, payload: dict) -> bool:
+        kind = payload.get("type") or event_name
+        if kind == "content_block_delta":
+            delta = payload.get("delta") or {}
+            self.text_chars += len(delta.get("text") or delta.get("thinking") or delta.get("partial_json") or "")
+        elif kind == "message_start":
+            self.usage.merge(usage_from_anthropic(dig(payload, "message", "usage")))
+        elif kind == "message_delta":
+            usage = payload.get("usage") or {}
+            self.usage.merge(Usage(output_tokens=int_or_none(usage.get("output_tokens"))))
+            if "input_tokens" in usage:  # newer API versions repeat the final input figures here
+                refined = usage_from_anthropic(usage)
+                refined.output_tokens = None
+                self.usage.merge(refined)
+        return True
+
+
+class AnthropicAdapter(Adapter):
+    style = "anthropic"
+    credential_headers = ("x-api-key", "authorization")
+    key_header = "x-api-key"
+    error_types = {
+        "authentication": "authentication_error", "permission": "permission_error",
+        "not_found": "not_found_error", "invalid_request": "invalid_request_error",
+        "too_large": "request_too_large", "rate_limit": "rate_limit_error",
+        "upstream": "api_error", "timeout": "timeout_error", "unavailable": "overloaded_error",
+    }
+
+    def inspect(self, method: str, path: str, body: dict | None, raw: bytes) -> CallInfo:
+        endpoint = "/".join(p for p in path.split("/") if p and p != "v1")
+        model = self.body_model(body)
+        return CallInfo(model, body.get("stream") is True, endpoint, metered=endpoint != "messages/count_tokens")
+
+    def usage_from_body(self, payload: Any) -> Usage:
+        return usage_from_anthropic(payload.get("usage") if isinstance(payload, dict) else None)
+
+    def stream_tap(self, info: CallInfo) -> StreamTap:
+        return AnthropicStreamTap()
+
+    def error_body(self, err: TollwayError) -> bytes:
+        kind = self.error_types.get(err.kind, "api_error")
+        return json_encode({"type": "error", "error": {"type": kind, "message": err.message}})

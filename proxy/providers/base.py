@@ -1,0 +1,165 @@
+"""The provider adapter interface: what the forwarder asks of each wire format.
+
+The forwarder never reads provider JSON itself: an adapter tells it the model and whether the
+call streams, rewrites the body where it must, names the credential headers, and turns response
+bodies and stream events into `Usage`. Unknown is `None`, never `0`.
+
+Canonical usage (the same meaning for every provider, whatever its own field names say):
+`input_tokens` all prompt tokens, cached reads and cache writes included; `cached_input_tokens`
+and `cache_write_tokens` the parts of it read from / written to the prompt cache;
+`output_tokens` all generated tokens, reasoning included; `reasoning_tokens` the part of it spent
+on reasoning.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import msgspec
+
+from proxy.crypto import Secret
+from proxy.errors import BadRequest, TollwayError
+from proxy.sse import SseEvent
+
+_json_decode = msgspec.json.Decoder().decode
+json_encode = msgspec.json.Encoder().encode
+
+
+def json_decode(data: bytes) -> Any:
+    return _json_decode(data)
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_input_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+    @property
+    def reported(self) -> bool:
+        return any(getattr(self, f.name) is not None for f in fields(self))
+
+    def merge(self, other: Usage) -> None:
+        """Take every figure `other` knows (later stream events refine earlier ones)."""
+        for f in fields(self):
+            value = getattr(other, f.name)
+            if value is not None:
+                setattr(self, f.name, value)
+
+
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    """What an adapter learned from the request."""
+
+    model: str | None  # the provider's own model name, e.g. "gpt-4o-mini"
+    stream: bool
+    endpoint: str  # e.g. "chat/completions", "messages", "generateContent"
+    body: bytes | None = None  # the body to send upstream when it had to change
+    hide_usage_event: bool = False  # the usage chunk was injected: do not hand it to the client
+    metered: bool = True  # False for calls that consume no tokens (token counting)
+
+
+class StreamTap(ABC):
+    """Per-stream state: reads usage (and text, for estimates) from events as they pass."""
+
+    def __init__(self, hide_usage_event: bool = False) -> None:
+        self.usage = Usage()
+        self.text_chars = 0
+        self.hide_usage_event = hide_usage_event
+
+    def feed(self, event: SseEvent) -> bool:
+        """Read one event; return False when it must not reach the client."""
+        if not event.data or event.data == b"[DONE]":
+            return True
+        try:
+            payload = json_decode(event.data)
+        except msgspec.DecodeError:
+            return True
+        return self.on_payload(event.event, payload) if isinstance(payload, dict) else True
+
+    @abstractmethod
+    def on_payload(self, event_name: str | None, payload: dict) -> bool:
+        """Read one decoded event (each provider's events carry usage differently)."""
+
+
+class Adapter(ABC):
+    """One wire format. Subclasses are data plus a few small hooks."""
+
+    style: ClassVar[str]
+    credential_headers: ClassVar[tuple[str, ...]]  # lower-case header names, in order of preference
+    key_header: ClassVar[str]  # header the provider key goes in
+    key_prefix: ClassVar[str] = ""  # e.g. "Bearer "
+    credential_query_params: ClassVar[tuple[str, ...]] = ()
+    error_types: ClassVar[dict[str, str]]  # TollwayError.kind -> the provider's error type/status
+
+    def client_credential(self, headers: dict[str, str], query: dict[str, str]) -> str | None:
+        for name in self.credential_headers:
+            value = headers.get(name)
+            if value:
+                return value[7:].strip() if value[:7].lower() == "bearer " else value.strip()
+        for name in self.credential_query_params:
+            if query.get(name):
+                return query[name]
+        return None
+
+    def key_headers(self, key: Secret) -> list[tuple[str, str]]:
+        return [(self.key_header, self.key_prefix + key.reveal())]
+
+    @abstractmethod
+    def inspect(self, method: str, path: str, body: dict | None, raw: bytes) -> CallInfo:
+        """The model, the stream flag and the upstream body of a request."""
+
+    @abstractmethod
+    def usage_from_body(self, payload: Any) -> Usage:
+        """Usage from a whole (non-streamed) response body."""
+
+    @abstractmethod
+    def stream_tap(self, info: CallInfo) -> StreamTap:
+        """Fresh per-stream state for one streamed response."""
+
+    @abstractmethod
+    def error_body(self, err: TollwayError) -> bytes:
+        """A gateway error in this provider's own error format."""
+
+    @staticmethod
+    def body_model(body: dict | None) -> str:
+        """The `model` field of a JSON body, or a 400 that says what is wrong."""
+        if body is None:
+            raise BadRequest("The request body must be a JSON object with a \"model\" field.")
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise BadRequest("The request body needs a \"model\" string, e.g. \"model\": \"gpt-4o-mini\".")
+        return model.strip()
+
+
+def estimate_tokens(chars: int) -> int:
+    """The usual rule of thumb, four characters a token, at least one."""
+    return max(1, math.ceil(chars / 4))
+
+
+def text_chars(value: Any, skip: frozenset[str] = frozenset({"model", "role", "type", "id"})) -> int:
+    """Characters of every string in a JSON value except identifiers: the basis of an estimate."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(text_chars(v, skip) for k, v in value.items() if k not in skip)
+    if isinstance(value, list):
+        return sum(text_chars(v, skip) for v in value)
+    return 0
+
+
+def int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def dig(payload: Any, *path: str) -> Any:
+    for part in path:
+        if not isinstance(payload, dict):
+            return None
+        payload = payload.get(part)
+    return payload

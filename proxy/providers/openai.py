@@ -1,0 +1,135 @@
+"""OpenAI wire format (and every OpenAI-compatible provider, and Azure OpenAI's variant).
+
+Chat Completions streams carry usage only when the client asks for
+`stream_options.include_usage`; the gateway asks on the client's behalf and then holds back the
+extra usage-only chunk, so the client sees exactly the stream it asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.errors import BadRequest, TollwayError
+from proxy.providers.base import (
+    Adapter,
+    CallInfo,
+    StreamTap,
+    Usage,
+    dig,
+    int_or_none,
+    json_encode,
+)
+
+#: Endpoints whose streams need `stream_options.include_usage` to report usage.
+_USAGE_OPT_IN = frozenset({"chat/completions", "completions"})
+#: Responses API events whose `response` holds the final usage.
+_RESPONSE_DONE = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+def usage_from_openai(usage: Any) -> Usage:
+    """Chat/Completions (`prompt_tokens`…) and Responses (`input_tokens`…) usage objects."""
+    if not isinstance(usage, dict):
+        return Usage()
+    if "input_tokens" in usage:  # Responses API
+        return Usage(
+            input_tokens=int_or_none(usage.get("input_tokens")),
+            output_tokens=int_or_none(usage.get("output_tokens")),
+            cached_input_tokens=int_or_none(dig(usage, "input_tokens_details", "cached_tokens")),
+            reasoning_tokens=int_or_none(dig(usage, "output_tokens_details", "reasoning_tokens")),
+        )
+    completion = int_or_none(usage.get("completion_tokens"))
+    return Usage(
+        input_tokens=int_or_none(usage.get("prompt_tokens")),
+        output_tokens=completion if completion is not None else (0 if "prompt_tokens" in usage else None),
+        cached_input_tokens=int_or_none(dig(usage, "prompt_tokens_details", "cached_tokens")),
+        reasoning_tokens=int_or_none(dig(usage, "completion_tokens_details", "reasoning_tokens")),
+    )
+
+
+class OpenAIStreamTap(StreamTap):
+    def on_payload(self, event_name: str | None, payload: dict) -> bool:
+        kind = payload.get("type") or event_name
+        if kind in _RESPONSE_DONE:
+            self.usage.merge(usage_from_openai(dig(payload, "response", "usage")))
+            return True
+        if kind == "response.output_text.delta":
+            self.text_chars += len(payload.get("delta") or "")
+            return True
+        choices = payload.get("choices")
+        for choice in choices or ():
+            content = dig(choice, "delta", "content") or dig(choice, "text")
+            if isinstance(content, str):
+                self.text_chars += len(content)
+        usage = payload.get("usage")
+        if usage:
+            self.usage.merge(usage_from_openai(usage))
+            if self.hide_usage_event and not choices:
+                return False
+        return True
+
+
+class OpenAIAdapter(Adapter):
+    style = "openai"
+    credential_headers = ("authorization",)
+    key_header = "authorization"
+    key_prefix = "Bearer "
+    error_types = {
+        "authentication": "invalid_request_error", "permission": "permission_error",
+        "not_found": "invalid_request_error", "invalid_request": "invalid_request_error",
+        "too_large": "invalid_request_error", "rate_limit": "rate_limit_error",
+        "upstream": "api_error", "timeout": "api_error", "unavailable": "api_error",
+    }
+    error_codes = {
+        "authentication": "invalid_api_key", "permission": "model_not_allowed", "not_found": "unknown_provider",
+        "too_large": "request_too_large", "rate_limit": "rate_limit_exceeded", "timeout": "upstream_timeout",
+        "upstream": "upstream_unreachable", "unavailable": "gateway_unavailable",
+    }
+
+    def inspect(self, method: str, path: str, body: dict | None, raw: bytes) -> CallInfo:
+        return self._call(self.body_model(body), _endpoint(path), body)
+
+    def _call(self, model: str, endpoint: str, body: dict) -> CallInfo:
+        stream = body.get("stream") is True
+        if stream and endpoint in _USAGE_OPT_IN and dig(body, "stream_options", "include_usage") is not True:
+            options = body.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            return CallInfo(model, True, endpoint, json_encode(body), hide_usage_event=True)
+        return CallInfo(model, stream, endpoint)
+
+    def usage_from_body(self, payload: Any) -> Usage:
+        return usage_from_openai(payload.get("usage") if isinstance(payload, dict) else None)
+
+    def stream_tap(self, info: CallInfo) -> StreamTap:
+        return OpenAIStreamTap(info.hide_usage_event)
+
+    def error_body(self, err: TollwayError) -> bytes:
+        return json_encode({"error": {"message": err.message, "type": self.error_types.get(err.kind, "api_error"),
+                                      "param": None, "code": self.error_codes.get(err.kind)}})
+
+
+class AzureAdapter(OpenAIAdapter):
+    """Azure OpenAI: `api-key` header; the deployment in the path names the model."""
+
+    style = "azure"
+    credential_headers = ("api-key", "authorization")
+    key_header = "api-key"
+    key_prefix = ""
+
+    def inspect(self, method: str, path: str, body: dict | None, raw: bytes) -> CallInfo:
+        parts = [p for p in path.split("/") if p]
+        if "deployments" not in parts[:-2]:
+            return super().inspect(method, path, body, raw)
+        at = parts.index("deployments")
+        if body is None:
+            raise BadRequest("The request body must be a JSON object.")
+        return self._call(parts[at + 1], "/".join(parts[at + 2:]), body)
+
+
+def _endpoint(path: str) -> str:
+    """`/v1/chat/completions` -> `chat/completions`."""
+    parts = [p for p in path.split("/") if p]
+    if parts and parts[0] in ("v1", "openai"):
+        parts = parts[1:]
+    if not parts:
+        raise BadRequest("No API endpoint in the path: call e.g. /openai/v1/chat/completions.")
+    return "/".join(parts)

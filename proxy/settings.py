@@ -1,0 +1,168 @@
+"""Deployment settings: `tollway.toml` in the deployment directory, one frozen dataclass per concern.
+
+Every key is optional; the defaults below are the documented ones. Unknown sections or keys are
+refused with a message naming them, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DATA_DIR_ENV = "TOLLWAY_DATA_DIR"
+DEFAULT_DATA_DIR = "./data"
+
+#: The providers every deployment knows, with their public endpoints and wire style.
+BUILTIN_PROVIDERS: dict[str, dict[str, str]] = {
+    "openai": {"base_url": "https://api.openai.com", "style": "openai"},
+    "anthropic": {"base_url": "https://api.anthropic.com", "style": "anthropic"},
+    "gemini": {"base_url": "https://generativelanguage.googleapis.com", "style": "gemini"},
+}
+STYLES = ("openai", "anthropic", "gemini", "azure")
+
+
+class SettingsError(ValueError):
+    """`tollway.toml` cannot be used; the message names the key and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    """Interface the gateway listens on."""
+    port: int = 8080
+    """TCP port of the gateway."""
+    max_body_bytes: int = 10 * 1024 * 1024
+    """Largest request body accepted; larger ones get 413 before they are read."""
+    body_timeout_s: float = 30.0
+    """Time allowed to receive a whole request body."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSettings:
+    name: str
+    """Route prefix: `/{name}/...`."""
+    base_url: str
+    """Upstream base URL; `/{name}/{rest}` goes to `{base_url}/{rest}`."""
+    style: str = "openai"
+    """Wire format: openai | anthropic | gemini | azure."""
+    connect_timeout_s: float = 10.0
+    """Time allowed to open a connection to the provider."""
+    read_timeout_s: float = 600.0
+    """Longest silence allowed while waiting for response headers or the next stream chunk."""
+
+
+@dataclass(frozen=True, slots=True)
+class JwtSettings:
+    issuer: str | None = None
+    audience: str | None = None
+    jwks_url: str | None = None
+    public_key_file: str | None = None
+    user_claim: str = "email"
+    tenant_claim: str = "org"
+    roles_claim: str = "groups"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.issuer and (self.jwks_url or self.public_key_file))
+
+
+@dataclass(frozen=True, slots=True)
+class EventSettings:
+    flush_interval_ms: int = 500
+    """Longest time an event waits in memory before it is written to `events.duckdb`."""
+    batch_size: int = 5000
+    """Events written per DuckDB append."""
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSettings:
+    report_interval_s: int = 60
+    """How often `tollway serve` rebuilds the reports."""
+    retention_days: int = 400
+    """Raw events older than this are deleted once every report that needs them is built."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path
+    server: ServerSettings = field(default_factory=ServerSettings)
+    providers: dict[str, ProviderSettings] = field(default_factory=dict)
+    jwt: JwtSettings = field(default_factory=JwtSettings)
+    events: EventSettings = field(default_factory=EventSettings)
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+
+    @property
+    def policy_dir(self) -> Path:
+        return self.data_dir / "policy"
+
+    @property
+    def control_db(self) -> Path:
+        return self.data_dir / "control.db"
+
+    @property
+    def events_db(self) -> Path:
+        return self.data_dir / "events.duckdb"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.data_dir / "reports"
+
+
+def resolve_data_dir(flag: str | None) -> Path:
+    """The deployment directory: the flag, else `TOLLWAY_DATA_DIR`, else `./data`."""
+    return Path(flag or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser().resolve()
+
+
+def load_settings(data_dir: Path) -> Settings:
+    """Read `DIR/tollway.toml` (a missing file means all defaults)."""
+    path = data_dir / "tollway.toml"
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"{path}: {exc}") from exc
+    unknown = set(raw) - {"server", "providers", "auth", "events", "pipeline"}
+    if unknown:
+        raise SettingsError(f"{path}: unknown section(s) {sorted(unknown)}")
+    auth = raw.get("auth", {})
+    return Settings(
+        data_dir=data_dir,
+        server=_build(ServerSettings, raw.get("server", {}), f"{path} [server]"),
+        providers=_providers(raw.get("providers", {}), path),
+        jwt=_build(JwtSettings, auth.get("jwt", {}), f"{path} [auth.jwt]"),
+        events=_build(EventSettings, raw.get("events", {}), f"{path} [events]"),
+        pipeline=_build(PipelineSettings, raw.get("pipeline", {}), f"{path} [pipeline]"),
+    )
+
+
+def _providers(raw: dict[str, Any], path: Path) -> dict[str, ProviderSettings]:
+    merged = {name: dict(values) for name, values in BUILTIN_PROVIDERS.items()}
+    for name, values in raw.items():
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise SettingsError(f"{path} [providers.{name}]: a provider name may hold letters, digits, - and _")
+        merged.setdefault(name, {"style": "openai"}).update(values)
+    out = {}
+    for name, values in merged.items():
+        where = f"{path} [providers.{name}]"
+        if "base_url" not in values:
+            raise SettingsError(f"{where}: base_url is required")
+        settings = _build(ProviderSettings, {"name": name, **values}, where)
+        if settings.style not in STYLES:
+            raise SettingsError(f"{where}: style must be one of {', '.join(STYLES)}")
+        out[name] = settings
+    return out
+
+
+def _build(cls: type, values: dict[str, Any], where: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise SettingsError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise SettingsError(f"{where}: {exc}") from exc
