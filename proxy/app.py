@@ -1,4 +1,9 @@
-"""`create_app`: wiring only. Provider routes are plain ASGI mounts handled by `proxy.forward`."""
+"""`create_app`: wiring only.
+
+Provider routes (`/{provider}/...`) go straight from the ASGI server to `proxy.forward`; Litestar
+serves everything else (health, readiness, metrics, the unknown-provider 404) and the lifespan.
+Skipping the framework's routing and middleware on the hot path measurably raised throughput.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +14,18 @@ from typing import Any
 
 from litestar import Litestar, Request, Response, get
 from litestar.exceptions import NotFoundException
-from litestar.handlers import asgi
 
 from proxy import forward
 from proxy.errors import UnknownProvider
 from proxy.events import Event
-from proxy.gateway import Gateway, ProviderRoute
+from proxy.gateway import Gateway
 from proxy.providers.registry import adapter_for
 
 for noisy in ("httpx", "apscheduler", "litestar", "casbin"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def create_app(gateway: Gateway) -> Litestar:
+def create_app(gateway: Gateway) -> GatewayApp:
     @get("/healthz", sync_to_thread=False)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -50,18 +54,30 @@ def create_app(gateway: Gateway) -> Litestar:
         return Response(adapter_for("openai").error_body(err), status_code=404, media_type="application/json",
                         headers={forward.REQUEST_ID_HEADER.decode(): str(event.event_id)})
 
-    return Litestar(
-        route_handlers=[healthz, readyz, *(_provider_mount(gateway, r) for r in gateway.routes.values())],
+    return GatewayApp(gateway, Litestar(
+        route_handlers=[healthz, readyz],
         on_startup=[gateway.start],
         on_shutdown=[gateway.stop],
         exception_handlers={NotFoundException: not_found},
         openapi_config=None,
         logging_config=None,
-    )
+    ))
 
 
-def _provider_mount(gateway: Gateway, route: ProviderRoute):
-    async def mount(scope: Any, receive: Any, send: Any) -> None:
-        await forward.handle(gateway, route, scope, receive, send)
+class GatewayApp:
+    """The ASGI application: provider routes to the pipeline, the rest to Litestar."""
 
-    return asgi(f"/{route.name}", is_mount=True, copy_scope=False, name=f"provider-{route.name}")(mount)
+    def __init__(self, gateway: Gateway, admin: Litestar) -> None:
+        self.gateway = gateway
+        self.admin = admin
+        self._routes = gateway.routes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            end = path.find("/", 1)
+            route = self._routes.get(path[1:end]) if end > 0 else None
+            if route is not None:
+                await forward.handle(self.gateway, route, scope, receive, send)
+                return
+        await self.admin(scope, receive, send)

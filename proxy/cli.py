@@ -71,19 +71,15 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 # --- serve --------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from proxy.app import create_app
     from proxy.gateway import Gateway
+    from proxy.server import build_server
 
     settings = load_settings(resolve_data_dir(args.data_dir))
     gateway = Gateway.load(settings)
     host, port = args.host or settings.server.host, args.port or settings.server.port
-    config = uvicorn.Config(create_app(gateway), host=host, port=port, access_log=False, log_level="info",
-                            timeout_graceful_shutdown=30, server_header=False)
     say(f"tollway serving {settings.data_dir} on http://{host}:{port}  "
         f"(providers: {', '.join(sorted(gateway.routes))})")
-    uvicorn.Server(config).run()
+    build_server(gateway, host, port).run()
     return 0
 
 

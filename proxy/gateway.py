@@ -7,6 +7,7 @@ resources. Nothing here is a module global.
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -80,6 +81,11 @@ class Gateway:
         self.recorder = EventRecorder(self._events_db, flush_interval_ms=self.settings.events.flush_interval_ms,
                                       batch_size=self.settings.events.batch_size)
         await self.upstream.start()
+        # Everything loaded so far lives as long as the server: keep it out of the collector's
+        # way, and collect young objects less often (fewer pauses under load).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 50)
 
     async def stop(self) -> None:
         """After in-flight requests finished: close upstream connections, flush every event."""

@@ -1,0 +1,120 @@
+"""Real test fixtures' building blocks: a deployment directory, a `tollway serve` process, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import httpx
+
+from proxy.cli import main as cli_main
+from proxy.control import ControlStore
+from proxy.crypto import Keyring, load_master_key
+
+REPO = Path(__file__).resolve().parent.parent
+#: The only keys the simulated providers accept: the gateway must inject exactly these.
+SIM_KEYS = {"openai": "sk-sim-openai-key-0001", "anthropic": "sk-ant-sim-key-0002", "gemini": "gm-sim-key-0003"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(data_dir: Path | None, *args: str, stdin: str | None = None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real `tollway` command in a subprocess."""
+    argv = [sys.executable, "-m", "proxy.cli"] + (["--data-dir", str(data_dir)] if data_dir else []) + list(args)
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60, cwd=REPO,
+                          env={**os.environ, **(env or {})})
+
+
+class Deployment:
+    """A deployment directory made by `tollway init`, pointed at the simulated providers."""
+
+    def __init__(self, path: Path, sim_url: str) -> None:
+        self.path = path
+        self.port = free_port()
+        self.sim_url = sim_url
+        assert cli_main(["init", str(path)]) == 0
+        self.write_toml()
+        self.tokens: dict[str, str] = {}
+
+    def write_toml(self, extra: str = "", providers: dict[str, str] | None = None) -> None:
+        urls = {name: f"{self.sim_url}/{name}" for name in ("openai", "anthropic", "gemini")}
+        urls.update(providers or {})
+        sections = "".join(f'[providers.{n}]\nbase_url = "{u}"\nread_timeout_s = 5\n\n' for n, u in urls.items())
+        (self.path / "tollway.toml").write_text(
+            f'[server]\nhost = "127.0.0.1"\nport = {self.port}\n\n{sections}[events]\nflush_interval_ms = 200\n{extra}\n')
+
+    def store(self) -> ControlStore:
+        return ControlStore(self.path / "control.db", Keyring(load_master_key(self.path)))
+
+    def add_key(self, key_id: str, provider: str, secret: str, tenant: str | None = None) -> None:
+        store = self.store()
+        store.add_key(key_id, provider, secret, tenant)
+        store.close()
+
+    def issue_token(self, name: str, tenant: str, user: str, roles: tuple[str, ...] = (),
+                    expires_at=None) -> str:
+        store = self.store()
+        _, token = store.create_token(tenant, user, list(roles), expires_at)
+        store.close()
+        self.tokens[name] = token
+        return token
+
+    def events(self) -> list[dict]:
+        """Every event row (the gateway must be stopped: DuckDB allows one process at a time)."""
+        con = duckdb.connect(str(self.path / "events.duckdb"), read_only=True)
+        try:
+            cursor = con.execute("SELECT * FROM events ORDER BY ts")
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        finally:
+            con.close()
+
+
+class GatewayProcess:
+    """`tollway serve` in a subprocess on a loopback port."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.deployment = deployment
+        self.url = f"http://127.0.0.1:{deployment.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = deployment.path / "gateway.log"
+
+    def start(self, timeout: float = 20) -> GatewayProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "--data-dir", str(self.deployment.path),
+                                      "serve"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=0.5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError(f"gateway did not become healthy:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def dumps(rows: list[dict]) -> str:
+    return json.dumps(rows, default=str, indent=1)
