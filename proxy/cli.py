@@ -51,8 +51,8 @@ def open_store(args: argparse.Namespace) -> ControlStore:
 
 
 # --- init ---------------------------------------------------------------------------------------
-def cmd_init(args: argparse.Namespace) -> int:
-    target = Path(args.dir or args.data_dir or "./data").expanduser().resolve()
+def init_deployment(target: Path) -> tuple[list[str], Path]:
+    """Copy the samples (keeping existing files), create the master key and `control.db`."""
     (target / "policy").mkdir(parents=True, exist_ok=True)
     written = []
     for name in SAMPLE_FILES:
@@ -62,6 +62,12 @@ def cmd_init(args: argparse.Namespace) -> int:
             written.append(name)
     key_file = write_master_key(target)
     ControlStore(target / "control.db", Keyring(load_master_key(target))).close()
+    return written, key_file
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    target = Path(args.dir or args.data_dir or "./data").expanduser().resolve()
+    written, key_file = init_deployment(target)
     say(f"deployment ready in {target} ({len(written)} sample files written, existing files kept)")
     say(f"next: add a provider key:  echo \"$OPENAI_API_KEY\" | tollway --data-dir {target} keys add "
         "operator-openai --provider openai --operator")
@@ -169,6 +175,7 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
 # --- assembly -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from policy.cli import register as register_policy
+    from proxy.demo import register as register_demo
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", default=argparse.SUPPRESS,
@@ -222,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke_token.set_defaults(func=cmd_tokens_revoke)
 
     register_policy(commands, common, as_json)
+    register_demo(commands, common)
     return parser
 
 
