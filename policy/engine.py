@@ -71,8 +71,12 @@ class Policy:
         tenants = {r.tenant for r in files.access} | {g.tenant for g in files.roles} | set(files.tenants)
         self._access = {t: self._access_enforcer(t) for t in tenants | {ANY_TENANT}}
         self._routes = self._route_enforcer()
-        self._rules = {(r.subject, r.tenant, r.model_glob, r.effect): r for r in files.access}
-        self._route_rules = {(r.tenant, r.model_glob, "|".join(r.key_ids)): r for r in files.routes}
+        self._rules: dict[tuple[str, ...], AccessRule] = {}
+        for rule in files.access:  # a duplicate line is reported by the first one
+            self._rules.setdefault(tuple(rule.as_row()), rule)
+        self._route_rules: dict[tuple[str, ...], RouteRule] = {}
+        for route in files.routes:
+            self._route_rules.setdefault((route.tenant, route.model_glob, "|".join(route.key_ids)), route)
         self._cache: dict[tuple[str, tuple[str, ...], str], AccessDecision] = {}
 
     def decide(self, tenant: str, subjects: tuple[str, ...], model: str) -> AccessDecision:

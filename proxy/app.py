@@ -76,7 +76,7 @@ class GatewayApp:
         if scope["type"] == "http":
             path = scope["path"]
             end = path.find("/", 1)
-            route = self._routes.get(path[1:end]) if end > 0 else None
+            route = self._routes.get(path[1:end] if end > 0 else path[1:])
             if route is not None:
                 await forward.handle(self.gateway, route, scope, receive, send)
                 return

@@ -43,6 +43,10 @@ _DROP_RESPONSE_HEADERS = frozenset({
 _CLIENT_GONE_STATUS = 499  # as nginx logs it: the client closed the request
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its request body was read."""
+
+
 @dataclass(slots=True)
 class Call:
     """The state of one request as it moves through the pipeline."""
@@ -71,10 +75,11 @@ async def handle(gw: Gateway, route: ProviderRoute, scope: dict, receive, send) 
         if not call.response_started:
             call.event.status_code = err.status
             await _send_error(call, route.adapter, err, send)
+    except ClientDisconnected:
+        call.event.outcome, call.event.status_code = "cancelled", _CLIENT_GONE_STATUS
     except asyncio.CancelledError:
-        call.event.outcome = "cancelled"
-        call.event.status_code = _CLIENT_GONE_STATUS
-        if not call.client_gone:
+        call.event.outcome, call.event.status_code = "cancelled", _CLIENT_GONE_STATUS
+        if not call.client_gone:  # a server shutdown, not our own cancel: let it propagate
             raise
     finally:
         call.done = True
@@ -216,7 +221,7 @@ async def read_body(receive, limit: int, timeout_s: float, gw: Gateway) -> bytes
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise asyncio.CancelledError
+                raise ClientDisconnected
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:

@@ -162,7 +162,26 @@ def _build(cls: type, values: dict[str, Any], where: str):
     unknown = set(values) - set(known)
     if unknown:
         raise SettingsError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    for name, value in values.items():
+        expected = _expected_type(known[name])
+        if expected and not (isinstance(value, expected) and not isinstance(value, bool)):
+            raise SettingsError(f"{where}: {name} must be {_TYPE_WORDS[expected]}, got {value!r}")
     try:
         return cls(**values)
     except TypeError as exc:
         raise SettingsError(f"{where}: {exc}") from exc
+
+
+_TYPE_WORDS = {int: "a whole number", (int, float): "a number", str: "a string"}
+
+
+def _expected_type(f) -> type | tuple[type, ...] | None:
+    """int, number or string, from the field's default (`None` defaults are strings)."""
+    default = f.default
+    if isinstance(default, bool):
+        return None
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return (int, float)
+    return str

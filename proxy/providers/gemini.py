@@ -15,10 +15,9 @@ from proxy.providers.base import Adapter, CallInfo, StreamTap, Usage, int_or_non
 
 _MODEL_CALL = re.compile(r"/(?:v1beta|v1|v1alpha)/(?:models|tunedModels)/([^/:]+):([A-Za-z]+)$")
 _STATUS = {
-    "authentication": (401, "UNAUTHENTICATED"), "permission": (403, "PERMISSION_DENIED"),
-    "not_found": (404, "NOT_FOUND"), "invalid_request": (400, "INVALID_ARGUMENT"),
-    "too_large": (413, "INVALID_ARGUMENT"), "rate_limit": (429, "RESOURCE_EXHAUSTED"),
-    "upstream": (502, "UNAVAILABLE"), "timeout": (504, "DEADLINE_EXCEEDED"), "unavailable": (503, "UNAVAILABLE"),
+    "authentication": "UNAUTHENTICATED", "permission": "PERMISSION_DENIED", "not_found": "NOT_FOUND",
+    "invalid_request": "INVALID_ARGUMENT", "too_large": "INVALID_ARGUMENT", "rate_limit": "RESOURCE_EXHAUSTED",
+    "upstream": "UNAVAILABLE", "timeout": "DEADLINE_EXCEEDED", "unavailable": "UNAVAILABLE",
 }
 
 
@@ -78,5 +77,5 @@ class GeminiAdapter(Adapter):
         return GeminiStreamTap()
 
     def error_body(self, err: TollwayError) -> bytes:
-        code, status = _STATUS.get(err.kind, (err.status, "INTERNAL"))
-        return json_encode({"error": {"code": err.status or code, "message": err.message, "status": status}})
+        status = _STATUS.get(err.kind, "INTERNAL")
+        return json_encode({"error": {"code": err.status, "message": err.message, "status": status}})
