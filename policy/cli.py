@@ -5,16 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from policy.files import load_policy_files
-from proxy.metering import load_pricebook
+from policy.loader import check_policy_set
 from proxy.settings import resolve_data_dir
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     data_dir = resolve_data_dir(args.data_dir)
-    files = load_policy_files(data_dir)
-    _, price_problems = load_pricebook(data_dir / "pricing.csv")
-    problems = files.problems + price_problems
+    files, _, problems = check_policy_set(data_dir, _keys(data_dir))
     for problem in problems:
         print(problem, file=sys.stderr)
     errors = [p for p in problems if p.severity == "error"]
@@ -22,6 +19,23 @@ def cmd_check(args: argparse.Namespace) -> int:
                f"{len(files.tenants)} tenants: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
     print(summary, file=sys.stderr)
     return 1 if errors else 0
+
+
+def _keys(data_dir):
+    """The provider keys (no secrets) for the route checks, or None when there is no control.db yet."""
+    from proxy.control import ControlStore
+    from proxy.crypto import Keyring, SecretError, load_master_key
+
+    if not (data_dir / "control.db").exists():
+        return None
+    try:
+        store = ControlStore(data_dir / "control.db", Keyring(load_master_key(data_dir)))
+    except SecretError:
+        return None
+    try:
+        return {k.key_id: k for k in store.list_keys()}
+    finally:
+        store.close()
 
 
 def register(commands, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:

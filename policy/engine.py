@@ -9,17 +9,16 @@ so a cache can never outlive the rules it was computed from.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import casbin
 from casbin import model as casbin_model
 
-from policy.files import AccessRule, PolicyFiles, RouteRule
+from policy.files import AccessRule, PolicyFiles, RouteRule, glob_regex
 
-logging.getLogger("casbin").setLevel(logging.WARNING)
+# Casbin logs every denied request with its subject (a user id) at WARNING: keep user ids out of logs.
+logging.getLogger("casbin").setLevel(logging.ERROR)
 
 DEFAULT_MODEL_CONF = Path(__file__).with_name("model.conf")
 ANY_TENANT = "*"
@@ -37,19 +36,13 @@ m = (p.dom == "*" || p.dom == r.dom) && modelGlob(r.obj, p.obj)
 """
 
 
-@lru_cache(maxsize=4096)
-def _glob_regex(glob: str) -> re.Pattern[str]:
-    parts = [".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in glob]
-    return re.compile("".join(parts) + r"\Z", re.DOTALL)
-
-
 def model_glob(name: str, glob: str) -> bool:
     """`*` matches any run of characters (`/` included), `?` exactly one.
 
     >>> model_glob("openai/gpt-4o-mini", "openai/*"), model_glob("openai/gpt-4o", "*mini")
     (True, False)
     """
-    return _glob_regex(glob).match(name) is not None
+    return glob_regex(glob).match(name) is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,12 +7,20 @@ only a set with no errors is ever turned into enforcers.
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from functools import lru_cache
 from pathlib import Path
 
 EFFECTS = ("allow", "deny")
+METRICS = ("requests", "tokens", "usd")
+WINDOWS = ("minute", "hour", "day", "month")
+LIMITS_HEADER = ["tenant", "subject", "metric", "window", "limit"]
+#: Every file of a policy set, relative to the deployment directory.
+POLICY_FILES = ("tenants.csv", "pricing.csv", "policy/model.conf", "policy/access.csv", "policy/routes.csv",
+                "policy/limits.csv")
 _NAME = re.compile(r"^[A-Za-z0-9._@:\-]+$")
 _GLOB = re.compile(r"^[A-Za-z0-9._@:/\-*?]+$")
 
@@ -57,6 +65,16 @@ class RouteRule:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitRule:
+    line: int
+    tenant: str  # a tenant id or *
+    subject: str  # tenant | * | role:NAME | a user id
+    metric: str  # requests | tokens | usd
+    window: str  # minute | hour | day | month
+    limit: Decimal
+
+
+@dataclass(frozen=True, slots=True)
 class Tenant:
     tenant: str
     name: str
@@ -69,7 +87,9 @@ class PolicyFiles:
     access: list[AccessRule] = field(default_factory=list)
     roles: list[RoleLink] = field(default_factory=list)
     routes: list[RouteRule] = field(default_factory=list)
+    limits: list[LimitRule] = field(default_factory=list)
     tenants: dict[str, Tenant] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)  # file -> sha256, for the audit trail
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -90,12 +110,21 @@ def csv_lines(path: Path) -> list[tuple[int, list[str]]]:
 
 
 def load_policy_files(data_dir: Path) -> PolicyFiles:
-    """Parse `tenants.csv`, `policy/access.csv` and `policy/routes.csv` from a deployment."""
+    """Parse `tenants.csv` and `policy/{access,routes,limits}.csv` from a deployment."""
     files = PolicyFiles()
+    files.hashes = file_hashes(data_dir)
     files.tenants = _load_tenants(data_dir / "tenants.csv", files.problems)
     _load_access(data_dir / "policy" / "access.csv", files)
     _load_routes(data_dir / "policy" / "routes.csv", files)
+    _load_limits(data_dir / "policy" / "limits.csv", files)
+    _warn_duplicates(files)
     return files
+
+
+def file_hashes(data_dir: Path) -> dict[str, str]:
+    """sha256 of each policy file that exists."""
+    return {name: hashlib.sha256((data_dir / name).read_bytes()).hexdigest()
+            for name in POLICY_FILES if (data_dir / name).exists()}
 
 
 def _relative(path: Path) -> str:
@@ -234,3 +263,79 @@ def _glob_problem(glob: str) -> str | None:
     if glob != "*" and "/" not in glob and not glob.endswith("*"):
         return f"bad model glob {glob!r}: models are named provider/model, e.g. openai/gpt-4o-mini"
     return None
+
+
+def _load_limits(path: Path, files: PolicyFiles) -> None:
+    name = _relative(path)
+    rows = _read(path, files.problems) if path.exists() else []
+    if not rows:
+        return
+    if rows[0][1] != LIMITS_HEADER:
+        files.problems.append(Problem(name, rows[0][0], "header must be " + ",".join(LIMITS_HEADER)))
+        return
+    for line, fields in rows[1:]:
+        if len(fields) != 5:
+            files.problems.append(Problem(name, line, f"expected 5 columns, got {len(fields)}"))
+            continue
+        tenant, subject, metric, window, amount = fields
+        problem = (_empty(fields) or _tenant_problem(tenant, files.tenants)
+                   or (None if subject in ("tenant", "*") else _subject_problem(subject))
+                   or (None if metric in METRICS else f"unknown metric {metric!r}: use {', '.join(METRICS)}")
+                   or (None if window in WINDOWS else f"unknown window {window!r}: use {', '.join(WINDOWS)}"))
+        limit = _percent(amount) if not problem else None
+        if not problem and limit is None:
+            problem = f"limit {amount!r} must be a number >= 0"
+        if not problem and metric != "usd" and limit != limit.to_integral_value():
+            problem = f"a {metric} limit must be a whole number, got {amount}"
+        if problem:
+            files.problems.append(Problem(name, line, problem))
+            continue
+        files.limits.append(LimitRule(line, tenant, subject, metric, window, limit))
+
+
+def _warn_duplicates(files: PolicyFiles) -> None:
+    """Warnings for lines that can never change a decision: repeats and shadowed routes."""
+    seen: dict[tuple, int] = {}
+    for rule in files.access:
+        key = tuple(rule.as_row())
+        if key in seen:
+            files.problems.append(Problem("policy/access.csv", rule.line,
+                                          f"duplicate of line {seen[key]}", "warning"))
+        seen.setdefault(key, rule.line)
+    for index, route in enumerate(files.routes):
+        for earlier in files.routes[:index]:
+            if earlier.tenant in ("*", route.tenant) and glob_covers(earlier.model_glob, route.model_glob):
+                files.problems.append(Problem(
+                    "policy/routes.csv", route.line,
+                    f"never used: line {earlier.line} ({earlier.tenant}, {earlier.model_glob}) matches first", "warning"))
+                break
+    limit_seen: dict[tuple, int] = {}
+    for limit in files.limits:
+        key = (limit.tenant, limit.subject, limit.metric, limit.window)
+        if key in limit_seen:
+            files.problems.append(Problem("policy/limits.csv", limit.line,
+                                          f"same tenant, subject, metric and window as line {limit_seen[key]}; "
+                                          "the tighter limit applies", "warning"))
+        limit_seen.setdefault(key, limit.line)
+
+
+def glob_covers(wide: str, narrow: str) -> bool:
+    """Does every name `narrow` matches also match `wide`? (Exact for the shapes used in practice.)
+
+    >>> glob_covers("openai/*", "openai/gpt-4o*"), glob_covers("openai/gpt-4o", "openai/*")
+    (True, False)
+    """
+    if wide == narrow or wide == "*":
+        return True
+    if "*" not in narrow and "?" not in narrow:
+        return glob_regex(wide).match(narrow) is not None
+    if wide.endswith("*") and "*" not in wide[:-1] and "?" not in wide:
+        return narrow.startswith(wide[:-1])
+    return False
+
+
+@lru_cache(maxsize=8192)
+def glob_regex(glob: str) -> re.Pattern[str]:
+    """A model glob as a compiled regex: `*` any run of characters (`/` included), `?` one."""
+    parts = [".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in glob]
+    return re.compile("".join(parts) + r"\Z", re.DOTALL)

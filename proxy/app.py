@@ -21,7 +21,7 @@ from proxy.events import Event
 from proxy.gateway import Gateway
 from proxy.providers.registry import adapter_for
 
-for noisy in ("httpx", "apscheduler", "litestar", "casbin"):
+for noisy in ("httpx", "apscheduler", "litestar"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -34,12 +34,16 @@ def create_app(gateway: Gateway) -> GatewayApp:
     def readyz() -> Response[dict[str, Any]]:
         recorder = gateway.recorder
         checks = {
-            "policy": "ok",
+            "policy": "ok" if gateway.policy_error is None else f"last edit refused: {gateway.policy_error}",
             "event_store": "ok" if recorder and recorder.last_error is None else (
                 recorder.last_error if recorder else "not started"),
         }
-        ready = all(v == "ok" for v in checks.values())
-        return Response({"status": "ready" if ready else "not ready", "checks": checks},
+        # A refused policy edit leaves the previous policy serving: reported, but still ready.
+        ready = checks["event_store"] == "ok"
+        policies = gateway.policies
+        return Response({"status": "ready" if ready else "not ready", "checks": checks,
+                         "policy": {"version": policies.version, "loaded_at": policies.loaded_at.isoformat(),
+                                    "warnings": len(policies.warnings)}},
                         status_code=200 if ready else 503)
 
     def not_found(request: Request, exc: NotFoundException) -> Response:

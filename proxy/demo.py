@@ -60,6 +60,10 @@ def prepare(root: Path, sim_port: int, gw_port: int) -> dict[str, str]:
     from proxy.cli import init_deployment
 
     init_deployment(root)
+    (root / "policy" / "routes.csv").write_text(
+        "# demo routes: acme pays Anthropic itself (BYOK), the operator pays the rest (unified)\n"
+        "p, acme, anthropic/*, acme-anthropic\n"
+        + "".join(f"p, *, {p}/*, operator-{p}\n" for p in DEMO_PROVIDERS))
     sim = f"http://127.0.0.1:{sim_port}"
     (root / "tollway.toml").write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {gw_port}\n\n'

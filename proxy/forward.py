@@ -26,6 +26,7 @@ from proxy.providers.registry import CREDENTIAL_HEADERS, CREDENTIAL_QUERY_PARAMS
 from proxy.sse import SseParser
 
 if TYPE_CHECKING:
+    from policy.loader import PolicySet
     from proxy.gateway import Gateway, ProviderRoute
 
 REQUEST_ID_HEADER = b"x-tollway-request-id"
@@ -60,6 +61,7 @@ class Call:
     client_gone: bool = False
     done: bool = False
     estimate_output_chars: int | None = None
+    policies: PolicySet | None = None
 
     def elapsed_ms(self) -> float:
         return round((time.perf_counter() - self.started) * 1000, 3)
@@ -105,8 +107,8 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
     model = f"{route.name}/{info.model}"
     event.model, event.endpoint, event.streamed = model, info.endpoint, info.stream
 
-    policy = gw.policy  # one policy for the whole request, even if a reload swaps it meanwhile
-    decision = policy.decide(identity.tenant, identity.subjects, model)
+    policies = call.policies = gw.policies  # one policy set for the whole request, even across a reload
+    decision = policies.policy.decide(identity.tenant, identity.subjects, model)
     if not decision.allowed:
         raise PolicyDenied(f"Tenant {identity.tenant!r} may not use model {model!r}. "
                            "Ask your governance lead to allow it in policy/access.csv.")
@@ -188,7 +190,7 @@ def _finish(gw: Gateway, call: Call) -> None:
         event.input_tokens, event.output_tokens = usage.input_tokens, usage.output_tokens
         event.cached_input_tokens, event.cache_write_tokens = usage.cached_input_tokens, usage.cache_write_tokens
         event.reasoning_tokens = usage.reasoning_tokens
-        event.cost_usd = gw.prices.cost(event.provider, call.info.model, event.ts, usage)
+        event.cost_usd = call.policies.prices.cost(event.provider, call.info.model, event.ts, usage)
     gw.recorder.record(event)
 
 

@@ -7,20 +7,22 @@ resources. Nothing here is a module global.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 from dataclasses import dataclass
 
 from yarl import URL
 
-from policy.engine import Policy
-from policy.files import RouteRule, load_policy_files
+from policy.files import RouteRule
+from policy.loader import PolicyInvalid, PolicySet, load_policy_set
+from policy.watch import PolicyWatcher
 from proxy.auth import ControlView
 from proxy.control import ControlStore, ProviderKey
 from proxy.crypto import Keyring, load_master_key
 from proxy.errors import NoRoute, StartupError
 from proxy.events import Pseudonymizer
-from proxy.metering import PriceBook, load_pricebook
 from proxy.providers.base import Adapter
 from proxy.providers.registry import adapter_for
 from proxy.recorder import EventRecorder, open_events_db
@@ -44,12 +46,13 @@ class ProviderRoute:
 
 
 class Gateway:
-    def __init__(self, settings: Settings, keyring: Keyring, control: ControlView, policy: Policy,
-                 prices: PriceBook) -> None:
+    def __init__(self, settings: Settings, keyring: Keyring, store: ControlStore, control: ControlView,
+                 policies: PolicySet) -> None:
         self.settings = settings
+        self.store = store
         self.control = control
-        self.policy = policy
-        self.prices = prices
+        self.policies = policies  # replaced whole on reload; read once per request
+        self.policy_error: str | None = None  # the last refused edit, until a valid set loads
         self.pseudonymize = Pseudonymizer(keyring.pseudonym_key())
         self.routes = {
             name: ProviderRoute(name, p, adapter_for(p.style), URL(p.base_url))
@@ -58,6 +61,7 @@ class Gateway:
         self.upstream = Upstream()
         self.recorder: EventRecorder | None = None
         self._events_db = None
+        self._tasks: list[asyncio.Task] = []
 
     @classmethod
     def load(cls, settings: Settings) -> Gateway:
@@ -65,22 +69,22 @@ class Gateway:
         keyring = Keyring(load_master_key(settings.data_dir))
         store = ControlStore(settings.control_db, keyring, actor="gateway")
         control = ControlView(store, keyring)
-        files = load_policy_files(settings.data_dir)
-        prices, price_problems = load_pricebook(settings.data_dir / "pricing.csv")
-        errors = files.errors + [p for p in price_problems if p.severity == "error"]
-        if errors:
-            listing = "\n".join(f"  {p}" for p in errors[:20])
-            raise StartupError(f"the policy files have errors; fix them (see `tollway policy check`):\n{listing}")
-        for problem in files.problems + price_problems:
+        try:
+            policies = load_policy_set(settings.data_dir, control.keys)
+        except PolicyInvalid as exc:
+            raise StartupError(f"{exc}\nfix them (`tollway policy check` lists them) and start again") from exc
+        for problem in policies.warnings:
             log.warning("%s", problem)
-        policy = Policy(files, settings.policy_dir / "model.conf")
-        return cls(settings, keyring, control, policy, prices)
+        return cls(settings, keyring, store, control, policies)
 
     async def start(self) -> None:
         self._events_db = open_events_db(self.settings.events_db)
         self.recorder = EventRecorder(self._events_db, flush_interval_ms=self.settings.events.flush_interval_ms,
                                       batch_size=self.settings.events.batch_size)
         await self.upstream.start()
+        watcher = PolicyWatcher(self.settings.data_dir, lambda: self.policies, self._fresh_keys,
+                                self._policy_loaded, self._policy_refused)
+        self._tasks.append(asyncio.get_running_loop().create_task(watcher.run(), name="policy-watcher"))
         # Everything loaded so far lives as long as the server: keep it out of the collector's
         # way, and collect young objects less often (fewer pauses under load).
         gc.collect()
@@ -89,11 +93,32 @@ class Gateway:
 
     async def stop(self) -> None:
         """After in-flight requests finished: close upstream connections, flush every event."""
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.upstream.close()
         if self.recorder:
             self.recorder.close()
         if self._events_db is not None:
             self._events_db.close()
+
+    def _fresh_keys(self) -> dict[str, ProviderKey]:
+        self.control.refresh()
+        return self.control.keys
+
+    def _policy_loaded(self, new: PolicySet) -> None:
+        old, self.policies, self.policy_error = self.policies, new, None
+        log.info("policy reloaded: version %s -> %s (%d warnings)", old.version, new.version, len(new.warnings))
+        for problem in new.warnings:
+            log.warning("%s", problem)
+        self.store.audit("policy.reloaded", new.version, {"previous": old.version, "files": new.files.hashes})
+
+    def _policy_refused(self, exc: PolicyInvalid, hashes: dict[str, str]) -> None:
+        self.policy_error = "; ".join(str(p) for p in exc.problems[:5])
+        log.error("policy edit refused, version %s stays in force: %s", self.policies.version, exc)
+        self.store.audit("policy.refused", self.policies.version,
+                         {"errors": [str(p) for p in exc.problems[:50]], "files": hashes})
 
     def resolve_key(self, route: RouteRule | None, tenant: str, provider: str, model: str) -> ProviderKey:
         """The first usable key of the route: exists, active, this provider's, owned by tenant or operator."""

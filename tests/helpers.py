@@ -23,6 +23,14 @@ REPO = Path(__file__).resolve().parent.parent
 SIM_KEYS = {"openai": "sk-sim-openai-key-0001", "anthropic": "sk-ant-sim-key-0002", "gemini": "gm-sim-key-0003"}
 
 
+#: The routes every test deployment uses: acme pays Anthropic itself, the operator pays the rest.
+ROUTES = """p, acme, anthropic/*, acme-anthropic
+p, *, openai/*, operator-openai
+p, *, gemini/*, operator-gemini
+p, *, anthropic/*, operator-anthropic
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,6 +54,7 @@ class Deployment:
         self.sim_url = sim_url
         assert cli_main(["init", str(path)]) == 0
         self.write_toml()
+        (path / "policy" / "routes.csv").write_text(ROUTES)
         self.tokens: dict[str, str] = {}
 
     def write_toml(self, extra: str = "", providers: dict[str, str] | None = None) -> None:

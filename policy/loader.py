@@ -1,0 +1,101 @@
+"""A whole policy set (tenants, access, routes, limits, prices), checked across files.
+
+`check_policy_set` returns every problem; `load_policy_set` builds the enforcers or raises
+`PolicyInvalid` with the errors. Nothing is ever half-applied: a set is built complete, then
+swapped in by its caller as one reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from policy.engine import Policy
+from policy.files import PolicyFiles, Problem, glob_regex, load_policy_files
+from proxy.control import ProviderKey
+from proxy.metering import PriceBook, load_pricebook
+
+
+class PolicyInvalid(ValueError):
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        listing = "\n".join(f"  {p}" for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        super().__init__(f"the policy files have {len(problems)} error(s):\n{listing}{more}")
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    policy: Policy
+    prices: PriceBook
+    files: PolicyFiles
+    warnings: list[Problem]
+    version: str  # short digest of every file's hash
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+def check_policy_set(data_dir: Path, keys: Mapping[str, ProviderKey] | None
+                     ) -> tuple[PolicyFiles, PriceBook, list[Problem]]:
+    """Parse every file and run the cross-file checks; `keys=None` skips the key checks."""
+    files = load_policy_files(data_dir)
+    prices, price_problems = load_pricebook(data_dir / "pricing.csv")
+    problems = files.problems + price_problems
+    if keys is not None:
+        problems += route_key_problems(files, keys)
+    problems += unpriced_glob_warnings(files, prices)
+    return files, prices, sorted(problems, key=lambda p: (p.file, p.line, p.severity))
+
+
+def load_policy_set(data_dir: Path, keys: Mapping[str, ProviderKey] | None) -> PolicySet:
+    files, prices, problems = check_policy_set(data_dir, keys)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        raise PolicyInvalid(errors)
+    digest = hashlib.sha256("".join(f"{k}={v};" for k, v in sorted(files.hashes.items())).encode())
+    return PolicySet(Policy(files, data_dir / "policy" / "model.conf"), prices, files,
+                     [p for p in problems if p.severity == "warning"], digest.hexdigest()[:12])
+
+
+def route_key_problems(files: PolicyFiles, keys: Mapping[str, ProviderKey]) -> list[Problem]:
+    """A route may only name keys that exist, serve its provider, and belong to its tenant or the operator."""
+    problems = []
+    for route in files.routes:
+        provider = route.model_glob.split("/", 1)[0] if "/" in route.model_glob else None
+        literal_provider = provider if provider and not any(c in provider for c in "*?") else None
+        usable = 0
+        for key_id in route.key_ids:
+            key = keys.get(key_id)
+            error = None
+            if key is None:
+                error = f"key {key_id!r} does not exist (add it with `tollway keys add`)"
+            elif key.owner_tenant is not None and key.owner_tenant != route.tenant:
+                error = (f"key {key_id!r} belongs to tenant {key.owner_tenant!r}; a route for "
+                         f"{route.tenant!r} may not use it")
+            elif literal_provider and key.provider != literal_provider:
+                error = f"key {key_id!r} is a {key.provider} key, the route is for {literal_provider}"
+            elif key.status != "active":
+                problems.append(Problem("policy/routes.csv", route.line, f"key {key_id!r} is {key.status}; "
+                                        "the route skips it", "warning"))
+                continue
+            if error:
+                problems.append(Problem("policy/routes.csv", route.line, error))
+            else:
+                usable += 1
+        if usable == 0 and all(keys.get(k) for k in route.key_ids):
+            problems.append(Problem("policy/routes.csv", route.line, "no usable key left in this route", "warning"))
+    return problems
+
+
+def unpriced_glob_warnings(files: PolicyFiles, prices: PriceBook) -> list[Problem]:
+    models = prices.models()
+    problems = []
+    for name, rules in (("policy/access.csv", files.access), ("policy/routes.csv", files.routes)):
+        for rule in rules:
+            pattern = glob_regex(rule.model_glob)
+            if not any(pattern.match(m) for m in models):
+                problems.append(Problem(name, rule.line, f"model glob {rule.model_glob!r} matches no priced model "
+                                        "in pricing.csv (its usage would be unpriced)", "warning"))
+    return problems
