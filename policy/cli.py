@@ -1,27 +1,17 @@
-"""`tollway policy …`: check the governance files."""
+"""`tollway policy …`: check, explain and test the governance files (fast enough for a pre-commit hook)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
-from policy.loader import check_policy_set
+from policy.loader import PolicyInvalid, check_policy_set, load_policy_set
 from proxy.settings import resolve_data_dir
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    data_dir = resolve_data_dir(args.data_dir)
-    files, _, problems = check_policy_set(data_dir, _keys(data_dir))
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    errors = [p for p in problems if p.severity == "error"]
-    summary = (f"{len(files.access)} access rules, {len(files.roles)} role links, {len(files.routes)} routes, "
-               f"{len(files.tenants)} tenants: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)")
-    print(summary, file=sys.stderr)
-    return 1 if errors else 0
-
-
-def _keys(data_dir):
+def _keys(data_dir: Path):
     """The provider keys (no secrets) for the route checks, or None when there is no control.db yet."""
     from proxy.control import ControlStore
     from proxy.crypto import Keyring, SecretError, load_master_key
@@ -38,8 +28,78 @@ def _keys(data_dir):
         store.close()
 
 
+def _load(data_dir: Path, keys):
+    try:
+        return load_policy_set(data_dir, keys)
+    except PolicyInvalid as exc:
+        print(f"error: {exc}\n(`tollway policy check` lists every problem)", file=sys.stderr)
+        return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    data_dir = resolve_data_dir(args.data_dir)
+    files, _, problems = check_policy_set(data_dir, _keys(data_dir))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    errors = [p for p in problems if p.severity == "error"]
+    print(f"{len(files.access)} access rules, {len(files.roles)} role links, {len(files.routes)} routes, "
+          f"{len(files.limits)} limits, {len(files.tenants)} tenants: {len(errors)} error(s), "
+          f"{len(problems) - len(errors)} warning(s)", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from policy.explain import explain, render
+
+    data_dir = resolve_data_dir(args.data_dir)
+    keys = _keys(data_dir)
+    policies = _load(data_dir, keys)
+    if policies is None:
+        return 1
+    if "/" not in args.model:
+        print(f"error: --model {args.model!r}: name it provider/model, e.g. openai/gpt-4o-mini", file=sys.stderr)
+        return 2
+    result = explain(policies, keys, args.tenant, args.user, args.role or [], args.model)
+    print(json.dumps(result.as_json(), indent=2) if args.json else render(result))
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from policy.cases import run_cases
+
+    data_dir = resolve_data_dir(args.data_dir)
+    policies = _load(data_dir, _keys(data_dir))
+    if policies is None:
+        return 1
+    path = Path(args.file)
+    if not path.exists():
+        print(f"error: no file {path}", file=sys.stderr)
+        return 1
+    results, problems = run_cases(policies.policy, path)
+    for problem in problems:
+        print(problem)
+    failed = [r for r in results if not r.passed]
+    for r in failed:
+        rule = f"policy/access.csv:{r.rule_line}" if r.rule_line else "default deny"
+        print(f"{path.name}:{r.line}: FAIL {r.tenant} {r.user} [{'|'.join(r.roles)}] {r.model}: "
+              f"expected {r.expected}, got {r.actual} ({rule})")
+    print(f"{len(results)} cases, {len(results) - len(failed)} passed, {len(failed)} failed", file=sys.stderr)
+    return 1 if failed or problems else 0
+
+
 def register(commands, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
-    policy = commands.add_parser("policy", parents=[common], help="check the policy files")
+    policy = commands.add_parser("policy", parents=[common], help="check, explain and test the policy files")
     actions = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     actions.add_parser("check", parents=[common], help="validate every policy file; exit 1 on errors"
                        ).set_defaults(func=cmd_check)
+    explain = actions.add_parser("explain", parents=[common, as_json],
+                                 help="the decision, matching rules, key route, billing mode and limits")
+    explain.add_argument("--tenant", required=True)
+    explain.add_argument("--user", required=True)
+    explain.add_argument("--role", action="append", help="a role the credential carries (repeatable)")
+    explain.add_argument("--model", required=True, help="provider/model, e.g. anthropic/claude-sonnet-4-5")
+    explain.set_defaults(func=cmd_explain)
+    test = actions.add_parser("test", parents=[common],
+                              help="run a CSV of expected decisions (tenant,user,roles,model,expect)")
+    test.add_argument("file")
+    test.set_defaults(func=cmd_test)

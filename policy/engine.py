@@ -52,6 +52,13 @@ class AccessDecision:
     route: RouteRule | None  # the first route matching tenant and model
 
 
+def subject_matches(roles, subjects: tuple[str, ...], rule_subject: str, domain: str) -> bool:
+    """A rule's subject applies when it is `*`, one of the subjects, or a role they hold via g lines."""
+    if rule_subject == "*":
+        return True
+    return any(s == rule_subject or roles.has_link(s, rule_subject, domain) for s in subjects)
+
+
 class Policy:
     """An immutable, validated policy set. Build a new one to change anything."""
 
@@ -93,9 +100,21 @@ class Policy:
         route = self._route_rules.get(tuple(route_row)) if route_ok and route_row else None
         return AccessDecision(bool(allowed), rule, route)
 
-    def route_for(self, tenant: str, model: str) -> RouteRule | None:
-        ok, row = self._routes.enforce_ex(tenant, model)
-        return self._route_rules.get(tuple(row)) if ok and row else None
+    def matching_rules(self, tenant: str, subjects: tuple[str, ...], model: str) -> list[AccessRule]:
+        """Every access rule that applies to this request, in file order (for `policy explain`)."""
+        roles = (self._access.get(tenant) or self._access[ANY_TENANT]).get_role_manager()
+        return [r for r in self.files.access
+                if r.tenant in (tenant, ANY_TENANT) and model_glob(model, r.model_glob)
+                and subject_matches(roles, subjects, r.subject, tenant)]
+
+    def roles_of(self, tenant: str, subjects: tuple[str, ...]) -> set[str]:
+        """`role:NAME`s the subjects hold in the tenant: carried by the credential or granted by g lines."""
+        roles = (self._access.get(tenant) or self._access[ANY_TENANT]).get_role_manager()
+        held = {s for s in subjects if s.startswith("role:")}
+        for link in self.files.roles:
+            if link.tenant in (tenant, ANY_TENANT) and any(roles.has_link(s, link.role, tenant) for s in subjects):
+                held.add(link.role)
+        return held
 
     def _access_enforcer(self, tenant: str) -> casbin.Enforcer:
         enforcer = casbin.Enforcer(self._load_model(self._model_text))
@@ -106,13 +125,8 @@ class Policy:
         if links:
             enforcer.add_grouping_policies(links)
         roles = enforcer.get_role_manager()
-
-        def subject_match(subjects: tuple[str, ...], rule_subject: str, domain: str) -> bool:
-            if rule_subject == "*":
-                return True
-            return any(s == rule_subject or roles.has_link(s, rule_subject, domain) for s in subjects)
-
-        enforcer.add_function("subjectMatch", subject_match)
+        enforcer.add_function("subjectMatch", lambda subjects, rule_subject, domain: subject_matches(
+            roles, subjects, rule_subject, domain))
         enforcer.add_function("modelGlob", model_glob)
         return enforcer
 

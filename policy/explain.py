@@ -1,0 +1,99 @@
+"""`tollway policy explain`: why a request would be allowed or denied, which key pays, what limits apply."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from policy.files import LimitRule, RouteRule
+from policy.loader import PolicySet
+from proxy.control import ProviderKey
+
+
+@dataclass(frozen=True)
+class KeyChoice:
+    key_id: str
+    status: str  # active | revoked | missing | other tenant's | other provider's
+    billing_mode: str | None
+
+
+@dataclass(frozen=True)
+class Explanation:
+    tenant: str
+    user: str
+    roles: list[str]
+    model: str
+    allowed: bool
+    deciding_line: int | None
+    matching: list[dict]
+    route: RouteRule | None
+    keys: list[KeyChoice]
+    limits: list[LimitRule]
+
+    @property
+    def key_used(self) -> KeyChoice | None:
+        return next((k for k in self.keys if k.status == "active"), None)
+
+    def as_json(self) -> dict:
+        used = self.key_used
+        return {
+            "tenant": self.tenant, "user": self.user, "roles": self.roles, "model": self.model,
+            "decision": "allow" if self.allowed else "deny",
+            "deciding_rule": f"policy/access.csv:{self.deciding_line}" if self.deciding_line else "default deny",
+            "matching_rules": self.matching,
+            "route": None if self.route is None else {
+                "line": f"policy/routes.csv:{self.route.line}", "keys": [k.__dict__ for k in self.keys]},
+            "key": used.key_id if used else None, "billing_mode": used.billing_mode if used else None,
+            "limits": [{"line": f"policy/limits.csv:{lim.line}", "tenant": lim.tenant, "subject": lim.subject,
+                        "metric": lim.metric, "window": lim.window, "limit": str(lim.limit)} for lim in self.limits],
+        }
+
+
+def explain(policies: PolicySet, keys: Mapping[str, ProviderKey] | None, tenant: str, user: str,
+            roles: list[str], model: str) -> Explanation:
+    subjects = (user, *(f"role:{r}" for r in roles))
+    policy = policies.policy
+    decision = policy.decide(tenant, subjects, model)
+    matching = [{"line": f"policy/access.csv:{r.line}", "subject": r.subject, "tenant": r.tenant,
+                 "model": r.model_glob, "effect": r.effect, "decided": r is decision.rule}
+                for r in policy.matching_rules(tenant, subjects, model)]
+    provider = model.split("/", 1)[0]
+    choices = [_key_choice(k, keys, tenant, provider) for k in decision.route.key_ids] if decision.route else []
+    held = policy.roles_of(tenant, subjects)
+    limits = [lim for lim in policies.files.limits if lim.tenant in (tenant, "*")
+              and (lim.subject in ("tenant", "*", user) or lim.subject in held)]
+    return Explanation(tenant, user, roles, model, decision.allowed,
+                       decision.rule.line if decision.rule else None, matching, decision.route, choices, limits)
+
+
+def _key_choice(key_id: str, keys: Mapping[str, ProviderKey] | None, tenant: str, provider: str) -> KeyChoice:
+    key = (keys or {}).get(key_id)
+    if key is None:
+        return KeyChoice(key_id, "missing", None)
+    if key.owner_tenant not in (None, tenant):
+        return KeyChoice(key_id, "other tenant's", None)
+    if key.provider != provider:
+        return KeyChoice(key_id, "other provider's", None)
+    return KeyChoice(key_id, key.status, "byok" if key.owner_tenant else "unified")
+
+
+def render(x: Explanation) -> str:
+    lines = [f"{x.user} ({', '.join('role:' + r for r in x.roles) or 'no token roles'}) in tenant {x.tenant} "
+             f"→ {x.model}: {'ALLOW' if x.allowed else 'DENY'}",
+             f"  decided by: {'policy/access.csv:' + str(x.deciding_line) if x.deciding_line else 'no rule matched (default deny)'}"]
+    lines.append("  matching rules:" if x.matching else "  matching rules: none")
+    for rule in x.matching:
+        mark = "  ← decides" if rule["decided"] else ""
+        lines.append(f"    {rule['line']}: p, {rule['subject']}, {rule['tenant']}, {rule['model']}, {rule['effect']}{mark}")
+    if x.route is None:
+        lines.append("  key route: none (requests would get 403 no key route)")
+    else:
+        lines.append(f"  key route: policy/routes.csv:{x.route.line}")
+        for key in x.keys:
+            lines.append(f"    {key.key_id}: {key.status}" + (f" ({key.billing_mode})" if key.billing_mode else ""))
+        used = x.key_used
+        lines.append(f"  would use: {used.key_id}, billing {used.billing_mode}" if used else "  would use: no usable key")
+    lines.append("  limits:" if x.limits else "  limits: none")
+    for lim in x.limits:
+        lines.append(f"    policy/limits.csv:{lim.line}: {lim.tenant}, {lim.subject}: {lim.limit} {lim.metric} per {lim.window}")
+    return "\n".join(lines)
