@@ -21,7 +21,15 @@ from yarl import URL
 
 from proxy.errors import BadRequest, BodyTooLarge, PolicyDenied, TollwayError
 from proxy.events import Event
-from proxy.providers.base import Adapter, CallInfo, Usage, estimate_tokens, json_decode, text_chars
+from proxy.providers.base import (
+    Adapter,
+    CallInfo,
+    Usage,
+    estimate_tokens,
+    json_decode,
+    json_encode,
+    text_chars,
+)
 from proxy.providers.registry import CREDENTIAL_HEADERS, CREDENTIAL_QUERY_PARAMS
 from proxy.sse import SseParser
 
@@ -103,11 +111,16 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
     event.user_pseudonym = gw.pseudonymize(identity.tenant, identity.user)
 
     call.body = parse_json_body(raw, scope["method"])
-    info = call.info = adapter.inspect(scope["method"], path, call.body, raw)
+    policies = call.policies = gw.policies  # one policy set for the whole request, even across a reload
+    is_models, model_id = adapter.model_path(scope["method"], path)
+    if is_models and model_id is None:
+        await _serve_model_list(gw, route, call, identity, path, headers, query, send)
+        return
+    info = call.info = (CallInfo(model_id, False, "models", metered=False) if is_models
+                        else adapter.inspect(scope["method"], path, call.body, raw))
     model = f"{route.name}/{info.model}"
     event.model, event.endpoint, event.streamed = model, info.endpoint, info.stream
 
-    policies = call.policies = gw.policies  # one policy set for the whole request, even across a reload
     decision = policies.policy.decide(identity.tenant, identity.subjects, model)
     if not decision.allowed:
         raise PolicyDenied(f"Tenant {identity.tenant!r} may not use model {model!r}. "
@@ -116,12 +129,10 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
     event.key_id, event.billing_mode = key.key_id, ("byok" if key.owner_tenant else "unified")
 
     url = upstream_url(route.base_url, path, [(k, v) for k, v in query if k not in CREDENTIAL_QUERY_PARAMS])
-    out_headers = [(k, v) for k, v in headers.items() if k not in _DROP_REQUEST_HEADERS and not k.startswith("x-forwarded-")]
-    out_headers += adapter.key_headers(key.secret)
     _watch_for_disconnect(call, receive)
     event.attempts = 1
     upstream_started = time.perf_counter()
-    async with gw.upstream.request(route.settings, scope["method"], url, out_headers,
+    async with gw.upstream.request(route.settings, scope["method"], url, _upstream_headers(headers, adapter, key),
                                    info.body if info.body is not None else raw) as response:
         event.status_code = response.status
         event.outcome = "ok" if response.status < 400 else "upstream_error"
@@ -131,6 +142,57 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
         else:
             await _relay_body(call, adapter, response, response_headers, send)
         event.upstream_ms = round((time.perf_counter() - upstream_started) * 1000, 3)
+
+
+async def _serve_model_list(gw: Gateway, route: ProviderRoute, call: Call, identity, path: str,
+                            headers: dict[str, str], query: list[tuple[str, str]], send) -> None:
+    """`GET …/models`: the provider's list (or the priced models) filtered to what the caller may use."""
+    event, adapter, policy = call.event, route.adapter, call.policies.policy
+    event.endpoint = "models"
+
+    def allowed(model_id: str) -> bool:
+        return policy.decide(identity.tenant, identity.subjects, f"{route.name}/{model_id}").allowed
+
+    key = gw.listing_key(call.policies, identity.tenant, route.name)
+    if key is None:
+        priced = [m.split("/", 1)[1] for m in call.policies.prices.models() if m.startswith(f"{route.name}/")]
+        await _send_json(call, 200, adapter.model_list_body(route.name, [m for m in priced if allowed(m)]), send)
+        return
+    event.key_id, event.billing_mode, event.attempts = key.key_id, ("byok" if key.owner_tenant else "unified"), 1
+    url = upstream_url(route.base_url, path, [(k, v) for k, v in query if k not in CREDENTIAL_QUERY_PARAMS])
+    async with gw.upstream.request(route.settings, "GET", url, _upstream_headers(headers, adapter, key),
+                                   None) as response:
+        body = await response.read()
+        event.status_code, event.outcome = response.status, "ok" if response.status < 400 else "upstream_error"
+        try:
+            payload = json_decode(body) if response.status == 200 else None
+        except msgspec.DecodeError:
+            payload = None
+        if payload is None:
+            headers_out = _response_headers(response.raw_headers, event.event_id)
+            headers_out.append((b"content-length", str(len(body)).encode()))
+            call.response_started = True
+            await send({"type": "http.response.start", "status": response.status, "headers": headers_out})
+            await send({"type": "http.response.body", "body": body})
+            return
+    await _send_json(call, 200, adapter.filter_model_list(payload, allowed), send)
+
+
+async def _send_json(call: Call, status: int, payload: Any, send) -> None:
+    body = json_encode(payload)
+    call.event.status_code = status
+    call.response_started = True
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (REQUEST_ID_HEADER, str(call.event.event_id).encode())]})
+    call.event.ttfb_ms = call.elapsed_ms()
+    await send({"type": "http.response.body", "body": body})
+
+
+def _upstream_headers(headers: dict[str, str], adapter: Adapter, key) -> list[tuple[str, str]]:
+    """The client's headers minus credentials, hop-by-hop and routing headers, plus the routed key."""
+    out = [(k, v) for k, v in headers.items() if k not in _DROP_REQUEST_HEADERS and not k.startswith("x-forwarded-")]
+    return out + adapter.key_headers(key.secret)
 
 
 async def _relay_body(call: Call, adapter: Adapter, response, headers: list, send) -> None:

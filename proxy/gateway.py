@@ -120,16 +120,31 @@ class Gateway:
         self.store.audit("policy.refused", self.policies.version,
                          {"errors": [str(p) for p in exc.problems[:50]], "files": hashes})
 
+    def usable_key(self, route: RouteRule, tenant: str, provider: str) -> ProviderKey | None:
+        """The route's first key that exists, is active, serves this provider, and is the tenant's or the operator's."""
+        for key_id in route.key_ids:
+            key = self.control.keys.get(key_id)
+            if key and key.status == "active" and key.provider == provider and key.owner_tenant in (None, tenant):
+                return key
+        return None
+
     def resolve_key(self, route: RouteRule | None, tenant: str, provider: str, model: str) -> ProviderKey:
-        """The first usable key of the route: exists, active, this provider's, owned by tenant or operator."""
         if route is None:
             raise NoRoute(f"No key route for tenant {tenant!r} and model {model!r}. "
                           "Ask your governance lead to add one to policy/routes.csv.")
-        for key_id in route.key_ids:
-            key = self.control.keys.get(key_id)
-            if (key and key.status == "active" and key.provider == provider
-                    and key.owner_tenant in (None, tenant)):
-                return key
-        raise NoRoute(f"The key route for tenant {tenant!r} and model {model!r} (routes.csv line {route.line}) "
-                      "names no usable key: each is missing, revoked, for another provider or another tenant's. "
-                      "Ask your operator to check `tollway keys list`.")
+        key = self.usable_key(route, tenant, provider)
+        if key is None:
+            raise NoRoute(f"The key route for tenant {tenant!r} and model {model!r} (routes.csv line {route.line}) "
+                          "names no usable key: each is missing, revoked, for another provider or another tenant's. "
+                          "Ask your operator to check `tollway keys list`.")
+        return key
+
+    def listing_key(self, policies: PolicySet, tenant: str, provider: str) -> ProviderKey | None:
+        """A key that may list this provider's models for the tenant: the first usable one of its routes."""
+        for route in policies.files.routes:
+            if route.tenant in (tenant, "*") and (route.model_glob.startswith(f"{provider}/")
+                                                   or route.model_glob[:1] in ("*", "?")):
+                key = self.usable_key(route, tenant, provider)
+                if key:
+                    return key
+        return None

@@ -64,6 +64,11 @@ class AnthropicAdapter(Adapter):
     def stream_tap(self, info: CallInfo) -> StreamTap:
         return AnthropicStreamTap()
 
+    def model_list_body(self, provider: str, model_ids: list[str]) -> Any:
+        return {"data": [{"type": "model", "id": m, "display_name": m, "created_at": "1970-01-01T00:00:00Z"}
+                         for m in model_ids], "has_more": False,
+                "first_id": model_ids[0] if model_ids else None, "last_id": model_ids[-1] if model_ids else None}
+
     def error_body(self, err: TollwayError) -> bytes:
         kind = self.error_types.get(err.kind, "api_error")
         return json_encode({"type": "error", "error": {"type": kind, "message": err.message}})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -96,6 +97,35 @@ class Adapter(ABC):
     key_prefix: ClassVar[str] = ""  # e.g. "Bearer "
     credential_query_params: ClassVar[tuple[str, ...]] = ()
     error_types: ClassVar[dict[str, str]]  # TollwayError.kind -> the provider's error type/status
+    #: The model list: where its items are, which field names a model, and the prefix to drop from it.
+    list_items_key: ClassVar[str] = "data"
+    list_id_key: ClassVar[str] = "id"
+    list_id_prefix: ClassVar[str] = ""
+
+    @staticmethod
+    def model_path(method: str, path: str) -> tuple[bool, str | None]:
+        """(is a models call, the model id for a retrieve) for `GET …/models` and `GET …/models/{id}`."""
+        if method != "GET":
+            return False, None
+        parts = [p for p in path.split("/") if p]
+        if parts and parts[-1] == "models":
+            return True, None
+        if len(parts) >= 2 and parts[-2] == "models" and ":" not in parts[-1]:
+            return True, parts[-1]
+        return False, None
+
+    def filter_model_list(self, payload: Any, allowed: Callable[[str], bool]) -> Any:
+        """The provider's own model list, keeping only the models the caller may use."""
+        if not isinstance(payload, dict) or not isinstance(payload.get(self.list_items_key), list):
+            return payload
+        kept = [item for item in payload[self.list_items_key]
+                if isinstance(item, dict) and isinstance(item.get(self.list_id_key), str)
+                and allowed(item[self.list_id_key].removeprefix(self.list_id_prefix))]
+        return {**payload, self.list_items_key: kept}
+
+    @abstractmethod
+    def model_list_body(self, provider: str, model_ids: list[str]) -> Any:
+        """A model list in this provider's format, for when no upstream key can list them."""
 
     def client_credential(self, headers: dict[str, str], query: dict[str, str]) -> str | None:
         for name in self.credential_headers:

@@ -51,6 +51,7 @@ class GeminiStreamTap(StreamTap):
 
 class GeminiAdapter(Adapter):
     style = "gemini"
+    list_items_key, list_id_key, list_id_prefix = "models", "name", "models/"
     credential_headers = ("x-goog-api-key", "authorization")
     credential_query_params = ("key",)
     key_header = "x-goog-api-key"
@@ -75,6 +76,9 @@ class GeminiAdapter(Adapter):
 
     def stream_tap(self, info: CallInfo) -> StreamTap:
         return GeminiStreamTap()
+
+    def model_list_body(self, provider: str, model_ids: list[str]) -> Any:
+        return {"models": [{"name": f"models/{m}", "displayName": m} for m in model_ids]}
 
     def error_body(self, err: TollwayError) -> bytes:
         status = _STATUS.get(err.kind, "INTERNAL")

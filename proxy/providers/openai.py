@@ -99,6 +99,10 @@ class OpenAIAdapter(Adapter):
     def usage_from_body(self, payload: Any) -> Usage:
         return usage_from_openai(payload.get("usage") if isinstance(payload, dict) else None)
 
+    def model_list_body(self, provider: str, model_ids: list[str]) -> Any:
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": provider}
+                                           for m in model_ids]}
+
     def stream_tap(self, info: CallInfo) -> StreamTap:
         return OpenAIStreamTap(info.hide_usage_event)
 
