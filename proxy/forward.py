@@ -106,7 +106,8 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
         raise BodyTooLarge(_too_large_message(gw))
     raw = await read_body(receive, gw.settings.server.max_body_bytes, gw.settings.server.body_timeout_s, gw)
 
-    identity = gw.control.authenticate(adapter.client_credential(headers, dict(query)), route.credential_hint)
+    credential = adapter.client_credential(headers, dict(query)) or headers.get("cf-access-jwt-assertion")
+    identity = await gw.identify(credential, route.credential_hint)
     event.tenant, event.auth_method = identity.tenant, identity.auth_method
     event.user_pseudonym = gw.pseudonymize(identity.tenant, identity.user)
 

@@ -18,11 +18,12 @@ from yarl import URL
 from policy.files import RouteRule
 from policy.loader import PolicyInvalid, PolicySet, load_policy_set
 from policy.watch import PolicyWatcher
-from proxy.auth import ControlView
+from proxy.auth import ControlView, Identity
 from proxy.control import ControlStore, ProviderKey
 from proxy.crypto import Keyring, load_master_key
 from proxy.errors import NoRoute, StartupError
 from proxy.events import Pseudonymizer
+from proxy.jwt_auth import JwtVerifier, looks_like_jwt
 from proxy.providers.base import Adapter
 from proxy.providers.registry import adapter_for
 from proxy.recorder import EventRecorder, open_events_db
@@ -59,6 +60,7 @@ class Gateway:
             for name, p in settings.providers.items()
         }
         self.upstream = Upstream()
+        self.jwt = JwtVerifier(settings.jwt, settings.data_dir) if settings.jwt.enabled else None
         self.recorder: EventRecorder | None = None
         self._events_db = None
         self._tasks: list[asyncio.Task] = []
@@ -102,6 +104,12 @@ class Gateway:
             self.recorder.close()
         if self._events_db is not None:
             self._events_db.close()
+
+    async def identify(self, credential: str | None, hint: str) -> Identity:
+        """A gateway token (`tw_…`) or, when `[auth.jwt]` is configured, an SSO/zero-trust JWT."""
+        if credential and self.jwt is not None and looks_like_jwt(credential):
+            return await self.jwt.identify(credential)
+        return self.control.authenticate(credential, hint)
 
     def _fresh_keys(self) -> dict[str, ProviderKey]:
         self.control.refresh()
