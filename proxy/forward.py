@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
@@ -205,7 +205,7 @@ async def _relay_body(call: Call, adapter: Adapter, response, headers: list, sen
             payload = None
         if payload is not None:
             call.usage = adapter.usage_from_body(payload)
-            call.estimate_output_chars = text_chars(payload)
+            call.estimate_output_chars = adapter.output_text_chars(payload)
     headers.append((b"content-length", str(len(body)).encode()))
     call.response_started = True
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
@@ -216,6 +216,7 @@ async def _relay_body(call: Call, adapter: Adapter, response, headers: list, sen
 async def _relay_stream(call: Call, adapter: Adapter, response, headers: list, send) -> None:
     """Pass each chunk on as it arrives; read usage from complete events on the side."""
     tap = adapter.stream_tap(call.info)
+    call.usage, call.estimate_output_chars = tap.usage, 0  # filled in as events pass: a cut stream keeps them
     parser = SseParser()
     filtering = tap.hide_usage_event
     call.response_started = True
@@ -229,10 +230,10 @@ async def _relay_stream(call: Call, adapter: Adapter, response, headers: list, s
         else:
             for e in events:
                 tap.feed(e)
+        call.estimate_output_chars = tap.text_chars
         if chunk:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     tail = b"".join(e.raw for e in parser.close() if tap.feed(e))  # a last event without its blank line
-    call.usage = tap.usage
     call.estimate_output_chars = tap.text_chars
     await send({"type": "http.response.body", "body": tail if filtering else b"", "more_body": False})
 
@@ -241,20 +242,33 @@ def _finish(gw: Gateway, call: Call) -> None:
     """Meter and record: runs once for every request, however it ended."""
     event = call.event
     event.latency_ms = call.elapsed_ms()
-    usage = call.usage
-    if usage.reported:
-        event.usage_source = "reported"
-    elif (event.outcome in ("ok", "cancelled") and call.info is not None and call.info.metered
-          and call.estimate_output_chars is not None):
-        usage = Usage(input_tokens=estimate_tokens(text_chars(call.body)),
-                      output_tokens=estimate_tokens(call.estimate_output_chars))
-        event.usage_source = "estimated"
+    usage, event.usage_source = metered_usage(call)
     if event.usage_source != "none":
         event.input_tokens, event.output_tokens = usage.input_tokens, usage.output_tokens
         event.cached_input_tokens, event.cache_write_tokens = usage.cached_input_tokens, usage.cache_write_tokens
         event.reasoning_tokens = usage.reasoning_tokens
         event.cost_usd = call.policies.prices.cost(event.provider, call.info.model, event.ts, usage)
     gw.recorder.record(event)
+
+
+def metered_usage(call: Call) -> tuple[Usage, str]:
+    """The usage to bill and its source: as reported, with any missing side estimated.
+
+    A call that produced a response (even one cut short) is metered; a side the provider did not
+    report (no usage at all, or a stream that ended before its final usage event) is estimated from
+    the request's text and the text relayed, and the whole record is then marked `estimated`.
+    """
+    usage, info = call.usage, call.info
+    if info is None or not info.metered or call.estimate_output_chars is None:
+        return usage, "reported" if usage.reported else "none"
+    if usage.input_tokens is not None and usage.output_tokens is not None:
+        return usage, "reported"
+    filled = replace(usage)
+    if filled.input_tokens is None:
+        filled.input_tokens = estimate_tokens(text_chars(call.body))
+    if filled.output_tokens is None:
+        filled.output_tokens = estimate_tokens(call.estimate_output_chars)
+    return filled, "estimated"
 
 
 async def _send_error(call: Call, adapter: Adapter, err: TollwayError, send) -> None:

@@ -31,7 +31,9 @@ class AnthropicStreamTap(StreamTap):
             delta = payload.get("delta") or {}
             self.text_chars += len(delta.get("text") or delta.get("thinking") or delta.get("partial_json") or "")
         elif kind == "message_start":
-            self.usage.merge(usage_from_anthropic(dig(payload, "message", "usage")))
+            start = usage_from_anthropic(dig(payload, "message", "usage"))
+            start.output_tokens = None  # a placeholder here; the real count comes with message_delta
+            self.usage.merge(start)
         elif kind == "message_delta":
             usage = payload.get("usage") or {}
             self.usage.merge(Usage(output_tokens=int_or_none(usage.get("output_tokens"))))
@@ -63,6 +65,10 @@ class AnthropicAdapter(Adapter):
 
     def stream_tap(self, info: CallInfo) -> StreamTap:
         return AnthropicStreamTap()
+
+    def output_text_chars(self, payload: Any) -> int:
+        blocks = payload.get("content") if isinstance(payload, dict) else None
+        return sum(len(b.get("text") or b.get("thinking") or "") for b in blocks or () if isinstance(b, dict))
 
     def model_list_body(self, provider: str, model_ids: list[str]) -> Any:
         return {"data": [{"type": "model", "id": m, "display_name": m, "created_at": "1970-01-01T00:00:00Z"}

@@ -149,6 +149,10 @@ class Adapter(ABC):
         """Usage from a whole (non-streamed) response body."""
 
     @abstractmethod
+    def output_text_chars(self, payload: Any) -> int:
+        """Characters of generated content in a whole response body (the basis of an estimate)."""
+
+    @abstractmethod
     def stream_tap(self, info: CallInfo) -> StreamTap:
         """Fresh per-stream state for one streamed response."""
 
@@ -168,8 +172,8 @@ class Adapter(ABC):
 
 
 def estimate_tokens(chars: int) -> int:
-    """The usual rule of thumb, four characters a token, at least one."""
-    return max(1, math.ceil(chars / 4))
+    """The usual rule of thumb: four characters a token."""
+    return math.ceil(chars / 4)
 
 
 def text_chars(value: Any, skip: frozenset[str] = frozenset({"model", "role", "type", "id"})) -> int:

@@ -77,6 +77,10 @@ class GeminiAdapter(Adapter):
     def stream_tap(self, info: CallInfo) -> StreamTap:
         return GeminiStreamTap()
 
+    def output_text_chars(self, payload: Any) -> int:
+        chunks = payload if isinstance(payload, list) else [payload]
+        return sum(_text_chars(c) for c in chunks if isinstance(c, dict))
+
     def model_list_body(self, provider: str, model_ids: list[str]) -> Any:
         return {"models": [{"name": f"models/{m}", "displayName": m} for m in model_ids]}
 

@@ -99,6 +99,18 @@ class OpenAIAdapter(Adapter):
     def usage_from_body(self, payload: Any) -> Usage:
         return usage_from_openai(payload.get("usage") if isinstance(payload, dict) else None)
 
+    def output_text_chars(self, payload: Any) -> int:
+        if not isinstance(payload, dict):
+            return 0
+        chars = 0
+        for choice in payload.get("choices") or ():  # chat and legacy completions
+            content = dig(choice, "message", "content") or dig(choice, "text")
+            chars += len(content) if isinstance(content, str) else 0
+        for item in payload.get("output") or ():  # Responses API
+            for part in (item.get("content") if isinstance(item, dict) else None) or ():
+                chars += len(part.get("text") or "") if isinstance(part, dict) else 0
+        return chars
+
     def model_list_body(self, provider: str, model_ids: list[str]) -> Any:
         return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": provider}
                                            for m in model_ids]}
