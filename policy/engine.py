@@ -53,10 +53,12 @@ class AccessDecision:
 
 
 def subject_matches(roles, subjects: tuple[str, ...], rule_subject: str, domain: str) -> bool:
-    """A rule's subject applies when it is `*`, one of the subjects, or a role they hold via g lines."""
+    """A rule's subject applies when it is `*`, one of the subjects, or a role they hold via g lines
+    (in this tenant, or in every tenant through a `g, user, role:NAME, *` line)."""
     if rule_subject == "*":
         return True
-    return any(s == rule_subject or roles.has_link(s, rule_subject, domain) for s in subjects)
+    return any(s == rule_subject or roles.has_link(s, rule_subject, domain) or roles.has_link(s, rule_subject, ANY_TENANT)
+               for s in subjects)
 
 
 class Policy:
@@ -112,7 +114,7 @@ class Policy:
         roles = (self._access.get(tenant) or self._access[ANY_TENANT]).get_role_manager()
         held = {s for s in subjects if s.startswith("role:")}
         for link in self.files.roles:
-            if link.tenant in (tenant, ANY_TENANT) and any(roles.has_link(s, link.role, tenant) for s in subjects):
+            if link.tenant in (tenant, ANY_TENANT) and any(roles.has_link(s, link.role, link.tenant) for s in subjects):
                 held.add(link.role)
         return held
 

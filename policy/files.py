@@ -212,7 +212,7 @@ def _role_link(name: str, line: int, rest: list[str], files: PolicyFiles) -> Rol
         files.problems.append(Problem(name, line, f"g needs 3 fields (user, role:NAME, tenant), got {len(rest)}"))
         return None
     user, role, tenant = rest
-    problem = (_empty(rest) or _subject_problem(user)
+    problem = (_empty(rest) or ("a role link names one user, not *" if user == "*" else _subject_problem(user))
                or (None if role.startswith("role:") and _NAME.match(role) else f"role {role!r} must look like role:NAME")
                or _tenant_problem(tenant, files.tenants))
     if problem:

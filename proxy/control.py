@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
-from proxy.crypto import Keyring, Secret, new_client_token
+from proxy.crypto import Keyring, Secret, SecretError, new_client_token
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS provider_keys (
@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS client_tokens (
 CREATE TABLE IF NOT EXISTS credits (
     credit_id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, amount_usd TEXT NOT NULL,
     note TEXT, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audit_log (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, action TEXT NOT NULL,
     actor TEXT NOT NULL, target TEXT, details TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
@@ -94,6 +95,16 @@ class ControlStore:
         self._db.executescript(SCHEMA)
         self._keyring = keyring
         self._actor = actor
+        self._check_master_key()
+
+    def _check_master_key(self) -> None:
+        """Refuse a master key other than the one this control.db was created with."""
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('master_key_check', ?)", (self._keyring.check_value(),))
+        stored = self._db.execute("SELECT value FROM meta WHERE name = 'master_key_check'").fetchone()[0]
+        if stored != self._keyring.check_value():
+            self._db.close()
+            raise SecretError("the master key does not match this control.db (check TOLLWAY_MASTER_KEY or "
+                              "master.key): keys stored under it could not be decrypted")
 
     def close(self) -> None:
         self._db.close()

@@ -98,6 +98,7 @@ class Keyring:
         self._aead = AESGCM(_derive(master_key, b"tollway/provider-keys"))
         self._token_key = _derive(master_key, b"tollway/token-hash")
         self._pseudonym_key = _derive(master_key, b"tollway/pseudonym")
+        self._check = _derive(master_key, b"tollway/key-check").hex()[:32]
 
     def encrypt(self, plaintext: str, context: str) -> bytes:
         """AES-GCM with a random nonce; `context` (the key id) is bound as associated data."""
@@ -109,6 +110,10 @@ class Keyring:
             return Secret(self._aead.decrypt(blob[:12], blob[12:], context.encode()).decode())
         except InvalidTag as exc:
             raise SecretError(f"key {context!r} does not decrypt: wrong master key or altered row") from exc
+
+    def check_value(self) -> str:
+        """A fingerprint of the master key, stored in control.db to catch a wrong key early."""
+        return self._check
 
     def token_hash(self, token: str) -> str:
         return hmac.new(self._token_key, token.encode(), hashlib.sha256).hexdigest()

@@ -25,23 +25,33 @@ def usage_from_anthropic(usage: Any) -> Usage:
 
 
 class AnthropicStreamTap(StreamTap):
+    """Keeps Anthropic's own figures: a field a `message_delta` leaves out keeps its `message_start` value."""
+
+    _INPUT_FIELDS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._raw: dict[str, int] = {}
+
     def on_payload(self, event_name: str | None, payload: dict) -> bool:
         kind = payload.get("type") or event_name
         if kind == "content_block_delta":
             delta = payload.get("delta") or {}
             self.text_chars += len(delta.get("text") or delta.get("thinking") or delta.get("partial_json") or "")
         elif kind == "message_start":
-            start = usage_from_anthropic(dig(payload, "message", "usage"))
-            start.output_tokens = None  # a placeholder here; the real count comes with message_delta
-            self.usage.merge(start)
+            self._update(dig(payload, "message", "usage"), self._INPUT_FIELDS)  # its output figure is a placeholder
         elif kind == "message_delta":
-            usage = payload.get("usage") or {}
-            self.usage.merge(Usage(output_tokens=int_or_none(usage.get("output_tokens"))))
-            if "input_tokens" in usage:  # newer API versions repeat the final input figures here
-                refined = usage_from_anthropic(usage)
-                refined.output_tokens = None
-                self.usage.merge(refined)
+            self._update(payload.get("usage"), (*self._INPUT_FIELDS, "output_tokens"))
         return True
+
+    def _update(self, usage, names: tuple[str, ...]) -> None:
+        if not isinstance(usage, dict):
+            return
+        for name in names:
+            value = int_or_none(usage.get(name))
+            if value is not None:
+                self._raw[name] = value
+        self.usage.assign(usage_from_anthropic(self._raw))  # in place: the forwarder holds this object
 
 
 class AnthropicAdapter(Adapter):

@@ -45,6 +45,11 @@ class Usage:
     def reported(self) -> bool:
         return any(getattr(self, f.name) is not None for f in fields(self))
 
+    def assign(self, other: Usage) -> None:
+        """Become `other`, in place (holders of this object see the new figures)."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(other, f.name))
+
     def merge(self, other: Usage) -> None:
         """Take every figure `other` knows (later stream events refine earlier ones)."""
         for f in fields(self):

@@ -1,0 +1,342 @@
+"""Prices from pricing.csv and the exact cost of a request."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policy.files import Problem
+from proxy.metering import HEADER, Price, PriceBook, cost_of, load_pricebook
+from proxy.providers.base import Usage
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "data" / "pricing.csv"
+HEADER_LINE = ",".join(HEADER)
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+@pytest.fixture(scope="module")
+def shipped() -> PriceBook:
+    book, problems = load_pricebook(SHIPPED)
+    assert problems == []
+    return book
+
+
+def write_prices(tmp_path: Path, *rows: str, header: str = HEADER_LINE) -> Path:
+    path = tmp_path / "pricing.csv"
+    path.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+# --- the shipped price list ------------------------------------------------------------------------
+def test_shipped_pricebook_loads_without_problems():
+    book, problems = load_pricebook(SHIPPED)
+    assert problems == []
+    assert len(book.models()) >= 20
+    assert book.models() == sorted(book.models())
+    assert all(m.count("/") == 1 for m in book.models())
+
+
+@pytest.mark.parametrize("provider, model, price", [
+    ("openai", "gpt-4o-mini", ("0.15", "0.60", "0.075", None)),
+    ("openai", "gpt-4o", ("2.50", "10.00", "1.25", None)),
+    ("openai", "o4-mini", ("1.10", "4.40", "0.275", None)),
+    ("anthropic", "claude-sonnet-4-5", ("3.00", "15.00", "0.30", "3.75")),
+    ("anthropic", "claude-haiku-4-5", ("1.00", "5.00", "0.10", "1.25")),
+    ("gemini", "gemini-2.5-flash", ("0.30", "2.50", "0.03", None)),
+    ("gemini", "gemini-2.5-pro", ("1.25", "10.00", "0.125", None)),
+    ("openai", "text-embedding-3-small", ("0.02", "0.00", None, None)),
+])
+def test_shipped_prices_of_main_models(shipped, provider, model, price):
+    found = shipped.price_at(provider, model, at("2026-01-15T12:00:00+00:00"))
+    assert found is not None
+    expected = tuple(None if v is None else Decimal(v) for v in price)
+    assert (found.input, found.output, found.cached_input, found.cache_write) == expected
+    assert f"{provider}/{model}" in shipped.models()
+
+
+def test_shipped_cost_of_a_main_model(shipped):
+    usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000)
+    assert shipped.cost("openai", "gpt-4o-mini", at("2025-09-01T00:00:00+00:00"), usage) == Decimal("0.750000000")
+
+
+# --- versions by date --------------------------------------------------------------------------------
+def test_o3_has_two_versions(shipped):
+    april = shipped.price_at("openai", "o3", at("2025-04-16T00:00:00+00:00"))
+    june = shipped.price_at("openai", "o3", at("2025-06-10T00:00:00+00:00"))
+    assert (april.effective_from, april.input, april.output) == (date(2025, 4, 16), Decimal("10.00"), Decimal("40.00"))
+    assert (june.effective_from, june.input, june.output) == (date(2025, 6, 10), Decimal("2.00"), Decimal("8.00"))
+
+
+@pytest.mark.parametrize("when, effective", [
+    ("2025-04-16T00:00:00+00:00", date(2025, 4, 16)),
+    ("2025-06-09T00:00:00+00:00", date(2025, 4, 16)),
+    ("2025-06-09T23:59:59.999999+00:00", date(2025, 4, 16)),
+    ("2025-06-10T00:00:00+00:00", date(2025, 6, 10)),
+    ("2025-06-10T12:00:00+00:00", date(2025, 6, 10)),
+    ("2027-01-01T00:00:00+00:00", date(2025, 6, 10)),
+    # the date is the UTC date of the request's start
+    ("2025-06-10T01:00:00+02:00", date(2025, 4, 16)),  # 2025-06-09 23:00 UTC
+    ("2025-06-09T20:00:00-05:00", date(2025, 6, 10)),  # 2025-06-10 01:00 UTC
+])
+def test_o3_price_in_force(shipped, when, effective):
+    assert shipped.price_at("openai", "o3", at(when)).effective_from == effective
+
+
+def test_o3_cost_changes_on_the_effective_date(shipped):
+    usage = Usage(input_tokens=1000, output_tokens=1000)
+    before = shipped.cost("openai", "o3", at("2025-06-09T12:00:00+00:00"), usage)
+    after = shipped.cost("openai", "o3", at("2025-06-10T12:00:00+00:00"), usage)
+    assert before == Decimal("0.050000000")  # 1000 * 10 / 1e6 + 1000 * 40 / 1e6
+    assert after == Decimal("0.010000000")  # 1000 * 2 / 1e6 + 1000 * 8 / 1e6
+
+
+def test_before_the_first_effective_date_there_is_no_price(shipped):
+    assert shipped.price_at("openai", "o3", at("2025-04-15T23:59:59+00:00")) is None
+    assert shipped.cost("openai", "o3", at("2025-04-15T12:00:00+00:00"), Usage(input_tokens=10, output_tokens=1)) is None
+
+
+@pytest.mark.parametrize("provider, model", [
+    ("openai", "gpt-99"), ("acme", "gpt-4o-mini"), ("anthropic", "gpt-4o-mini"), ("openai", "GPT-4O-MINI"),
+    ("openai", "gpt-4o-mini-2024-07-18"),
+])
+def test_unknown_model_costs_none_not_zero(shipped, provider, model):
+    cost = shipped.cost(provider, model, at("2026-01-01T00:00:00+00:00"), Usage(input_tokens=100, output_tokens=10))
+    assert cost is None
+    assert shipped.price_at(provider, model, at("2026-01-01T00:00:00+00:00")) is None
+
+
+def test_unknown_usage_costs_none(shipped):
+    assert shipped.cost("openai", "gpt-4o-mini", at("2026-01-01T00:00:00+00:00"), Usage()) is None
+
+
+def test_zero_usage_costs_zero(shipped):
+    cost = shipped.cost("openai", "gpt-4o-mini", at("2026-01-01T00:00:00+00:00"), Usage(input_tokens=0, output_tokens=0))
+    assert cost == Decimal("0") and cost is not None
+
+
+def test_unsorted_rows_are_ordered_by_date(tmp_path):
+    path = write_prices(tmp_path, "openai,m,2025-03-01,3,3,,", "openai,m,2025-01-01,1,1,,", "openai,m,2025-02-01,2,2,,")
+    book, problems = load_pricebook(path)
+    assert problems == []
+    for day, price in [("2025-01-15", "1"), ("2025-02-15", "2"), ("2025-03-15", "3")]:
+        assert book.price_at("openai", "m", at(day + "T00:00:00+00:00")).input == Decimal(price)
+
+
+# --- cost_of, by hand --------------------------------------------------------------------------------
+SONNET = Price(date(2025, 9, 29), Decimal("3.00"), Decimal("15.00"), Decimal("0.30"), Decimal("3.75"))
+FLASH = Price(date(2025, 6, 17), Decimal("0.30"), Decimal("2.50"), Decimal("0.03"), None)
+NO_CACHE_PRICES = Price(date(2024, 1, 1), Decimal("2"), Decimal("8"), None, None)
+
+
+@pytest.mark.parametrize("price, usage, expected", [
+    # Anthropic fixture: 27 fresh + 6120 read + 1843 written; 31 out.
+    # 27*3 + 6120*0.30 + 1843*3.75 + 31*15 = 81 + 1836 + 6911.25 + 465 = 9293.25 -> / 1e6
+    (SONNET, Usage(input_tokens=7990, output_tokens=31, cached_input_tokens=6120, cache_write_tokens=1843),
+     "0.009293250"),
+    # Gemini fixture: 425 fresh + 4096 cached; 440 out (reasoning included).
+    # 425*0.30 + 4096*0.03 + 440*2.50 = 127.5 + 122.88 + 1100 = 1350.38
+    (FLASH, Usage(input_tokens=4521, output_tokens=440, cached_input_tokens=4096, reasoning_tokens=417),
+     "0.001350380"),
+    # blank cache-write price: written tokens at the input price. 600*0.30 + 400*0.30 = 300
+    (FLASH, Usage(input_tokens=1000, output_tokens=0, cache_write_tokens=400), "0.000300000"),
+    # blank cached and cache-write prices: everything at the input price. 1000*2 + 10*8 = 2080
+    (NO_CACHE_PRICES, Usage(input_tokens=1000, output_tokens=10, cached_input_tokens=500, cache_write_tokens=200),
+     "0.002080000"),
+    # the docstring's example: 600*2.5 + 400*1.25 + 100*10 = 3000
+    (Price(date(2025, 1, 1), Decimal("2.50"), Decimal("10"), Decimal("1.25"), None),
+     Usage(input_tokens=1000, output_tokens=100, cached_input_tokens=400), "0.003000000"),
+    # only output known
+    (SONNET, Usage(output_tokens=1_000_000), "15.000000000"),
+    # a million of each
+    (SONNET, Usage(input_tokens=3_000_000, output_tokens=1_000_000, cached_input_tokens=1_000_000,
+                   cache_write_tokens=1_000_000), "22.050000000"),
+    # reasoning tokens are part of output, not extra
+    (SONNET, Usage(input_tokens=0, output_tokens=100, reasoning_tokens=90), "0.001500000"),
+])
+def test_cost_of_by_hand(price, usage, expected):
+    cost = cost_of(price, usage)
+    assert isinstance(cost, Decimal)
+    assert cost == Decimal(expected)
+    assert f"{cost:f}" == expected  # nine places, exactly
+    assert cost.as_tuple().exponent == -9
+
+
+def test_cost_of_one_token_keeps_nano_dollars():
+    price = Price(date(2025, 1, 1), Decimal("0.15"), Decimal("0.60"), None, None)
+    assert f"{cost_of(price, Usage(input_tokens=1, output_tokens=1)):f}" == "0.000000750"
+
+
+@pytest.mark.parametrize("input_price, tokens, expected", [
+    ("0.0005", 1, "0.000000001"),  # 0.5 nano-dollar rounds up (half-even would give 0)
+    ("0.0025", 1, "0.000000003"),  # 2.5 -> 3 (half-even would give 2)
+    ("0.0015", 1, "0.000000002"),
+    ("0.0004", 1, "0.000000000"),
+    ("0.00049", 1, "0.000000000"),
+    ("0.0006", 1, "0.000000001"),
+    ("0.0000005", 1000, "0.000000001"),
+])
+def test_cost_rounds_half_up_to_a_nano_dollar(input_price, tokens, expected):
+    price = Price(date(2025, 1, 1), Decimal(input_price), Decimal(0), None, None)
+    assert f"{cost_of(price, Usage(input_tokens=tokens, output_tokens=0)):f}" == expected
+
+
+def test_cached_tokens_above_input_do_not_give_a_negative_fresh_part():
+    cost = cost_of(SONNET, Usage(input_tokens=100, output_tokens=0, cached_input_tokens=150))
+    assert cost == Decimal(150) * Decimal("0.30") / Decimal(1_000_000)
+    assert cost >= 0
+
+
+# --- bad rows -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("row, words", [
+    ("openai,m,2025-01-01,1,2,3", "columns"),
+    ("openai,m,2025-01-01,1,2,3,4,5", "columns"),
+    ("openai,m,2025-13-01,1,2,,", "date"),
+    ("openai,m,yesterday,1,2,,", "date"),
+    ("openai,m,01/02/2025,1,2,,", "date"),
+    ("openai,m,,1,2,,", "date"),
+    ("openai,m,2025-01-01,-1,2,,", ">= 0"),
+    ("openai,m,2025-01-01,1,-0.01,,", ">= 0"),
+    ("openai,m,2025-01-01,1,2,-3,", ">= 0"),
+    ("openai,m,2025-01-01,1,2,,-4", ">= 0"),
+    ("openai,m,2025-01-01,one,2,,", "not a number"),
+    ("openai,m,2025-01-01,1,$2,,", "not a number"),
+    ("openai,m,2025-01-01,1,2,x,", "not a number"),
+    ("openai,m,2025-01-01,,2,,", "number"),  # the input price may not be blank
+    ("openai,m,2025-01-01,1,,,", "number"),  # nor the output price
+    ("openai,m,2025-01-01,Infinity,2,,", ">= 0"),
+    ("openai,m,2025-01-01,NaN,2,,", ">= 0"),
+    (",m,2025-01-01,1,2,,", "empty"),
+    ("openai,,2025-01-01,1,2,,", "empty"),
+])
+def test_bad_row_is_a_problem_with_its_line(tmp_path, row, words):
+    path = write_prices(tmp_path, "# a comment", "openai,good,2025-01-01,1,2,,", "", row, "openai,after,2025-01-01,1,2,,")
+    book, problems = load_pricebook(path)
+    assert len(problems) == 1, problems
+    problem = problems[0]
+    assert isinstance(problem, Problem)
+    assert (problem.file, problem.line, problem.severity) == ("pricing.csv", 5, "error")
+    assert words in problem.message
+    assert str(problem).startswith("pricing.csv:5: error: ")
+    # the good rows around it still load; the bad one is left out
+    assert "openai/good" in book.models() and "openai/after" in book.models()
+    assert "openai/m" not in book.models()
+
+
+def test_duplicate_date_is_a_problem_and_the_first_row_stays(tmp_path):
+    path = write_prices(tmp_path, "openai,m,2025-01-01,1,2,,", "openai,other,2025-01-01,5,5,,",
+                        "openai,m,2025-01-01,7,8,,", "openai,m,2025-02-01,3,4,,")
+    book, problems = load_pricebook(path)
+    assert [(p.file, p.line) for p in problems] == [("pricing.csv", 4)]
+    assert "two prices" in problems[0].message and "2025-01-01" in problems[0].message
+    assert book.price_at("openai", "m", at("2025-01-15T00:00:00+00:00")).input == Decimal(1)
+    assert book.price_at("openai", "m", at("2025-02-15T00:00:00+00:00")).input == Decimal(3)
+
+
+def test_several_bad_rows_are_all_reported(tmp_path):
+    path = write_prices(tmp_path, "openai,a,2025-01-01,1,2", "openai,b,bad,1,2,,", "openai,c,2025-01-01,-1,2,,",
+                        "openai,d,2025-01-01,1,2,,")
+    book, problems = load_pricebook(path)
+    assert [p.line for p in problems] == [2, 3, 4]
+    assert book.models() == ["openai/d"]
+
+
+def test_wrong_header_refuses_the_file(tmp_path):
+    path = write_prices(tmp_path, "openai,m,2025-01-01,1,2,,", header="provider,model,date,in,out,cached,write")
+    book, problems = load_pricebook(path)
+    assert len(problems) == 1
+    assert (problems[0].line, problems[0].severity) == (1, "error")
+    assert "header" in problems[0].message
+    assert book.models() == []
+
+
+def test_header_after_comment_lines_keeps_its_line_number(tmp_path):
+    path = tmp_path / "pricing.csv"
+    path.write_text("# one\n# two\nprovider,model\nopenai,m,2025-01-01,1,2,,\n")
+    _, problems = load_pricebook(path)
+    assert [(p.file, p.line) for p in problems] == [("pricing.csv", 3)]
+
+
+def test_missing_file_is_a_warning_and_everything_is_unpriced(tmp_path):
+    book, problems = load_pricebook(tmp_path / "pricing.csv")
+    assert [(p.line, p.severity) for p in problems] == [(0, "warning")]
+    assert book.cost("openai", "gpt-4o-mini", datetime.now(UTC), Usage(input_tokens=1, output_tokens=1)) is None
+
+
+def test_spaces_around_fields_are_tolerated(tmp_path):
+    path = write_prices(tmp_path, "openai, m , 2025-01-01 , 1.5 , 2 , , ")
+    book, problems = load_pricebook(path)
+    assert problems == []
+    assert book.price_at("openai", "m", at("2025-01-02T00:00:00+00:00")).input == Decimal("1.5")
+
+
+# --- properties ------------------------------------------------------------------------------------------
+counts = st.integers(min_value=0, max_value=5_000_000)
+# at most three decimals per million tokens: every cost is exact at nine places, so no rounding at all
+exact_prices = st.decimals(min_value=0, max_value=200, places=3, allow_nan=False, allow_infinity=False)
+any_prices = st.decimals(min_value=0, max_value=200, places=7, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def prices(draw, amounts=exact_prices):
+    return Price(date(2025, 1, 1), draw(amounts), draw(amounts), draw(st.none() | amounts), draw(st.none() | amounts))
+
+
+@st.composite
+def usages(draw):
+    fresh, cached, written, output = draw(counts), draw(counts), draw(counts), draw(counts)
+    return Usage(input_tokens=fresh + cached + written, output_tokens=output, cached_input_tokens=cached,
+                 cache_write_tokens=written)
+
+
+def add(a: Usage, b: Usage) -> Usage:
+    return Usage(input_tokens=a.input_tokens + b.input_tokens, output_tokens=a.output_tokens + b.output_tokens,
+                 cached_input_tokens=a.cached_input_tokens + b.cached_input_tokens,
+                 cache_write_tokens=a.cache_write_tokens + b.cache_write_tokens)
+
+
+@settings(max_examples=150, deadline=None)
+@given(prices(), usages(), usages())
+def test_cost_is_additive_in_tokens(price, a, b):
+    total = cost_of(price, add(a, b))
+    assert total == cost_of(price, a) + cost_of(price, b)
+    assert type(total) is Decimal
+
+
+@settings(max_examples=150, deadline=None)
+@given(prices(any_prices), usages(), usages())
+def test_cost_is_monotonic_in_tokens_and_never_float(price, a, extra):
+    small, big = cost_of(price, a), cost_of(price, add(a, extra))
+    assert type(small) is Decimal and type(big) is Decimal
+    assert not isinstance(small, float)
+    assert Decimal(0) <= small <= big
+    assert small.as_tuple().exponent == -9 and big.as_tuple().exponent == -9
+
+
+@settings(max_examples=100, deadline=None)
+@given(prices(any_prices), usages())
+def test_cost_matches_the_formula_within_half_a_nano_dollar(price, usage):
+    cached_price = price.cached_input if price.cached_input is not None else price.input
+    write_price = price.cache_write if price.cache_write is not None else price.input
+    fresh = usage.input_tokens - usage.cached_input_tokens - usage.cache_write_tokens
+    exact = (fresh * price.input + usage.cached_input_tokens * cached_price
+             + usage.cache_write_tokens * write_price + usage.output_tokens * price.output) / Decimal(1_000_000)
+    assert abs(cost_of(price, usage) - exact) <= Decimal("0.0000000005")
+
+
+@settings(max_examples=100, deadline=None)
+@given(prices(), usages(), st.integers(0, 3000))
+def test_pricebook_cost_uses_the_row_in_force(price, usage, days):
+    book = PriceBook({("p", "m"): [price]})
+    when = datetime(2025, 1, 1, tzinfo=UTC) + timedelta(days=days)
+    assert book.cost("p", "m", when, usage) == cost_of(price, usage)
+    assert book.cost("p", "m", datetime(2024, 12, 31, 23, 59, tzinfo=UTC), usage) is None
+    assert book.cost("p", "m", datetime(2025, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=1))), usage) is None

@@ -1,0 +1,314 @@
+"""`tollway policy check`: one case per validation rule, with the exact `file:line: severity: message`.
+
+Errors make the command exit 1; a set with only warnings exits 0 and still prints them. Every case
+starts from the same valid deployment (made by `tollway init`, keys added with the CLI) and
+overwrites one or two files, so the line numbers in the expectations are those of the text below.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from proxy.cli import main as cli_main
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.timeout(60)
+
+TENANTS = "tenant,name,markup_pct,byok_fee_pct\nacme,Acme Corp,0,2.5\nglobex,Globex Inc,12,0\n"
+ACCESS = """# p, subject, tenant, model-glob, effect
+p, role:engineering, acme, anthropic/claude-*, allow
+p, *, acme, openai/gpt-4o-mini, allow
+p, role:contractors, acme, anthropic/claude-opus-*, deny
+p, *, globex, openai/*, allow
+g, alice@acme.com, role:engineering, acme
+"""
+ROUTES = """# p, tenant, model-glob, key-id[|key-id...]
+p, acme, anthropic/*, acme-anthropic
+p, *, openai/*, operator-openai
+p, *, gemini/*, operator-gemini
+"""
+LIMITS = "tenant,subject,metric,window,limit\nacme,tenant,usd,month,5000\nacme,*,requests,minute,60\n"
+FILES = {"tenants.csv": TENANTS, "policy/access.csv": ACCESS, "policy/routes.csv": ROUTES,
+         "policy/limits.csv": LIMITS}
+#: The keys of the template deployment: (id, provider, owner tenant or None for the operator).
+KEYS = [("operator-openai", "openai", None), ("operator-gemini", "gemini", None),
+        ("acme-anthropic", "anthropic", "acme"), ("globex-openai", "openai", "globex"),
+        ("old-openai", "openai", None)]
+
+
+def add_key(data_dir: Path, key_id: str, provider: str, tenant: str | None) -> None:
+    owner = ["--tenant", tenant] if tenant else ["--operator"]
+    result = run_cli(data_dir, "keys", "add", key_id, "--provider", provider, *owner, stdin=f"sk-test-{key_id}\n")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """A valid deployment: `tollway init`, the files above, the keys above (one of them revoked)."""
+    root = tmp_path_factory.mktemp("validation") / "template"
+    assert run_cli(None, "init", str(root)).returncode == 0
+    for name, text in FILES.items():
+        (root / name).write_text(text)
+    for key_id, provider, tenant in KEYS:
+        add_key(root, key_id, provider, tenant)
+    assert run_cli(root, "keys", "revoke", "old-openai").returncode == 0
+    return root
+
+
+@pytest.fixture
+def deploy(template, tmp_path) -> Path:
+    target = tmp_path / "deploy"
+    shutil.copytree(template, target)
+    return target
+
+
+def check(data_dir: Path, capsys) -> tuple[int, list[str], str]:
+    """`tollway policy check` in process: (exit code, problem lines on stderr, the summary line)."""
+    capsys.readouterr()
+    code = cli_main(["--data-dir", str(data_dir), "policy", "check"])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[:-1], err[-1]
+
+
+def test_the_template_is_valid_without_warnings(deploy, capsys):
+    code, problems, summary = check(deploy, capsys)
+    assert (code, problems) == (0, [])
+    assert summary == "4 access rules, 1 role links, 3 routes, 2 limits, 2 tenants: 0 error(s), 0 warning(s)"
+
+
+# (test id, {file: new content}, the exact problem lines in output order)
+ERRORS = [
+    # wrong column count, in every file
+    ("access-p-columns", {"policy/access.csv": "p, *, acme, openai/gpt-4o-mini\n"},
+     ["policy/access.csv:1: error: p needs 4 fields (subject, tenant, model-glob, effect), got 3"]),
+    ("access-p-too-many-columns", {"policy/access.csv": "p, *, acme, openai/gpt-4o-mini, allow, extra\n"},
+     ["policy/access.csv:1: error: p needs 4 fields (subject, tenant, model-glob, effect), got 5"]),
+    ("access-g-columns", {"policy/access.csv": "# roles\ng, alice@acme.com, role:engineering\n"},
+     ["policy/access.csv:2: error: g needs 3 fields (user, role:NAME, tenant), got 2"]),
+    ("routes-columns", {"policy/routes.csv": "p, acme, anthropic/*\n"},
+     ["policy/routes.csv:1: error: p needs 3 fields (tenant, model-glob, key-id[|key-id...]), got 2"]),
+    ("limits-columns", {"policy/limits.csv": "tenant,subject,metric,window,limit\nacme,tenant,usd,month\n"},
+     ["policy/limits.csv:2: error: expected 5 columns, got 4"]),
+    ("tenants-columns", {"tenants.csv": TENANTS + "initech,Initech,5\n"},
+     ["tenants.csv:4: error: expected 4 columns, got 3"]),
+    # unknown ptype
+    ("access-ptype", {"policy/access.csv": ACCESS + "q, *, acme, openai/gpt-4o, allow\n"},
+     ["policy/access.csv:7: error: unknown rule type 'q': use p (permission) or g (role)"]),
+    ("routes-ptype", {"policy/routes.csv": "g, acme, openai/*, operator-openai\n"},
+     ["policy/routes.csv:1: error: unknown rule type 'g': routes use p lines only"]),
+    # empty fields
+    ("access-empty-field", {"policy/access.csv": "p, *, acme, , allow\n"},
+     ["policy/access.csv:1: error: empty field"]),
+    ("access-empty-effect", {"policy/access.csv": "\n\np, *, acme, openai/gpt-4o-mini,\n"},
+     ["policy/access.csv:3: error: empty field"]),
+    ("g-empty-field", {"policy/access.csv": "g, , role:engineering, acme\n"},
+     ["policy/access.csv:1: error: empty field"]),
+    ("routes-empty-field", {"policy/routes.csv": "p, acme, , acme-anthropic\n"},
+     ["policy/routes.csv:1: error: empty field"]),
+    ("limits-empty-field", {"policy/limits.csv": "tenant,subject,metric,window,limit\nacme,,usd,day,5\n"},
+     ["policy/limits.csv:2: error: empty field"]),
+    # bad globs
+    ("glob-bad-characters", {"policy/access.csv": "p, *, acme, openai/gpt[4]o, allow\n"},
+     ["policy/access.csv:1: error: bad model glob 'openai/gpt[4]o': use provider/model with * and ? wildcards"]),
+    ("glob-without-provider", {"policy/access.csv": "p, *, acme, gpt-4o, allow\n"},
+     ["policy/access.csv:1: error: bad model glob 'gpt-4o': models are named provider/model, "
+      "e.g. openai/gpt-4o-mini"]),
+    ("route-glob-bad", {"policy/routes.csv": "p, *, openai/gpt 4o, operator-openai\n"},
+     ["policy/routes.csv:1: error: bad model glob 'openai/gpt 4o': use provider/model with * and ? wildcards"]),
+    # unknown effect
+    ("unknown-effect", {"policy/access.csv": "p, *, acme, openai/gpt-4o-mini, permit\n"},
+     ["policy/access.csv:1: error: unknown effect 'permit': use allow or deny"]),
+    ("effect-is-case-sensitive", {"policy/access.csv": "p, *, acme, openai/gpt-4o-mini, Allow\n"},
+     ["policy/access.csv:1: error: unknown effect 'Allow': use allow or deny"]),
+    # bad subjects and roles
+    ("bad-subject", {"policy/access.csv": "p, bob smith, acme, openai/gpt-4o-mini, allow\n"},
+     ["policy/access.csv:1: error: subject 'bob smith' is not valid: use a user id, role:NAME or *"]),
+    ("g-role-without-prefix", {"policy/access.csv": "g, alice@acme.com, engineering, acme\n"},
+     ["policy/access.csv:1: error: role 'engineering' must look like role:NAME"]),
+    # a tenant named in a rule but not in tenants.csv, in each file that names tenants
+    ("access-unknown-tenant", {"policy/access.csv": ACCESS + "p, *, initech, openai/gpt-4o-mini, allow\n"},
+     ["policy/access.csv:7: error: tenant 'initech' is not in tenants.csv"]),
+    ("g-unknown-tenant", {"policy/access.csv": "g, alice@acme.com, role:engineering, initech\n"},
+     ["policy/access.csv:1: error: tenant 'initech' is not in tenants.csv"]),
+    ("routes-unknown-tenant", {"policy/routes.csv": ROUTES + "p, initech, openai/*, operator-openai\n"},
+     ["policy/routes.csv:5: error: tenant 'initech' is not in tenants.csv"]),
+    ("limits-unknown-tenant", {"policy/limits.csv": LIMITS + "initech,tenant,usd,month,10\n"},
+     ["policy/limits.csv:4: error: tenant 'initech' is not in tenants.csv"]),
+    ("tenant-removed-from-tenants-csv", {"tenants.csv": "tenant,name,markup_pct,byok_fee_pct\nacme,Acme,0,0\n"},
+     ["policy/access.csv:5: error: tenant 'globex' is not in tenants.csv"]),
+    # unknown metric / window
+    ("unknown-metric", {"policy/limits.csv": LIMITS + "acme,*,dollars,day,5\n"},
+     ["policy/limits.csv:4: error: unknown metric 'dollars': use requests, tokens, usd"]),
+    ("unknown-window", {"policy/limits.csv": LIMITS + "acme,*,usd,week,5\n"},
+     ["policy/limits.csv:4: error: unknown window 'week': use minute, hour, day, month"]),
+    # negative or non-numeric limits
+    ("negative-limit", {"policy/limits.csv": LIMITS + "acme,*,usd,day,-5\n"},
+     ["policy/limits.csv:4: error: limit '-5' must be a number >= 0"]),
+    ("non-numeric-limit", {"policy/limits.csv": LIMITS + "acme,*,requests,hour,lots\n"},
+     ["policy/limits.csv:4: error: limit 'lots' must be a number >= 0"]),
+    ("nan-limit", {"policy/limits.csv": LIMITS + "acme,*,usd,day,NaN\n"},
+     ["policy/limits.csv:4: error: limit 'NaN' must be a number >= 0"]),
+    ("fractional-request-limit", {"policy/limits.csv": LIMITS + "acme,*,requests,hour,2.5\n"},
+     ["policy/limits.csv:4: error: a requests limit must be a whole number, got 2.5"]),
+    ("limits-header", {"policy/limits.csv": "tenant,who,metric,window,limit\nacme,tenant,usd,month,5\n"},
+     ["policy/limits.csv:1: error: header must be tenant,subject,metric,window,limit"]),
+    ("tenants-negative-markup", {"tenants.csv": TENANTS + "initech,Initech,-1,0\n"},
+     ["tenants.csv:4: error: markup_pct and byok_fee_pct must be numbers >= 0, e.g. 10 or 2.5"]),
+]
+
+
+@pytest.mark.parametrize(("files", "expected"), [c[1:] for c in ERRORS], ids=[c[0] for c in ERRORS])
+def test_each_error_names_file_line_and_reason_and_exits_1(deploy, capsys, files, expected):
+    for name, text in files.items():
+        (deploy / name).write_text(text)
+    code, problems, summary = check(deploy, capsys)
+    assert problems == expected
+    assert code == 1
+    assert summary.endswith(f": {len(expected)} error(s), 0 warning(s)")
+
+
+WARNINGS = [
+    # a model glob that matches no priced model, in access and in routes
+    ("access-unpriced-glob", {"policy/access.csv": ACCESS + "p, *, globex, openai/gpt-9*, allow\n"},
+     ["policy/access.csv:7: warning: model glob 'openai/gpt-9*' matches no priced model in pricing.csv "
+      "(its usage would be unpriced)"]),
+    ("route-unpriced-glob", {"policy/routes.csv": "p, *, openai/gpt-9*, operator-openai\n" + ROUTES},
+     ["policy/routes.csv:1: warning: model glob 'openai/gpt-9*' matches no priced model in pricing.csv "
+      "(its usage would be unpriced)"]),
+    # duplicates
+    ("duplicate-access-rule", {"policy/access.csv": ACCESS + "p,*,acme,openai/gpt-4o-mini,allow\n"},
+     ["policy/access.csv:7: warning: duplicate of line 3"]),
+    ("duplicate-limit", {"policy/limits.csv": LIMITS + "acme,*,requests,minute,30\n"},
+     ["policy/limits.csv:4: warning: same tenant, subject, metric and window as line 3; the tighter limit applies"]),
+    # shadowed routes: a later line that can never be the first match
+    ("shadowed-route-same-glob", {"policy/routes.csv": ROUTES + "p, acme, openai/*, operator-openai\n"},
+     ["policy/routes.csv:5: warning: never used: line 3 (*, openai/*) matches first"]),
+    ("shadowed-route-narrower-glob", {"policy/routes.csv": ROUTES + "p, acme, openai/gpt-4o*, operator-openai\n"},
+     ["policy/routes.csv:5: warning: never used: line 3 (*, openai/*) matches first"]),
+    ("shadowed-route-exact-model", {"policy/routes.csv": "p, *, *, operator-openai\np, globex, gemini/gemini-2.5-pro, "
+                                                          "operator-gemini\n"},
+     ["policy/routes.csv:2: warning: never used: line 1 (*, *) matches first"]),
+]
+
+
+@pytest.mark.parametrize(("files", "expected"), [c[1:] for c in WARNINGS], ids=[c[0] for c in WARNINGS])
+def test_each_warning_is_printed_and_exits_0(deploy, capsys, files, expected):
+    for name, text in files.items():
+        (deploy / name).write_text(text)
+    code, problems, summary = check(deploy, capsys)
+    assert problems == expected
+    assert code == 0
+    assert summary.endswith(f": 0 error(s), {len(expected)} warning(s)")
+
+
+def test_shadowed_access_rule_that_can_never_decide_is_warned(deploy, capsys):
+    """The issue: "duplicate or shadowed rules (warning: a later line that can never win)".
+
+    Line 3 allows every OpenAI model to everyone in globex, so line 4 (same subject, tenant and
+    effect, a narrower glob) can never be the rule that decides anything: it is dead weight that
+    misleads a reader into thinking it matters.
+    """
+    (deploy / "policy/access.csv").write_text(
+        "# globex\n\np, *, globex, openai/*, allow\np, *, globex, openai/gpt-4o, allow\n")
+    code, problems, _ = check(deploy, capsys)
+    assert code == 0
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("policy/access.csv:4: warning: ") and "line 3" in problems[0]
+
+
+# --- route keys: added, revoked and owned through the real CLI -------------------------------------
+def cli_check(data_dir: Path) -> tuple[int, list[str]]:
+    result = run_cli(data_dir, "policy", "check")
+    return result.returncode, result.stderr.strip().splitlines()[:-1]
+
+
+def test_route_to_a_missing_key_is_an_error(deploy):
+    (deploy / "policy/routes.csv").write_text("p, globex, gemini/*, globex-gemini\n" + ROUTES)
+    code, problems = cli_check(deploy)
+    assert problems == ["policy/routes.csv:1: error: key 'globex-gemini' does not exist "
+                        "(add it with `tollway keys add`)"]
+    assert code == 1
+    add_key(deploy, "globex-gemini", "gemini", "globex")  # adding it with the CLI fixes the set
+    assert cli_check(deploy) == (0, [])
+
+
+def test_route_to_a_revoked_key_is_a_warning_because_the_pool_skips_it(deploy):
+    (deploy / "policy/routes.csv").write_text("p, *, openai/*, old-openai|operator-openai\n")
+    assert cli_check(deploy) == (0, ["policy/routes.csv:1: warning: key 'old-openai' is revoked; "
+                                     "the route skips it"])
+    (deploy / "policy/routes.csv").write_text("p, *, openai/*, old-openai\n")
+    code, problems = cli_check(deploy)
+    assert problems == ["policy/routes.csv:1: warning: key 'old-openai' is revoked; the route skips it",
+                        "policy/routes.csv:1: warning: no usable key left in this route"]
+    assert code == 0
+
+
+def test_key_revoked_with_the_cli_turns_into_a_warning(deploy):
+    assert cli_check(deploy) == (0, [])
+    assert run_cli(deploy, "keys", "revoke", "operator-gemini").returncode == 0
+    code, problems = cli_check(deploy)
+    assert problems == ["policy/routes.csv:4: warning: key 'operator-gemini' is revoked; the route skips it",
+                        "policy/routes.csv:4: warning: no usable key left in this route"]
+    assert code == 0
+
+
+def test_route_to_another_tenants_key_is_an_error(deploy):
+    (deploy / "policy/routes.csv").write_text("p, acme, openai/gpt-4o, globex-openai|operator-openai\n" + ROUTES
+                                              + "p, *, anthropic/*, acme-anthropic\n")
+    code, problems = cli_check(deploy)
+    assert problems == [
+        "policy/routes.csv:1: error: key 'globex-openai' belongs to tenant 'globex'; a route for 'acme' may not use it",
+        # a route for every tenant may only use the operator's keys
+        "policy/routes.csv:6: error: key 'acme-anthropic' belongs to tenant 'acme'; a route for '*' may not use it",
+        "policy/routes.csv:6: warning: no usable key left in this route",
+    ]
+    assert code == 1
+
+
+def test_route_to_another_providers_key_is_an_error(deploy):
+    (deploy / "policy/routes.csv").write_text("p, *, openai/*, operator-gemini|operator-openai\n"
+                                              "p, *, gemini/*, operator-gemini\n")
+    code, problems = cli_check(deploy)
+    assert problems == ["policy/routes.csv:1: error: key 'operator-gemini' is a gemini key, the route is for openai"]
+    assert code == 1
+
+
+def test_second_key_of_a_pool_is_checked_too(deploy):
+    (deploy / "policy/routes.csv").write_text("p, acme, anthropic/*, acme-anthropic|ghost-key\n"
+                                              "p, *, openai/*, operator-openai\n")
+    code, problems = cli_check(deploy)
+    assert problems == ["policy/routes.csv:1: error: key 'ghost-key' does not exist (add it with `tollway keys add`)"]
+    assert code == 1
+
+
+def test_every_problem_of_every_file_is_listed_in_file_and_line_order(deploy):
+    (deploy / "policy/access.csv").write_text("p, *, acme, openai/gpt-4o-mini, allow\nx, y\np, *, nowhere, *, allow\n")
+    (deploy / "policy/limits.csv").write_text(LIMITS + "acme,*,usd,fortnight,5\nacme,*,usd,day,-1\n")
+    (deploy / "tenants.csv").write_text(TENANTS + "acme,Again,0,0\n")
+    code, problems = cli_check(deploy)
+    assert problems == [
+        "policy/access.csv:2: error: unknown rule type 'x': use p (permission) or g (role)",
+        "policy/access.csv:3: error: tenant 'nowhere' is not in tenants.csv",
+        "policy/limits.csv:4: error: unknown window 'fortnight': use minute, hour, day, month",
+        "policy/limits.csv:5: error: limit '-1' must be a number >= 0",
+        "tenants.csv:4: error: tenant 'acme' is listed twice",
+    ]
+    assert code == 1
+
+
+def test_warnings_only_exit_0_through_the_real_command(deploy):
+    (deploy / "policy/access.csv").write_text(ACCESS + "p, *, acme, openai/gpt-4o-mini, allow\n")
+    result = run_cli(deploy, "policy", "check")
+    assert result.returncode == 0
+    assert "policy/access.csv:7: warning: duplicate of line 3" in result.stderr.splitlines()
+    assert result.stderr.strip().splitlines()[-1].endswith("0 error(s), 1 warning(s)")
+
+
+def test_missing_policy_file_is_an_error(deploy, capsys):
+    (deploy / "policy/access.csv").unlink()
+    code, problems, _ = check(deploy, capsys)
+    assert problems == ["policy/access.csv:0: error: file is missing; `tollway init` writes a sample"]
+    assert code == 1
