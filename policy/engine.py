@@ -15,7 +15,7 @@ from pathlib import Path
 import casbin
 from casbin import model as casbin_model
 
-from policy.files import AccessRule, PolicyFiles, RouteRule, glob_regex
+from policy.files import AccessRule, LimitRule, PolicyFiles, RouteRule, glob_regex
 
 # Casbin logs every denied request with its subject (a user id) at WARNING: keep user ids out of logs.
 logging.getLogger("casbin").setLevel(logging.ERROR)
@@ -80,6 +80,7 @@ class Policy:
         for route in files.routes:
             self._route_rules.setdefault((route.tenant, route.model_glob, "|".join(route.key_ids)), route)
         self._cache: dict[tuple[str, tuple[str, ...], str], AccessDecision] = {}
+        self._limit_cache: dict[tuple[str, tuple[str, ...]], list[tuple[LimitRule, bool]]] = {}
 
     def decide(self, tenant: str, subjects: tuple[str, ...], model: str) -> AccessDecision:
         """May these subjects use `provider/model` in this tenant, and which route serves it?
@@ -101,6 +102,20 @@ class Policy:
         route_ok, route_row = self._routes.enforce_ex(tenant, model)
         route = self._route_rules.get(tuple(route_row)) if route_ok and route_row else None
         return AccessDecision(bool(allowed), rule, route)
+
+    def limits_for(self, tenant: str, user: str, subjects: tuple[str, ...]) -> list[tuple[LimitRule, bool]]:
+        """The limits.csv rules that apply, each with whether it counts per user (else the whole tenant)."""
+        key = (tenant, subjects)
+        found = self._limit_cache.get(key)
+        if found is None:
+            held = self.roles_of(tenant, subjects)
+            found = [(rule, rule.subject != "tenant") for rule in self.files.limits
+                     if rule.tenant in (tenant, ANY_TENANT)
+                     and (rule.subject in ("tenant", "*", user) or rule.subject in held)]
+            if len(self._limit_cache) >= _CACHE_LIMIT:
+                self._limit_cache.clear()
+            self._limit_cache[key] = found
+        return found
 
     def matching_rules(self, tenant: str, subjects: tuple[str, ...], model: str) -> list[AccessRule]:
         """Every access rule that applies to this request, in file order (for `policy explain`)."""

@@ -59,9 +59,7 @@ def explain(policies: PolicySet, keys: Mapping[str, ProviderKey] | None, tenant:
                 for r in policy.matching_rules(tenant, subjects, model)]
     provider = model.split("/", 1)[0]
     choices = [_key_choice(k, keys, tenant, provider) for k in decision.route.key_ids] if decision.route else []
-    held = policy.roles_of(tenant, subjects)
-    limits = [lim for lim in policies.files.limits if lim.tenant in (tenant, "*")
-              and (lim.subject in ("tenant", "*", user) or lim.subject in held)]
+    limits = [rule for rule, _ in policy.limits_for(tenant, user, subjects)]
     return Explanation(tenant, user, roles, model, decision.allowed,
                        decision.rule.line if decision.rule else None, matching, decision.route, choices, limits)
 

@@ -19,6 +19,7 @@ from proxy import forward
 from proxy.errors import UnknownProvider
 from proxy.events import Event
 from proxy.gateway import Gateway
+from proxy.metrics import CONTENT_TYPE
 from proxy.providers.registry import adapter_for
 
 for noisy in ("httpx", "apscheduler", "litestar"):
@@ -46,6 +47,12 @@ def create_app(gateway: Gateway) -> GatewayApp:
                                     "warnings": len(policies.warnings)}},
                         status_code=200 if ready else 503)
 
+    @get("/metrics", sync_to_thread=False)
+    def metrics() -> Response[bytes]:
+        recorder = gateway.recorder
+        body = gateway.metrics.render(recorder.queue_depth if recorder else 0, recorder.written if recorder else 0)
+        return Response(body, media_type=CONTENT_TYPE)
+
     def not_found(request: Request, exc: NotFoundException) -> Response:
         """Unknown provider: answered (and recorded) in the OpenAI format, the most common client."""
         name = request.url.path.strip("/").split("/", 1)[0]
@@ -59,7 +66,7 @@ def create_app(gateway: Gateway) -> GatewayApp:
                         headers={forward.REQUEST_ID_HEADER.decode(): str(event.event_id)})
 
     return GatewayApp(gateway, Litestar(
-        route_handlers=[healthz, readyz],
+        route_handlers=[healthz, readyz, metrics],
         on_startup=[gateway.start],
         on_shutdown=[gateway.stop],
         exception_handlers={NotFoundException: not_found},

@@ -92,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # --- keys ---------------------------------------------------------------------------------------
 def _key_json(key) -> dict:
     return {"id": key.key_id, "provider": key.provider, "owner": key.owner, "fingerprint": key.fingerprint,
-            "status": key.status, "created_at": key.created_at, "updated_at": key.updated_at}
+            "status": key.status, "health": key.health, "created_at": key.created_at, "updated_at": key.updated_at}
 
 
 def _read_secret() -> str:
@@ -120,7 +120,8 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
 def cmd_keys_list(args: argparse.Namespace) -> int:
     keys = open_store(args).list_keys()
     lines = [f"{'ID':24} {'PROVIDER':12} {'OWNER':16} {'FINGERPRINT':12} STATUS"] + [
-        f"{k.key_id:24} {k.provider:12} {k.owner:16} {k.fingerprint:12} {k.status}" for k in keys]
+        f"{k.key_id:24} {k.provider:12} {k.owner:16} {k.fingerprint:12} {k.status}"
+        + (f" ({k.health}; `tollway keys rotate {k.key_id}` clears it)" if k.health != "ok" else "") for k in keys]
     emit(args, [_key_json(k) for k in keys], "\n".join(lines))
     return 0
 

@@ -23,7 +23,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS provider_keys (
     key_id TEXT PRIMARY KEY, provider TEXT NOT NULL, owner_tenant TEXT,
     ciphertext BLOB NOT NULL, fingerprint TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'active',
-    created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL, health TEXT NOT NULL DEFAULT 'ok');
 CREATE TABLE IF NOT EXISTS client_tokens (
     token_id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, tenant TEXT NOT NULL,
     user_id TEXT NOT NULL, roles TEXT NOT NULL, created_at TEXT NOT NULL,
@@ -52,6 +52,7 @@ class ProviderKey:
     status: str
     created_at: str
     updated_at: str
+    health: str = "ok"  # ok, or "failing: …" once the provider refused it (401/403); reset by rotate
     secret: Secret | None = None
 
     @property
@@ -93,6 +94,9 @@ class ControlStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(provider_keys)")}
+        if "health" not in columns:  # control.db from before key health existed
+            self._db.execute("ALTER TABLE provider_keys ADD COLUMN health TEXT NOT NULL DEFAULT 'ok'")
         self._keyring = keyring
         self._actor = actor
         self._check_master_key()
@@ -122,7 +126,7 @@ class ControlStore:
         try:
             with self._tx():
                 self._db.execute(
-                    "INSERT INTO provider_keys VALUES (?,?,?,?,?,'active',?,?)",
+                    "INSERT INTO provider_keys VALUES (?,?,?,?,?,'active',?,?,'ok')",
                     (key_id, provider, owner_tenant, self._keyring.encrypt(secret.strip(), key_id),
                      Secret(secret.strip()).fingerprint(), now, now))
                 self._audit("key.added", key_id, {"provider": provider, "owner": owner_tenant or "operator"})
@@ -136,7 +140,8 @@ class ControlStore:
             raise ControlError("the provider key read from stdin is empty")
         with self._tx():
             self._db.execute(
-                "UPDATE provider_keys SET ciphertext=?, fingerprint=?, status='active', updated_at=? WHERE key_id=?",
+                "UPDATE provider_keys SET ciphertext=?, fingerprint=?, status='active', health='ok', updated_at=? "
+                "WHERE key_id=?",
                 (self._keyring.encrypt(secret.strip(), key_id), Secret(secret.strip()).fingerprint(),
                  iso(utcnow()), key_id))
             self._audit("key.rotated", key_id, {})
@@ -150,6 +155,13 @@ class ControlStore:
             self._audit("key.revoked", key_id, {})
         return self.get_key(key_id)
 
+    def mark_key_failing(self, key_id: str, reason: str) -> None:
+        """The provider refused this key: skip it until it is rotated (`keys list` shows why)."""
+        with self._tx():
+            self._db.execute("UPDATE provider_keys SET health=?, updated_at=? WHERE key_id=?",
+                             (f"failing: {reason}", iso(utcnow()), key_id))
+            self._audit("key.failing", key_id, {"reason": reason})
+
     def get_key(self, key_id: str) -> ProviderKey:
         keys = [k for k in self.list_keys() if k.key_id == key_id]
         if not keys:
@@ -158,9 +170,9 @@ class ControlStore:
 
     def list_keys(self, *, with_secrets: bool = False) -> list[ProviderKey]:
         rows = self._db.execute(
-            "SELECT key_id, provider, owner_tenant, fingerprint, status, created_at, updated_at, ciphertext "
+            "SELECT key_id, provider, owner_tenant, fingerprint, status, created_at, updated_at, health, ciphertext "
             "FROM provider_keys ORDER BY key_id").fetchall()
-        return [ProviderKey(*row[:7], secret=self._keyring.decrypt(row[7], row[0]) if with_secrets else None)
+        return [ProviderKey(*row[:8], secret=self._keyring.decrypt(row[8], row[0]) if with_secrets else None)
                 for row in rows]
 
     # --- client tokens -------------------------------------------------------------------------

@@ -19,7 +19,14 @@ from urllib.parse import parse_qsl, urlencode
 import msgspec
 from yarl import URL
 
-from proxy.errors import BadRequest, BodyTooLarge, PolicyDenied, TollwayError
+from proxy.errors import (
+    BadRequest,
+    BodyTooLarge,
+    PolicyDenied,
+    TollwayError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from proxy.events import Event
 from proxy.providers.base import (
     Adapter,
@@ -36,6 +43,7 @@ from proxy.sse import SseParser
 if TYPE_CHECKING:
     from policy.loader import PolicySet
     from proxy.gateway import Gateway, ProviderRoute
+    from proxy.limits import Reservation
 
 REQUEST_ID_HEADER = b"x-tollway-request-id"
 #: Never forwarded upstream: hop-by-hop, routing and client-identity headers, and what aiohttp sets.
@@ -70,6 +78,8 @@ class Call:
     done: bool = False
     estimate_output_chars: int | None = None
     policies: PolicySet | None = None
+    reservation: Reservation | None = None
+    limits: list = field(default_factory=list)
 
     def elapsed_ms(self) -> float:
         return round((time.perf_counter() - self.started) * 1000, 3)
@@ -93,7 +103,7 @@ async def handle(gw: Gateway, route: ProviderRoute, scope: dict, receive, send) 
             raise
     finally:
         call.done = True
-        _finish(gw, call)
+        await _finish(gw, call)
 
 
 async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, receive, send) -> None:
@@ -126,23 +136,56 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
     if not decision.allowed:
         raise PolicyDenied(f"Tenant {identity.tenant!r} may not use model {model!r}. "
                            "Ask your governance lead to allow it in policy/access.csv.")
-    key = gw.resolve_key(decision.route, identity.tenant, route.name, model)
-    event.key_id, event.billing_mode = key.key_id, ("byok" if key.owner_tenant else "unified")
+    keys = gw.key_pool(decision.route, identity.tenant, route.name, model)
+    limits = gw.limiter.applicable(policies, identity.tenant, identity.user, identity.subjects, event.user_pseudonym)
+    amounts = gw.limiter.estimate(policies, adapter, info, route.name, call.body, event.ts)
+    call.reservation = await gw.limiter.reserve(limits, identity.tenant, event.user_pseudonym, amounts, event.ts)
+    call.limits = limits
 
     url = upstream_url(route.base_url, path, [(k, v) for k, v in query if k not in CREDENTIAL_QUERY_PARAMS])
     _watch_for_disconnect(call, receive)
-    event.attempts = 1
-    upstream_started = time.perf_counter()
-    async with gw.upstream.request(route.settings, scope["method"], url, _upstream_headers(headers, adapter, key),
-                                   info.body if info.body is not None else raw) as response:
-        event.status_code = response.status
-        event.outcome = "ok" if response.status < 400 else "upstream_error"
-        response_headers = _response_headers(response.raw_headers, event.event_id)
-        if response.content_type == "text/event-stream":
-            await _relay_stream(call, adapter, response, response_headers, send)
-        else:
-            await _relay_body(call, adapter, response, response_headers, send)
-        event.upstream_ms = round((time.perf_counter() - upstream_started) * 1000, 3)
+    body = info.body if info.body is not None else raw
+    await _forward_with_failover(gw, route, call, keys, scope["method"], url, headers, body, send)
+
+
+async def _forward_with_failover(gw: Gateway, route: ProviderRoute, call: Call, keys: list, method: str,
+                                 url: URL, headers: dict[str, str], body: bytes, send) -> None:
+    """Try the pool's keys in order. A key is never retried after a byte reached the client."""
+    event, adapter = call.event, route.adapter
+    backoff = gw.settings.limits.retry_backoff_ms / 1000
+    for attempt, key in enumerate(keys, start=1):
+        event.key_id, event.billing_mode, event.attempts = key.key_id, _billing_mode(key), attempt
+        last = attempt == len(keys)
+        upstream_started = time.perf_counter()
+        try:
+            async with gw.upstream.request(route.settings, method, url, _upstream_headers(headers, adapter, key),
+                                           body) as response:
+                status = response.status
+                if status in (401, 403):
+                    gw.key_refused(key, status)
+                elif status == 429:
+                    gw.key_rate_limited(key, response.headers.get("retry-after"))
+                if not last and (status in (401, 403, 429) or status >= 500):
+                    await asyncio.sleep(backoff * 2 ** (attempt - 1))
+                    continue
+                event.status_code = status
+                event.outcome = "ok" if status < 400 else "upstream_error"
+                response_headers = _response_headers(response.raw_headers, event.event_id)
+                if response.content_type == "text/event-stream":
+                    await _relay_stream(call, adapter, response, response_headers, send)
+                else:
+                    await _relay_body(call, adapter, response, response_headers, send)
+                event.upstream_ms = round((time.perf_counter() - upstream_started) * 1000, 3)
+                return
+        except (UpstreamUnreachable, UpstreamTimeout) as err:
+            gw.metrics.key_failures.labels(key.key_id, err.outcome).inc()
+            if last or call.response_started:
+                raise
+            await asyncio.sleep(backoff * 2 ** (attempt - 1))
+
+
+def _billing_mode(key) -> str:
+    return "byok" if key.owner_tenant else "unified"
 
 
 async def _serve_model_list(gw: Gateway, route: ProviderRoute, call: Call, identity, path: str,
@@ -159,7 +202,7 @@ async def _serve_model_list(gw: Gateway, route: ProviderRoute, call: Call, ident
         priced = [m.split("/", 1)[1] for m in call.policies.prices.models() if m.startswith(f"{route.name}/")]
         await _send_json(call, 200, adapter.model_list_body(route.name, [m for m in priced if allowed(m)]), send)
         return
-    event.key_id, event.billing_mode, event.attempts = key.key_id, ("byok" if key.owner_tenant else "unified"), 1
+    event.key_id, event.billing_mode, event.attempts = key.key_id, _billing_mode(key), 1
     url = upstream_url(route.base_url, path, [(k, v) for k, v in query if k not in CREDENTIAL_QUERY_PARAMS])
     async with gw.upstream.request(route.settings, "GET", url, _upstream_headers(headers, adapter, key),
                                    None) as response:
@@ -238,8 +281,8 @@ async def _relay_stream(call: Call, adapter: Adapter, response, headers: list, s
     await send({"type": "http.response.body", "body": tail if filtering else b"", "more_body": False})
 
 
-def _finish(gw: Gateway, call: Call) -> None:
-    """Meter and record: runs once for every request, however it ended."""
+async def _finish(gw: Gateway, call: Call) -> None:
+    """Meter, settle limits, record: runs once for every request, however it ended."""
     event = call.event
     event.latency_ms = call.elapsed_ms()
     usage, event.usage_source = metered_usage(call)
@@ -248,7 +291,10 @@ def _finish(gw: Gateway, call: Call) -> None:
         event.cached_input_tokens, event.cache_write_tokens = usage.cached_input_tokens, usage.cache_write_tokens
         event.reasoning_tokens = usage.reasoning_tokens
         event.cost_usd = call.policies.prices.cost(event.provider, call.info.model, event.ts, usage)
+    if call.reservation is not None:
+        await gw.limiter.settle(call.reservation, call.limits, event)
     gw.recorder.record(event)
+    gw.metrics.observe(event)
 
 
 def metered_usage(call: Call) -> tuple[Usage, str]:

@@ -10,8 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
-from dataclasses import dataclass
+import math
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 from yarl import URL
 
@@ -21,9 +25,12 @@ from policy.watch import PolicyWatcher
 from proxy.auth import ControlView, Identity
 from proxy.control import ControlStore, ProviderKey
 from proxy.crypto import Keyring, load_master_key
-from proxy.errors import NoRoute, StartupError
+from proxy.errors import NoRoute, RateLimited, StartupError
 from proxy.events import Pseudonymizer
 from proxy.jwt_auth import JwtVerifier, looks_like_jwt
+from proxy.limiter import Limiter, alert_details, alert_key, log_alert, rebuild_counters
+from proxy.limits import Alert, MemoryLimitStore, Refusal
+from proxy.metrics import Metrics
 from proxy.providers.base import Adapter
 from proxy.providers.registry import adapter_for
 from proxy.recorder import EventRecorder, open_events_db
@@ -60,6 +67,11 @@ class Gateway:
             for name, p in settings.providers.items()
         }
         self.upstream = Upstream()
+        self.metrics = Metrics()
+        self.limit_store = MemoryLimitStore()
+        self.limiter = Limiter(self.limit_store, settings.limits.default_max_output_tokens, self._budget_alert,
+                               self._limit_refusal)
+        self._cooling: dict[str, float] = {}  # key id -> monotonic time its 429 cool-down ends
         self.jwt = JwtVerifier(settings.jwt, settings.data_dir) if settings.jwt.enabled else None
         self.recorder: EventRecorder | None = None
         self._events_db = None
@@ -81,6 +93,9 @@ class Gateway:
 
     async def start(self) -> None:
         self._events_db = open_events_db(self.settings.events_db)
+        rows = rebuild_counters(self.limit_store, self._events_db, datetime.now(UTC))
+        self.limiter.remember_alerts(self._recorded_alerts())
+        log.info("limit counters rebuilt from %d (tenant, user) aggregates in events.duckdb", rows)
         self.recorder = EventRecorder(self._events_db, flush_interval_ms=self.settings.events.flush_interval_ms,
                                       batch_size=self.settings.events.batch_size)
         await self.upstream.start()
@@ -110,6 +125,53 @@ class Gateway:
         if credential and self.jwt is not None and looks_like_jwt(credential):
             return await self.jwt.identify(credential)
         return self.control.authenticate(credential, hint)
+
+    def _budget_alert(self, alert: Alert) -> None:
+        log_alert(alert)
+        self.metrics.alert(alert)
+        self.store.audit("budget.alert", alert.limit.scope.tenant, alert_details(alert))
+
+    def _limit_refusal(self, refusal: Refusal) -> None:
+        rule = refusal.limit.rule
+        self.metrics.limit_refusals.labels(refusal.limit.scope.tenant, rule.metric, rule.window).inc()
+
+    def _recorded_alerts(self) -> list[tuple]:
+        month = datetime.now(UTC).strftime("%Y-%m")
+        keys = []
+        for entry in self.store.audit_entries():
+            if entry["action"] == "budget.alert" and entry["ts"] >= month:
+                d = json.loads(entry["details"])
+                keys.append(alert_key(d["line"], d["tenant"], d["user_pseudonym"], d["window"], d["window_start"],
+                                      d["threshold"]))
+        return keys
+
+    def key_pool(self, route: RouteRule | None, tenant: str, provider: str, model: str) -> list[ProviderKey]:
+        """The route's keys to try, in order: usable, not failing, not cooling down after a 429."""
+        key = self.resolve_key(route, tenant, provider, model)  # raises when the route has no usable key
+        now = time.monotonic()
+        pool = [k for k in (self.control.keys.get(i) for i in route.key_ids)
+                if k and k.status == "active" and k.provider == provider and k.owner_tenant in (None, tenant)
+                and k.health == "ok" and self._cooling.get(k.key_id, 0) <= now]
+        if pool:
+            return pool
+        cooling = [self._cooling[k] - now for k in route.key_ids if self._cooling.get(k, 0) > now]
+        if cooling:
+            raise RateLimited(f"Every key for {model!r} is cooling down after the provider's rate limit. "
+                              f"Retry after {math.ceil(min(cooling))} s.", retry_after=math.ceil(min(cooling)))
+        raise NoRoute(f"Every key of the route for tenant {tenant!r} and model {model!r} is failing "
+                      f"(the provider refused it, e.g. {key.key_id!r}). Ask your operator to rotate it.")
+
+    def key_refused(self, key: ProviderKey, status: int) -> None:
+        """401/403 from the provider: the key is failing until rotated."""
+        self.metrics.key_failures.labels(key.key_id, str(status)).inc()
+        self.store.mark_key_failing(key.key_id, f"provider answered {status}")
+        self.control.keys[key.key_id] = replace(key, health=f"failing: provider answered {status}")
+        log.warning("key %s marked failing: the provider answered %s", key.key_id, status)
+
+    def key_rate_limited(self, key: ProviderKey, retry_after: str | None) -> None:
+        seconds = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else 1.0
+        self._cooling[key.key_id] = time.monotonic() + min(max(seconds, 0.1), 3600)
+        self.metrics.key_failures.labels(key.key_id, "429").inc()
 
     def _fresh_keys(self) -> dict[str, ProviderKey]:
         self.control.refresh()

@@ -78,6 +78,14 @@ class EventSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitSettings:
+    default_max_output_tokens: int = 4096
+    """Output reserved against token and usd limits when a request sets no max_tokens of its own."""
+    retry_backoff_ms: int = 50
+    """Pause before trying the next key of a pool (doubles with each further attempt)."""
+
+
+@dataclass(frozen=True, slots=True)
 class PipelineSettings:
     report_interval_s: int = 60
     """How often `tollway serve` rebuilds the reports."""
@@ -92,6 +100,7 @@ class Settings:
     providers: dict[str, ProviderSettings] = field(default_factory=dict)
     jwt: JwtSettings = field(default_factory=JwtSettings)
     events: EventSettings = field(default_factory=EventSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
 
     @property
@@ -125,7 +134,7 @@ def load_settings(data_dir: Path) -> Settings:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"{path}: {exc}") from exc
-    unknown = set(raw) - {"server", "providers", "auth", "events", "pipeline"}
+    unknown = set(raw) - {"server", "providers", "auth", "events", "limits", "pipeline"}
     if unknown:
         raise SettingsError(f"{path}: unknown section(s) {sorted(unknown)}")
     auth = raw.get("auth", {})
@@ -135,6 +144,7 @@ def load_settings(data_dir: Path) -> Settings:
         providers=_providers(raw.get("providers", {}), path),
         jwt=_build(JwtSettings, auth.get("jwt", {}), f"{path} [auth.jwt]"),
         events=_build(EventSettings, raw.get("events", {}), f"{path} [events]"),
+        limits=_build(LimitSettings, raw.get("limits", {}), f"{path} [limits]"),
         pipeline=_build(PipelineSettings, raw.get("pipeline", {}), f"{path} [pipeline]"),
     )
 

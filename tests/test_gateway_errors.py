@@ -453,17 +453,24 @@ def test_provider_errors_pass_through_unchanged(gateway, sim):
     tokens = gateway.deployment.tokens
     responses = []
 
-    with pytest.raises(openai.RateLimitError) as rate:
-        _openai(gateway, tokens["bob"]).chat.completions.create(**CHAT, extra_headers={"x-sim-fault": "status:429"})
-    assert rate.value.status_code == 429
-    responses.append((rate.value.response, 429, _direct(sim, "openai", "/v1/chat/completions",
-                                                         {"x-sim-fault": "status:429"})))
-
     with pytest.raises(openai.InternalServerError) as server:
         _openai(gateway, tokens["bob"]).chat.completions.create(**CHAT, extra_headers={"x-sim-fault": "status:500"})
     assert server.value.status_code == 500
     responses.append((server.value.response, 500, _direct(sim, "openai", "/v1/chat/completions",
                                                            {"x-sim-fault": "status:500"})))
+
+    with pytest.raises(openai.RateLimitError) as rate:
+        _openai(gateway, tokens["bob"]).chat.completions.create(**CHAT, extra_headers={"x-sim-fault": "status:429"})
+    assert rate.value.status_code == 429
+    responses.append((rate.value.response, 429, _direct(sim, "openai", "/v1/chat/completions",
+                                                         {"x-sim-fault": "status:429"})))
+    # the only key of the route now cools down for the provider's Retry-After: the gateway answers itself
+    seen = len(sim.requests)
+    with pytest.raises(openai.RateLimitError) as cooling:
+        _openai(gateway, tokens["bob"]).chat.completions.create(**CHAT)
+    assert "cooling down" in cooling.value.message and cooling.value.response.headers["retry-after"] == "1"
+    assert len(sim.requests) == seen, "a cooling key is not sent to the provider"
+    cooled = _rid(cooling.value.response)
 
     with pytest.raises(anthropic.RateLimitError) as a_rate:
         _anthropic(gateway, tokens["alice"]).messages.create(**MESSAGES, extra_headers={"x-sim-fault": "status:429"})
@@ -484,7 +491,8 @@ def test_provider_errors_pass_through_unchanged(gateway, sim):
             assert via_gateway.headers["retry-after"] == direct.headers["retry-after"] == "1"
 
     ids = [_rid(r) for r, _, _ in responses]
-    events = _stopped_events(gateway, ids)
+    events = _stopped_events(gateway, [*ids, cooled])
+    assert (events[cooled]["outcome"], events[cooled]["status_code"]) == ("rate_limited", 429)
     for (response, status, _), provider in zip(responses, ("openai", "openai", "anthropic", "gemini"), strict=True):
         event = events[_rid(response)]
         assert (event["outcome"], event["status_code"], event["provider"]) == ("upstream_error", status, provider)

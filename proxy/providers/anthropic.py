@@ -58,6 +58,7 @@ class AnthropicAdapter(Adapter):
     style = "anthropic"
     credential_headers = ("x-api-key", "authorization")
     key_header = "x-api-key"
+    max_output_paths = (("max_tokens",),)
     error_types = {
         "authentication": "authentication_error", "permission": "permission_error",
         "not_found": "not_found_error", "invalid_request": "invalid_request_error",

@@ -102,10 +102,20 @@ class Adapter(ABC):
     key_prefix: ClassVar[str] = ""  # e.g. "Bearer "
     credential_query_params: ClassVar[tuple[str, ...]] = ()
     error_types: ClassVar[dict[str, str]]  # TollwayError.kind -> the provider's error type/status
+    #: Where a request body caps its output, first found wins.
+    max_output_paths: ClassVar[tuple[tuple[str, ...], ...]] = ()
     #: The model list: where its items are, which field names a model, and the prefix to drop from it.
     list_items_key: ClassVar[str] = "data"
     list_id_key: ClassVar[str] = "id"
     list_id_prefix: ClassVar[str] = ""
+
+    def max_output_tokens(self, body: dict | None) -> int | None:
+        """The output cap the client set (`max_tokens` and its relatives), if any."""
+        for path in self.max_output_paths:
+            value = int_or_none(dig(body, *path))
+            if value is not None:
+                return value
+        return None
 
     @staticmethod
     def model_path(method: str, path: str) -> tuple[bool, str | None]:

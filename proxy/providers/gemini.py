@@ -55,6 +55,7 @@ class GeminiAdapter(Adapter):
     credential_headers = ("x-goog-api-key", "authorization")
     credential_query_params = ("key",)
     key_header = "x-goog-api-key"
+    max_output_paths = (("generationConfig", "maxOutputTokens"), ("generation_config", "max_output_tokens"))
 
     def inspect(self, method: str, path: str, body: dict | None, raw: bytes) -> CallInfo:
         match = _MODEL_CALL.search(path)

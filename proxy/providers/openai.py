@@ -73,6 +73,7 @@ class OpenAIAdapter(Adapter):
     credential_headers = ("authorization",)
     key_header = "authorization"
     key_prefix = "Bearer "
+    max_output_paths = (("max_completion_tokens",), ("max_tokens",), ("max_output_tokens",))
     error_types = {
         "authentication": "invalid_request_error", "permission": "permission_error",
         "not_found": "invalid_request_error", "invalid_request": "invalid_request_error",

@@ -1,0 +1,129 @@
+"""Limits for one request: what applies, the worst-case reservation, the settlement, budget alerts,
+and rebuilding the current windows from `events.duckdb` after a restart."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import duckdb
+
+from policy.loader import PolicySet
+from proxy.errors import BudgetExceeded, RateLimited
+from proxy.events import Event
+from proxy.limits import (
+    WINDOWS,
+    Alert,
+    Amounts,
+    AppliedLimit,
+    LimitStore,
+    MemoryLimitStore,
+    Refusal,
+    Reservation,
+    Scope,
+    crossed_thresholds,
+    window_start,
+)
+from proxy.metering import cost_of
+from proxy.providers.base import Adapter, CallInfo, Usage, estimate_tokens, text_chars
+
+log = logging.getLogger("tollway.limits")
+#: Outcomes of requests that passed the limit check (and so count against limits).
+ADMITTED = ("ok", "upstream_error", "timeout", "cancelled")
+
+
+class Limiter:
+    def __init__(self, store: LimitStore, default_max_output_tokens: int,
+                 on_alert: Callable[[Alert], None], on_refusal: Callable[[Refusal], None]) -> None:
+        self.store = store
+        self._default_max_output = default_max_output_tokens
+        self._on_alert = on_alert
+        self._on_refusal = on_refusal
+        self._alerted: set[tuple] = set()
+
+    def applicable(self, policies: PolicySet, tenant: str, user: str, subjects: tuple[str, ...],
+                   pseudonym: uuid.UUID) -> list[AppliedLimit]:
+        return [AppliedLimit(rule, Scope(tenant, pseudonym if per_user else None))
+                for rule, per_user in policies.policy.limits_for(tenant, user, subjects)]
+
+    def estimate(self, policies: PolicySet, adapter: Adapter, info: CallInfo, provider: str, body: dict | None,
+                 at: datetime) -> Amounts:
+        """The worst case: estimated input plus the output cap (the client's, else the configured default)."""
+        if not info.metered:
+            return Amounts(requests=1)
+        input_tokens = estimate_tokens(text_chars(body))
+        output_cap = adapter.max_output_tokens(body) or self._default_max_output
+        price = policies.prices.price_at(provider, info.model, at)
+        usd = cost_of(price, Usage(input_tokens=input_tokens, output_tokens=output_cap)) if price else Decimal(0)
+        return Amounts(1, input_tokens + output_cap, usd)
+
+    async def reserve(self, limits: list[AppliedLimit], tenant: str, pseudonym: uuid.UUID, amounts: Amounts,
+                      at: datetime) -> Reservation:
+        scopes = (Scope(tenant, None), Scope(tenant, pseudonym))
+        result = await self.store.reserve(limits, scopes, amounts, at)
+        if isinstance(result, Refusal):
+            self._on_refusal(result)
+            error = BudgetExceeded if result.limit.rule.metric == "usd" else RateLimited
+            raise error(result.message(), retry_after=result.retry_after_s)
+        return result
+
+    async def settle(self, reservation: Reservation, limits: list[AppliedLimit], event: Event) -> None:
+        tokens = (event.input_tokens or 0) + (event.output_tokens or 0)
+        actual = Amounts(1, tokens, event.cost_usd or Decimal(0))
+        budgets = [lim for lim in limits if lim.rule.metric == "usd"]
+        before = [self.store.spent(lim.scope, "usd", lim.rule.window, reservation.at) for lim in budgets]
+        await self.store.settle(reservation, actual)
+        for lim, spent_before in zip(budgets, before, strict=True):
+            after = self.store.spent(lim.scope, "usd", lim.rule.window, reservation.at)
+            for threshold in crossed_thresholds(spent_before, after, lim.rule.limit):
+                self._alert(Alert(lim, threshold, window_start(lim.rule.window, reservation.at), after))
+
+    def _alert(self, alert: Alert) -> None:
+        key = (alert.limit.rule.line, alert.limit.scope, alert.limit.rule.window, alert.window_start, alert.threshold)
+        if key in self._alerted:
+            return
+        self._alerted.add(key)
+        self._on_alert(alert)
+
+    def remember_alerts(self, keys: list[tuple]) -> None:
+        """Alerts already recorded (from the audit log), so a restart does not repeat them."""
+        self._alerted.update(keys)
+
+
+def alert_key(line: int, tenant: str, user: str | None, window: str, start: str, threshold: int) -> tuple:
+    return (line, Scope(tenant, uuid.UUID(user) if user else None), window, datetime.fromisoformat(start), threshold)
+
+
+def rebuild_counters(store: MemoryLimitStore, con: duckdb.DuckDBPyConnection, at: datetime) -> int:
+    """Seed the current windows with what `events.duckdb` says was used in them; returns rows read."""
+    rows = 0
+    for window in WINDOWS:
+        start = window_start(window, at)
+        result = con.execute(
+            "SELECT tenant, user_pseudonym, count(*), "
+            "sum(coalesce(input_tokens, 0) + coalesce(output_tokens, 0)), sum(coalesce(cost_usd, 0)) "
+            "FROM events WHERE ts >= ? AND tenant IS NOT NULL AND outcome IN ? "
+            "GROUP BY tenant, user_pseudonym", [start, list(ADMITTED)]).fetchall()
+        for tenant, pseudonym, requests, tokens, usd in result:
+            rows += 1
+            for scope in {Scope(tenant, None), Scope(tenant, pseudonym)}:
+                for metric, value in (("requests", requests), ("tokens", tokens), ("usd", usd)):
+                    store.seed(scope, metric, window, start, Decimal(value or 0))
+    return rows
+
+
+def alert_details(alert: Alert) -> dict:
+    rule = alert.limit.rule
+    return {"line": rule.line, "tenant": alert.limit.scope.tenant,
+            "user_pseudonym": str(alert.limit.scope.user) if alert.limit.scope.user else None,
+            "window": rule.window, "window_start": alert.window_start.isoformat(), "threshold": alert.threshold,
+            "limit_usd": str(rule.limit), "spent_usd": str(alert.spent)}
+
+
+def log_alert(alert: Alert) -> None:
+    log.warning("budget alert %s", json.dumps({"event": "budget_alert", **alert_details(alert),
+                                               "at": datetime.now(UTC).isoformat()}))

@@ -1,0 +1,68 @@
+"""Prometheus metrics for `GET /metrics`, in a registry owned by one gateway (no globals).
+
+Labels are bounded by configuration (tenants, providers, models allowed by policy, key ids), never
+by user ids. Money here is a float for Prometheus' sake; the exact figures are in events.duckdb.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from proxy.events import Event
+from proxy.limits import Alert
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("tollway_requests", "Requests by outcome", ["tenant", "provider", "model", "outcome"],
+                                registry=r)
+        self.tokens = Counter("tollway_tokens", "Tokens metered", ["tenant", "provider", "model", "direction"],
+                              registry=r)
+        self.cost = Counter("tollway_cost_usd", "Cost metered, USD", ["tenant", "provider", "model", "billing_mode"],
+                            registry=r)
+        self.latency = Histogram("tollway_request_duration_seconds", "Whole-request latency", ["provider"],
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttfb = Histogram("tollway_time_to_first_byte_seconds", "Time to the first response byte", ["provider"],
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.limit_refusals = Counter("tollway_limit_refusals", "Requests refused by a limit",
+                                      ["tenant", "metric", "window"], registry=r)
+        self.key_failures = Counter("tollway_key_failures", "Provider keys that failed a request",
+                                    ["key_id", "reason"], registry=r)
+        self.budget_alerts = Counter("tollway_budget_alerts", "Budget thresholds crossed",
+                                     ["tenant", "threshold"], registry=r)
+        self.budget_spent_ratio = Gauge("tollway_budget_spent_ratio", "Spent share of a usd limit (tenant scope)",
+                                        ["tenant", "window", "line"], registry=r)
+        self.queue_depth = Gauge("tollway_event_queue_depth", "Events waiting to be written", registry=r)
+        self.events_written = Gauge("tollway_events_written", "Events written since start", registry=r)
+
+    def observe(self, event: Event) -> None:
+        tenant, provider, model = event.tenant or "-", event.provider or "-", event.model or "-"
+        self.requests.labels(tenant, provider, model, event.outcome).inc()
+        if event.input_tokens:
+            self.tokens.labels(tenant, provider, model, "input").inc(event.input_tokens)
+        if event.output_tokens:
+            self.tokens.labels(tenant, provider, model, "output").inc(event.output_tokens)
+        if event.cost_usd:
+            self.cost.labels(tenant, provider, model, event.billing_mode or "-").inc(float(event.cost_usd))
+        if event.latency_ms is not None:
+            self.latency.labels(provider).observe(event.latency_ms / 1000)
+        if event.ttfb_ms is not None:
+            self.ttfb.labels(provider).observe(event.ttfb_ms / 1000)
+
+    def alert(self, alert: Alert) -> None:
+        self.budget_alerts.labels(alert.limit.scope.tenant, str(alert.threshold)).inc()
+        if alert.limit.scope.user is None and alert.limit.rule.limit > 0:
+            ratio = float(alert.spent / alert.limit.rule.limit)
+            self.budget_spent_ratio.labels(alert.limit.scope.tenant, alert.limit.rule.window,
+                                           str(alert.limit.rule.line)).set(ratio)
+
+    def render(self, queue_depth: int, written: int) -> bytes:
+        self.queue_depth.set(queue_depth)
+        self.events_written.set(written)
+        return generate_latest(self.registry)
