@@ -65,7 +65,7 @@ class RateLimited(TollwayError):
 
 
 class BudgetExceeded(RateLimited):
-    outcome = "budget_exceeded"
+    outcome, kind = "budget_exceeded", "budget"
 
 
 class StoreUnavailable(TollwayError):

@@ -79,10 +79,11 @@ class Refusal:
 
     def message(self) -> str:
         rule = self.limit.rule
-        who = "the tenant" if self.limit.scope.user is None else "this user"
+        tenant = self.limit.scope.tenant
+        who = f"tenant {tenant!r}" if self.limit.scope.user is None else f"this user in tenant {tenant!r}"
         unit = {"usd": "USD", "tokens": "tokens", "requests": "requests"}[rule.metric]
         kind = "budget" if rule.metric == "usd" else "rate limit"
-        return (f"{kind} reached for {who} in tenant {self.limit.scope.tenant!r}: {rule.limit} {unit} per {rule.window} "
+        return (f"{kind} reached for {who}: {rule.limit} {unit} per {rule.window} "
                 f"(policy/limits.csv line {rule.line}; {self.used} used or reserved). Retry after {self.retry_after_s} s.")
 
 

@@ -62,7 +62,7 @@ class AnthropicAdapter(Adapter):
     error_types = {
         "authentication": "authentication_error", "permission": "permission_error",
         "not_found": "not_found_error", "invalid_request": "invalid_request_error",
-        "too_large": "request_too_large", "rate_limit": "rate_limit_error",
+        "too_large": "request_too_large", "rate_limit": "rate_limit_error", "budget": "rate_limit_error",
         "upstream": "api_error", "timeout": "timeout_error", "unavailable": "overloaded_error",
     }
 

@@ -17,6 +17,7 @@ _MODEL_CALL = re.compile(r"/(?:v1beta|v1|v1alpha)/(?:models|tunedModels)/([^/:]+
 _STATUS = {
     "authentication": "UNAUTHENTICATED", "permission": "PERMISSION_DENIED", "not_found": "NOT_FOUND",
     "invalid_request": "INVALID_ARGUMENT", "too_large": "INVALID_ARGUMENT", "rate_limit": "RESOURCE_EXHAUSTED",
+    "budget": "RESOURCE_EXHAUSTED",
     "upstream": "UNAVAILABLE", "timeout": "DEADLINE_EXCEEDED", "unavailable": "UNAVAILABLE",
 }
 

@@ -77,12 +77,12 @@ class OpenAIAdapter(Adapter):
     error_types = {
         "authentication": "invalid_request_error", "permission": "permission_error",
         "not_found": "invalid_request_error", "invalid_request": "invalid_request_error",
-        "too_large": "invalid_request_error", "rate_limit": "rate_limit_error",
+        "too_large": "invalid_request_error", "rate_limit": "rate_limit_error", "budget": "insufficient_quota",
         "upstream": "api_error", "timeout": "api_error", "unavailable": "api_error",
     }
     error_codes = {
         "authentication": "invalid_api_key", "permission": "model_not_allowed", "not_found": "unknown_provider",
-        "too_large": "request_too_large", "rate_limit": "rate_limit_exceeded", "timeout": "upstream_timeout",
+        "too_large": "request_too_large", "rate_limit": "rate_limit_exceeded", "budget": "insufficient_quota", "timeout": "upstream_timeout",
         "upstream": "upstream_unreachable", "unavailable": "gateway_unavailable",
     }
 
