@@ -38,7 +38,8 @@ def _port(preferred: int) -> int:
     raise RuntimeError("no free port on 127.0.0.1")
 
 
-def _wait(url: str, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+    """Poll `url` until it answers; fail early if the process behind it exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -135,13 +136,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         children.append(subprocess.Popen(
             [sys.executable, "-m", "proxy.simulator", "--port", str(sim_port),
              *(f"--key={p}={k}" for p, k in keys.items())], stderr=subprocess.DEVNULL))
-        _wait(f"http://127.0.0.1:{sim_port}/_sim/health", children[-1], "simulated provider")
+        wait_healthy(f"http://127.0.0.1:{sim_port}/_sim/health", children[-1], "simulated provider")
         _step(f"simulated OpenAI, Anthropic and Gemini on http://127.0.0.1:{sim_port}")
         log = (root / "gateway.log").open("ab")
         children.append(subprocess.Popen([sys.executable, "-m", "proxy.cli", "--data-dir", str(root), "serve"],
                                          stdout=log, stderr=subprocess.STDOUT))
         gw = f"http://127.0.0.1:{gw_port}"
-        _wait(f"{gw}/healthz", children[-1], "gateway")
+        wait_healthy(f"{gw}/healthz", children[-1], "gateway")
         _step(f"gateway on {gw}")
         for line in live_traffic(gw, tokens):
             _step(line)

@@ -64,20 +64,22 @@ class JwtVerifier:
         try:
             return jwt.decode(token, key, algorithms=[alg], issuer=s.issuer, audience=s.audience, leeway=_LEEWAY_S,
                               options={"require": ["exp", "iss"], "verify_aud": s.audience is not None})
-        except jwt.ExpiredSignatureError as exc:
-            raise Unauthenticated("JWT has expired: sign in again to get a fresh one.") from exc
-        except jwt.ImmatureSignatureError as exc:
-            raise Unauthenticated("JWT is not valid yet (its nbf or iat is in the future).") from exc
-        except jwt.InvalidAudienceError as exc:
-            raise Unauthenticated(f"JWT audience does not match; this gateway accepts {s.audience!r}.") from exc
-        except jwt.InvalidIssuerError as exc:
-            raise Unauthenticated(f"JWT issuer does not match; this gateway accepts {s.issuer!r}.") from exc
-        except jwt.InvalidSignatureError as exc:
-            raise Unauthenticated("JWT signature does not verify: the token was altered or signed by another key.") from exc
-        except jwt.MissingRequiredClaimError as exc:
-            raise Unauthenticated(f"JWT lacks the required claim {exc.claim!r}.") from exc
         except jwt.PyJWTError as exc:
-            raise Unauthenticated(f"JWT could not be verified ({type(exc).__name__}).") from exc
+            raise Unauthenticated(self._reason(exc)) from exc
+
+    def _reason(self, exc: jwt.PyJWTError) -> str:
+        """A 401 message that says what was wrong with the token (never what the key is)."""
+        s = self._settings
+        reasons = (
+            (jwt.ExpiredSignatureError, "JWT has expired: sign in again to get a fresh one."),
+            (jwt.ImmatureSignatureError, "JWT is not valid yet (its nbf or iat is in the future)."),
+            (jwt.InvalidAudienceError, f"JWT audience does not match; this gateway accepts {s.audience!r}."),
+            (jwt.InvalidIssuerError, f"JWT issuer does not match; this gateway accepts {s.issuer!r}."),
+            (jwt.InvalidSignatureError, "JWT signature does not verify: the token was altered or signed by another key."),
+            (jwt.MissingRequiredClaimError, f"JWT lacks the required claim {getattr(exc, 'claim', '')!r}."),
+        )
+        return next((text for kind, text in reasons if isinstance(exc, kind)),
+                    f"JWT could not be verified ({type(exc).__name__}).")
 
     def _identity(self, claims: dict) -> Identity:
         s = self._settings

@@ -21,10 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from proxy.demo import wait_healthy  # noqa: E402
 from tests.helpers import REPO, free_port  # noqa: E402
 from tests.perf.loadgen import build_request, run_load  # noqa: E402
 
@@ -36,19 +35,6 @@ def pinned(core: int):
     cores = os.sched_getaffinity(0)
     target = {core} if core in cores and len(cores) > 1 else cores
     return lambda: os.sched_setaffinity(0, target)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{url} exited early with {proc.returncode}")
-        try:
-            httpx.get(url, timeout=0.5)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise SystemExit(f"{url} did not come up")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -127,8 +113,8 @@ def main() -> int:
         gw = subprocess.Popen([sys.executable, "-m", "proxy.cli", "--data-dir", str(Path(tmp) / "deploy"), "serve"],
                               cwd=REPO, preexec_fn=pinned(0), stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         try:
-            wait_healthy(f"http://127.0.0.1:{sim_port}/_sim/health", sim)
-            wait_healthy(f"http://127.0.0.1:{gw_port}/healthz", gw)
+            wait_healthy(f"http://127.0.0.1:{sim_port}/_sim/health", sim, "simulator")
+            wait_healthy(f"http://127.0.0.1:{gw_port}/healthz", gw, "gateway")
             report = asyncio.run(run_all(sim_port, gw_port, token, gw.pid, scale))
         finally:
             for proc in (gw, sim):
