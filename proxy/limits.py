@@ -115,70 +115,124 @@ class LimitStore(Protocol):
         """Settled use (no reservations) in the window containing `at`."""
 
 
-class _Counter:
-    __slots__ = ("start", "used", "reserved")
+_NANO = Decimal("1e9")
+_SLOTS = len(METRICS) * len(WINDOWS)
 
-    def __init__(self, start: datetime) -> None:
-        self.start = start
-        self.used = Decimal(0)
-        self.reserved = Decimal(0)
+
+def _units(metric: str, value: Decimal) -> int:
+    """Counters are integers: requests, tokens, and nano-dollars (exact: costs are quantized to 1e-9)."""
+    return int(value * _NANO) if metric == "usd" else int(value)
+
+
+def _from_units(metric: str, value: int) -> Decimal:
+    return Decimal(value) / _NANO if metric == "usd" else Decimal(value)
+
+
+def _slot(metric: str, window: str) -> int:
+    return METRICS.index(metric) * len(WINDOWS) + WINDOWS.index(window)
+
+
+_WINDOW_INDEX = {w: i for i, w in enumerate(WINDOWS)}
+_SLOT = {(m, w): _slot(m, w) for m in METRICS for w in WINDOWS}
+
+
+class _ScopeCounters:
+    """Every (metric, window) counter of one scope, for the current calendar windows."""
+
+    __slots__ = ("starts", "used", "reserved")
+
+    def __init__(self) -> None:
+        self.starts: list[datetime | None] = [None] * len(WINDOWS)
+        self.used = [0] * _SLOTS
+        self.reserved = [0] * _SLOTS
+
+    def roll(self, starts: tuple[datetime, ...]) -> None:
+        """Move each window forward to `starts` (never back), emptying the windows that moved."""
+        for w, start in enumerate(starts):
+            current = self.starts[w]
+            if current is None or start > current:
+                self.starts[w] = start
+                for m in range(len(METRICS)):
+                    self.used[m * len(WINDOWS) + w] = self.reserved[m * len(WINDOWS) + w] = 0
+
+    def live(self, w: int, start: datetime) -> bool:
+        return self.starts[w] == start
 
 
 class MemoryLimitStore:
     """One process's counters. Every method runs without awaiting, so each is atomic on the event loop."""
 
     def __init__(self) -> None:
-        self._counters: dict[tuple[Scope, str, str], _Counter] = {}
+        self._scopes: dict[Scope, _ScopeCounters] = {}
+        self._starts_minute: tuple[int, tuple[datetime, ...]] = (-1, ())
 
-    def _counter(self, scope: Scope, metric: str, window: str, start: datetime) -> _Counter:
-        key = (scope, metric, window)
-        counter = self._counters.get(key)
-        if counter is None or counter.start != start:
-            if counter is not None and counter.start > start:
-                return _Counter(start)  # an older window than the current one: detached, not kept
-            counter = self._counters[key] = _Counter(start)
-        return counter
+    def _starts(self, at: datetime) -> tuple[datetime, ...]:
+        minute = int(at.timestamp() // 60)
+        if minute != self._starts_minute[0]:  # every window start is the same for a whole minute
+            self._starts_minute = (minute, tuple(window_start(w, at) for w in WINDOWS))
+        return self._starts_minute[1]
+
+    def _counters(self, scope: Scope, starts: tuple[datetime, ...]) -> _ScopeCounters:
+        counters = self._scopes.get(scope)
+        if counters is None:
+            counters = self._scopes[scope] = _ScopeCounters()
+        counters.roll(starts)
+        return counters
 
     def spent(self, scope: Scope, metric: str, window: str, at: datetime) -> Decimal:
-        return self._counter(scope, metric, window, window_start(window, at)).used
+        counters = self._counters(scope, self._starts(at))
+        return _from_units(metric, counters.used[_SLOT[metric, window]])
 
     async def reserve(self, limits: list[AppliedLimit], scopes: tuple[Scope, ...], amounts: Amounts,
                       at: datetime) -> Reservation | Refusal:
+        starts = self._starts(at)
+        wanted = _vector(amounts)
         refusals = []
         for applied in limits:
             rule = applied.rule
-            start = window_start(rule.window, at)
-            counter = self._counter(applied.scope, rule.metric, rule.window, start)
-            current = counter.used + counter.reserved
-            if current + amounts.get(rule.metric) > rule.limit:
+            slot = _SLOT[rule.metric, rule.window]
+            counters = self._counters(applied.scope, starts)
+            current = counters.used[slot] + counters.reserved[slot]
+            if current + wanted[slot // len(WINDOWS)] > _units(rule.metric, rule.limit):
+                start = starts[_WINDOW_INDEX[rule.window]]
                 wait = max(1, int((window_end(rule.window, start) - at).total_seconds() + 0.999))
-                refusals.append(Refusal(applied, current, wait))
+                refusals.append(Refusal(applied, _from_units(rule.metric, current), wait))
         if refusals:  # the one the client must wait longest for; then the smallest limit
             return max(refusals, key=lambda r: (r.retry_after_s, -r.limit.rule.limit))
-        reservation = Reservation(at, scopes, amounts, {w: window_start(w, at) for w in WINDOWS})
-        self._apply(reservation, amounts, reserved_sign=1)
+        reservation = Reservation(at, scopes, amounts, dict(zip(WINDOWS, starts, strict=True)))
+        for scope in scopes:
+            _add(self._counters(scope, starts).reserved, wanted, None, starts)
         return reservation
 
     async def settle(self, reservation: Reservation, actual: Amounts) -> None:
-        self._apply(reservation, reservation.amounts, reserved_sign=-1)
-        self._apply(reservation, actual, reserved_sign=0)
+        starts = tuple(reservation.starts[w] for w in WINDOWS)
+        held, spent = _vector(reservation.amounts), _vector(actual)
+        current = self._starts(datetime.now(UTC))
+        for scope in reservation.scopes:
+            counters = self._counters(scope, current)
+            _add(counters.reserved, [-v for v in held], counters, starts)
+            _add(counters.used, spent, counters, starts)
 
     def seed(self, scope: Scope, metric: str, window: str, start: datetime, used: Decimal) -> None:
         """Counted usage from before a restart (rebuilt from events.duckdb)."""
-        self._counter(scope, metric, window, start).used += used
+        counters = self._counters(scope, self._starts(datetime.now(UTC)))
+        if counters.live(_WINDOW_INDEX[window], start):
+            counters.used[_SLOT[metric, window]] += _units(metric, used)
 
-    def _apply(self, reservation: Reservation, amounts: Amounts, reserved_sign: int) -> None:
-        for scope in reservation.scopes:
-            for metric in METRICS:
-                value = amounts.get(metric)
-                if not value:
-                    continue
-                for window, start in reservation.starts.items():
-                    counter = self._counter(scope, metric, window, start)
-                    if reserved_sign:
-                        counter.reserved += reserved_sign * value
-                    else:
-                        counter.used += value
+
+def _vector(amounts: Amounts) -> list[int]:
+    return [amounts.requests, amounts.tokens, _units("usd", amounts.usd)]
+
+
+def _add(target: list[int], per_metric: list[int], counters: _ScopeCounters | None,
+         starts: tuple[datetime, ...]) -> None:
+    """Add a per-metric amount to every window; with `counters`, only to windows still at `starts`."""
+    for w in range(len(WINDOWS)):
+        if counters is not None and not counters.live(w, starts[w]):
+            continue  # the window rolled over since the reservation: its figures went with it
+        for m, value in enumerate(per_metric):
+            if value:
+                target[m * len(WINDOWS) + w] += value
 
 
 def crossed_thresholds(spent_before: Decimal, spent_after: Decimal, limit: Decimal) -> list[int]:

@@ -40,20 +40,30 @@ class Metrics:
                                         ["tenant", "window", "line"], registry=r)
         self.queue_depth = Gauge("tollway_event_queue_depth", "Events waiting to be written", registry=r)
         self.events_written = Gauge("tollway_events_written", "Events written since start", registry=r)
+        self._series: dict[tuple, tuple] = {}
 
     def observe(self, event: Event) -> None:
-        tenant, provider, model = event.tenant or "-", event.provider or "-", event.model or "-"
-        self.requests.labels(tenant, provider, model, event.outcome).inc()
+        key = (event.tenant or "-", event.provider or "-", event.model or "-", event.outcome, event.billing_mode or "-")
+        series = self._series.get(key)
+        if series is None:  # label lookups once per combination, not per request
+            tenant, provider, model, outcome, billing = key
+            series = self._series[key] = (
+                self.requests.labels(tenant, provider, model, outcome),
+                self.tokens.labels(tenant, provider, model, "input"), self.tokens.labels(tenant, provider, model, "output"),
+                self.cost.labels(tenant, provider, model, billing),
+                self.latency.labels(provider), self.ttfb.labels(provider))
+        requests, tokens_in, tokens_out, cost, latency, ttfb = series
+        requests.inc()
         if event.input_tokens:
-            self.tokens.labels(tenant, provider, model, "input").inc(event.input_tokens)
+            tokens_in.inc(event.input_tokens)
         if event.output_tokens:
-            self.tokens.labels(tenant, provider, model, "output").inc(event.output_tokens)
+            tokens_out.inc(event.output_tokens)
         if event.cost_usd:
-            self.cost.labels(tenant, provider, model, event.billing_mode or "-").inc(float(event.cost_usd))
+            cost.inc(float(event.cost_usd))
         if event.latency_ms is not None:
-            self.latency.labels(provider).observe(event.latency_ms / 1000)
+            latency.observe(event.latency_ms / 1000)
         if event.ttfb_ms is not None:
-            self.ttfb.labels(provider).observe(event.ttfb_ms / 1000)
+            ttfb.observe(event.ttfb_ms / 1000)
 
     def alert(self, alert: Alert) -> None:
         self.budget_alerts.labels(alert.limit.scope.tenant, str(alert.threshold)).inc()
