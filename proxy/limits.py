@@ -149,11 +149,14 @@ class _ScopeCounters:
     def roll(self, starts: tuple[datetime, ...]) -> None:
         """Move each window forward to `starts` (never back), emptying the windows that moved."""
         for w, start in enumerate(starts):
-            current = self.starts[w]
-            if current is None or start > current:
-                self.starts[w] = start
-                for m in range(len(METRICS)):
-                    self.used[m * len(WINDOWS) + w] = self.reserved[m * len(WINDOWS) + w] = 0
+            self.roll_window(w, start)
+
+    def roll_window(self, w: int, start: datetime) -> None:
+        current = self.starts[w]
+        if current is None or start > current:
+            self.starts[w] = start
+            for m in range(len(METRICS)):
+                self.used[m * len(WINDOWS) + w] = self.reserved[m * len(WINDOWS) + w] = 0
 
     def live(self, w: int, start: datetime) -> bool:
         return self.starts[w] == start
@@ -207,15 +210,15 @@ class MemoryLimitStore:
     async def settle(self, reservation: Reservation, actual: Amounts) -> None:
         starts = tuple(reservation.starts[w] for w in WINDOWS)
         held, spent = _vector(reservation.amounts), _vector(actual)
-        current = self._starts(datetime.now(UTC))
         for scope in reservation.scopes:
-            counters = self._counters(scope, current)
+            counters = self._counters(scope, starts)  # windows only move forward: a later one stays
             _add(counters.reserved, [-v for v in held], counters, starts)
             _add(counters.used, spent, counters, starts)
 
     def seed(self, scope: Scope, metric: str, window: str, start: datetime, used: Decimal) -> None:
         """Counted usage from before a restart (rebuilt from events.duckdb)."""
-        counters = self._counters(scope, self._starts(datetime.now(UTC)))
+        counters = self._scopes.get(scope) or self._scopes.setdefault(scope, _ScopeCounters())
+        counters.roll_window(_WINDOW_INDEX[window], start)
         if counters.live(_WINDOW_INDEX[window], start):
             counters.used[_SLOT[metric, window]] += _units(metric, used)
 
