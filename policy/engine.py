@@ -128,9 +128,14 @@ class Policy:
         """`role:NAME`s the subjects hold in the tenant: carried by the credential or granted by g lines."""
         roles = (self._access.get(tenant) or self._access[ANY_TENANT]).get_role_manager()
         held = {s for s in subjects if s.startswith("role:")}
-        for link in self.files.roles:
-            if link.tenant in (tenant, ANY_TENANT) and any(roles.has_link(s, link.role, link.tenant) for s in subjects):
-                held.add(link.role)
+        pending = list(subjects)
+        while pending:  # follow g links (in this tenant and in every tenant), roles of roles included
+            name = pending.pop()
+            for domain in (tenant, ANY_TENANT):
+                for role in roles.get_roles(name, domain):
+                    if role not in held:
+                        held.add(role)
+                        pending.append(role)
         return held
 
     def _access_enforcer(self, tenant: str) -> casbin.Enforcer:

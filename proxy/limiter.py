@@ -26,6 +26,8 @@ from proxy.limits import (
     Reservation,
     Scope,
     crossed_thresholds,
+    usd_units,
+    usd_value,
     window_start,
 )
 from proxy.metering import cost_of
@@ -36,6 +38,28 @@ log = logging.getLogger("tollway.limits")
 ADMITTED = ("ok", "upstream_error", "timeout", "cancelled")
 
 
+class LimitPlan(list):
+    """The limits that apply to one identity, with what `reserve` and `settle` need precomputed:
+    only the tightest limit per (scope, metric, window) can refuse, and budgets grouped by counter."""
+
+    def __init__(self, limits: list[AppliedLimit]) -> None:
+        super().__init__(limits)
+        tightest: dict[tuple, AppliedLimit] = {}
+        groups: dict[tuple, list[AppliedLimit]] = {}
+        for lim in limits:
+            key = (lim.per_user, lim.slot)
+            if key not in tightest or lim.limit_units < tightest[key].limit_units:
+                tightest[key] = lim
+            if lim.rule.metric == "usd":
+                groups.setdefault((lim.scope, lim.rule.window), []).append(lim)
+        self.checks = list(tightest.values())
+        self.budget_groups = list(groups.items())
+
+
+def as_plan(limits: list[AppliedLimit]) -> LimitPlan:
+    return limits if isinstance(limits, LimitPlan) else LimitPlan(limits)
+
+
 class Limiter:
     def __init__(self, store: LimitStore, default_max_output_tokens: int,
                  on_alert: Callable[[Alert], None], on_refusal: Callable[[Refusal], None]) -> None:
@@ -44,11 +68,22 @@ class Limiter:
         self._on_alert = on_alert
         self._on_refusal = on_refusal
         self._alerted: set[tuple] = set()
+        self._applicable: dict[tuple, list[AppliedLimit]] = {}
+        self._applicable_for: PolicySet | None = None
 
     def applicable(self, policies: PolicySet, tenant: str, user: str, subjects: tuple[str, ...],
                    pseudonym: uuid.UUID) -> list[AppliedLimit]:
-        return [AppliedLimit(rule, Scope(tenant, pseudonym if per_user else None))
-                for rule, per_user in policies.policy.limits_for(tenant, user, subjects)]
+        """The limits bound to this identity's scopes, cached until the policy set changes."""
+        if policies is not self._applicable_for or len(self._applicable) > 100_000:
+            self._applicable, self._applicable_for = {}, policies
+        key = (tenant, subjects, pseudonym)
+        found = self._applicable.get(key)
+        if found is None:
+            tenant_scope, user_scope = Scope(tenant, None), Scope(tenant, pseudonym)
+            found = self._applicable[key] = LimitPlan([
+                AppliedLimit(rule, user_scope if per_user else tenant_scope)
+                for rule, per_user in policies.policy.limits_for(tenant, user, subjects)])
+        return found
 
     def estimate(self, policies: PolicySet, adapter: Adapter, info: CallInfo, provider: str, body: dict | None,
                  at: datetime) -> Amounts:
@@ -64,7 +99,7 @@ class Limiter:
     async def reserve(self, limits: list[AppliedLimit], tenant: str, pseudonym: uuid.UUID, amounts: Amounts,
                       at: datetime) -> Reservation:
         scopes = (Scope(tenant, None), Scope(tenant, pseudonym))
-        result = await self.store.reserve(limits, scopes, amounts, at)
+        result = await self.store.reserve(as_plan(limits).checks, scopes, amounts, at)
         if isinstance(result, Refusal):
             self._on_refusal(result)
             error = BudgetExceeded if result.limit.rule.metric == "usd" else RateLimited
@@ -74,13 +109,19 @@ class Limiter:
     async def settle(self, reservation: Reservation, limits: list[AppliedLimit], event: Event) -> None:
         tokens = (event.input_tokens or 0) + (event.output_tokens or 0)
         actual = Amounts(1, tokens, event.cost_usd or Decimal(0))
-        budgets = [lim for lim in limits if lim.rule.metric == "usd"]
-        before = [self.store.spent(lim.scope, "usd", lim.rule.window, reservation.at) for lim in budgets]
-        await self.store.settle(reservation, actual)
-        for lim, spent_before in zip(budgets, before, strict=True):
-            after = self.store.spent(lim.scope, "usd", lim.rule.window, reservation.at)
-            for threshold in crossed_thresholds(spent_before, after, lim.rule.limit):
-                self._alert(Alert(lim, threshold, window_start(lim.rule.window, reservation.at), after))
+        groups = as_plan(limits).budget_groups
+        totals = await self.store.settle(reservation, actual)
+        spent_units = usd_units(actual.usd)
+        if not groups or not spent_units:
+            return
+        for (scope, window), budgets in groups:
+            after = totals.get((scope, window))
+            if after is None:
+                continue  # that window rolled over meanwhile
+            before = after - spent_units
+            for lim in budgets:
+                for threshold in crossed_thresholds(before, after, lim.limit_units):
+                    self._alert(Alert(lim, threshold, window_start(window, reservation.at), usd_value(after)))
 
     def _alert(self, alert: Alert) -> None:
         key = (alert.limit.rule.line, alert.limit.scope, alert.limit.rule.window, alert.window_start, alert.threshold)

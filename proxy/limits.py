@@ -24,6 +24,30 @@ METRICS = ("requests", "tokens", "usd")
 WINDOWS = ("minute", "hour", "day", "month")
 ALERT_THRESHOLDS = (50, 80, 100)
 
+_NANO = Decimal("1e9")
+_SLOTS = len(METRICS) * len(WINDOWS)
+_WINDOW_INDEX = {w: i for i, w in enumerate(WINDOWS)}
+_SLOT = {(m, w): i * len(WINDOWS) + j for i, m in enumerate(METRICS) for j, w in enumerate(WINDOWS)}
+_USD_BASE = _SLOT["usd", WINDOWS[0]]
+
+
+def _units(metric: str, value: Decimal) -> int:
+    """Counters are integers: requests, tokens, and nano-dollars (exact: costs are quantized to 1e-9)."""
+    return int(value * _NANO) if metric == "usd" else int(value)
+
+
+def _from_units(metric: str, value: int) -> Decimal:
+    return Decimal(value) / _NANO if metric == "usd" else Decimal(value)
+
+
+def usd_units(value: Decimal) -> int:
+    """USD as the integer nano-dollars the counters hold."""
+    return _units("usd", value)
+
+
+def usd_value(units: int) -> Decimal:
+    return _from_units("usd", units)
+
 
 def window_start(window: str, at: datetime) -> datetime:
     """The calendar window (UTC) that `at` falls in."""
@@ -65,10 +89,16 @@ class Scope:
     user: uuid.UUID | None
 
 
-@dataclass(frozen=True, slots=True)
 class AppliedLimit:
-    rule: LimitRule
-    scope: Scope
+    """A limits.csv rule bound to the scope it counts in, its counter slot and integer limit precomputed."""
+
+    __slots__ = ("rule", "scope", "per_user", "slot", "window_index", "limit_units")
+
+    def __init__(self, rule: LimitRule, scope: Scope) -> None:
+        self.rule, self.scope, self.per_user = rule, scope, scope.user is not None
+        self.slot = _SLOT[rule.metric, rule.window]
+        self.window_index = _WINDOW_INDEX[rule.window]
+        self.limit_units = _units(rule.metric, rule.limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,48 +138,33 @@ class LimitStore(Protocol):
                       at: datetime) -> Reservation | Refusal:
         """Atomically: refuse if any limit would be crossed, else add `amounts` as reserved everywhere."""
 
-    async def settle(self, reservation: Reservation, actual: Amounts) -> None:
-        """Replace the reservation by the real figures (in the windows it was made in)."""
+    async def settle(self, reservation: Reservation, actual: Amounts) -> dict[tuple[Scope, str], int]:
+        """Replace the reservation by the real figures (in the windows it was made in).
+
+        Returns the settled usd spend, in nano-dollars, of each (scope, window) it counted in."""
 
     def spent(self, scope: Scope, metric: str, window: str, at: datetime) -> Decimal:
         """Settled use (no reservations) in the window containing `at`."""
 
 
-_NANO = Decimal("1e9")
-_SLOTS = len(METRICS) * len(WINDOWS)
-
-
-def _units(metric: str, value: Decimal) -> int:
-    """Counters are integers: requests, tokens, and nano-dollars (exact: costs are quantized to 1e-9)."""
-    return int(value * _NANO) if metric == "usd" else int(value)
-
-
-def _from_units(metric: str, value: int) -> Decimal:
-    return Decimal(value) / _NANO if metric == "usd" else Decimal(value)
-
-
-def _slot(metric: str, window: str) -> int:
-    return METRICS.index(metric) * len(WINDOWS) + WINDOWS.index(window)
-
-
-_WINDOW_INDEX = {w: i for i, w in enumerate(WINDOWS)}
-_SLOT = {(m, w): _slot(m, w) for m in METRICS for w in WINDOWS}
-
-
 class _ScopeCounters:
     """Every (metric, window) counter of one scope, for the current calendar windows."""
 
-    __slots__ = ("starts", "used", "reserved")
+    __slots__ = ("minute", "starts", "used", "reserved")
 
     def __init__(self) -> None:
+        self.minute = -1  # the minute the windows were last rolled to: rolling to it again is a no-op
         self.starts: list[datetime | None] = [None] * len(WINDOWS)
         self.used = [0] * _SLOTS
         self.reserved = [0] * _SLOTS
 
-    def roll(self, starts: tuple[datetime, ...]) -> None:
+    def roll(self, starts: tuple[datetime, ...], minute: int) -> None:
         """Move each window forward to `starts` (never back), emptying the windows that moved."""
+        if minute == self.minute:
+            return
         for w, start in enumerate(starts):
             self.roll_window(w, start)
+        self.minute = max(self.minute, minute)
 
     def roll_window(self, w: int, start: datetime) -> None:
         current = self.starts[w]
@@ -167,53 +182,75 @@ class MemoryLimitStore:
 
     def __init__(self) -> None:
         self._scopes: dict[Scope, _ScopeCounters] = {}
-        self._starts_minute: tuple[int, tuple[datetime, ...]] = (-1, ())
+        self._minute = -1
+        self._minute_starts: tuple[datetime, ...] = ()
 
-    def _starts(self, at: datetime) -> tuple[datetime, ...]:
+    def _starts(self, at: datetime) -> tuple[tuple[datetime, ...], int]:
+        """The window starts containing `at`, and its minute number (every start is fixed for a minute)."""
         minute = int(at.timestamp() // 60)
-        if minute != self._starts_minute[0]:  # every window start is the same for a whole minute
-            self._starts_minute = (minute, tuple(window_start(w, at) for w in WINDOWS))
-        return self._starts_minute[1]
+        if minute == self._minute:
+            return self._minute_starts, minute
+        starts = tuple(window_start(w, at) for w in WINDOWS)
+        if minute > self._minute:
+            self._minute, self._minute_starts = minute, starts
+        return starts, minute
 
-    def _counters(self, scope: Scope, starts: tuple[datetime, ...]) -> _ScopeCounters:
+    def _counters(self, scope: Scope, starts: tuple[datetime, ...], minute: int) -> _ScopeCounters:
         counters = self._scopes.get(scope)
         if counters is None:
             counters = self._scopes[scope] = _ScopeCounters()
-        counters.roll(starts)
+        counters.roll(starts, minute)
         return counters
 
     def spent(self, scope: Scope, metric: str, window: str, at: datetime) -> Decimal:
-        counters = self._counters(scope, self._starts(at))
+        starts, minute = self._starts(at)
+        counters = self._counters(scope, starts, minute)
+        w = _WINDOW_INDEX[window]
+        if not counters.live(w, starts[w]):
+            return Decimal(0)  # an earlier window than the one counted now
         return _from_units(metric, counters.used[_SLOT[metric, window]])
 
     async def reserve(self, limits: list[AppliedLimit], scopes: tuple[Scope, ...], amounts: Amounts,
                       at: datetime) -> Reservation | Refusal:
-        starts = self._starts(at)
+        """`scopes` is (the tenant's, the user's); each limit counts in one of them."""
+        starts, minute = self._starts(at)
+        tenant_counters, user_counters = (self._counters(scope, starts, minute) for scope in scopes)
         wanted = _vector(amounts)
-        refusals = []
+        refusals = None
         for applied in limits:
-            rule = applied.rule
-            slot = _SLOT[rule.metric, rule.window]
-            counters = self._counters(applied.scope, starts)
+            counters = user_counters if applied.per_user else tenant_counters
+            slot = applied.slot
             current = counters.used[slot] + counters.reserved[slot]
-            if current + wanted[slot // len(WINDOWS)] > _units(rule.metric, rule.limit):
-                start = starts[_WINDOW_INDEX[rule.window]]
-                wait = max(1, int((window_end(rule.window, start) - at).total_seconds() + 0.999))
-                refusals.append(Refusal(applied, _from_units(rule.metric, current), wait))
+            if current + wanted[slot // len(WINDOWS)] > applied.limit_units:
+                start = starts[applied.window_index]
+                wait = max(1, int((window_end(applied.rule.window, start) - at).total_seconds() + 0.999))
+                refusals = refusals or []
+                refusals.append(Refusal(applied, _from_units(applied.rule.metric, current), wait))
         if refusals:  # the one the client must wait longest for; then the smallest limit
             return max(refusals, key=lambda r: (r.retry_after_s, -r.limit.rule.limit))
-        reservation = Reservation(at, scopes, amounts, dict(zip(WINDOWS, starts, strict=True)))
-        for scope in scopes:
-            _add(self._counters(scope, starts).reserved, wanted, None, starts)
-        return reservation
+        for counters in (tenant_counters, user_counters):
+            for w in range(len(WINDOWS)):
+                if counters.starts[w] == starts[w]:  # only windows still at `starts`
+                    for m, value in enumerate(wanted):
+                        counters.reserved[m * len(WINDOWS) + w] += value
+        return Reservation(at, scopes, amounts, dict(zip(WINDOWS, starts, strict=True)))
 
-    async def settle(self, reservation: Reservation, actual: Amounts) -> None:
+    async def settle(self, reservation: Reservation, actual: Amounts) -> dict[tuple[Scope, str], int]:
         starts = tuple(reservation.starts[w] for w in WINDOWS)
+        minute = int(reservation.at.timestamp() // 60)
         held, spent = _vector(reservation.amounts), _vector(actual)
+        usd_totals = {}
         for scope in reservation.scopes:
-            counters = self._counters(scope, starts)  # windows only move forward: a later one stays
-            _add(counters.reserved, [-v for v in held], counters, starts)
-            _add(counters.used, spent, counters, starts)
+            counters = self._counters(scope, starts, minute)  # windows only move forward: a later one stays
+            for w, window in enumerate(WINDOWS):
+                if counters.starts[w] != starts[w]:
+                    continue  # the window rolled over since the reservation: its figures went with it
+                for m in range(len(METRICS)):
+                    slot = m * len(WINDOWS) + w
+                    counters.reserved[slot] -= held[m]
+                    counters.used[slot] += spent[m]
+                usd_totals[scope, window] = counters.used[_USD_BASE + w]
+        return usd_totals
 
     def seed(self, scope: Scope, metric: str, window: str, start: datetime, used: Decimal) -> None:
         """Counted usage from before a restart (rebuilt from events.duckdb)."""
@@ -227,19 +264,8 @@ def _vector(amounts: Amounts) -> list[int]:
     return [amounts.requests, amounts.tokens, _units("usd", amounts.usd)]
 
 
-def _add(target: list[int], per_metric: list[int], counters: _ScopeCounters | None,
-         starts: tuple[datetime, ...]) -> None:
-    """Add a per-metric amount to every window; with `counters`, only to windows still at `starts`."""
-    for w in range(len(WINDOWS)):
-        if counters is not None and not counters.live(w, starts[w]):
-            continue  # the window rolled over since the reservation: its figures went with it
-        for m, value in enumerate(per_metric):
-            if value:
-                target[m * len(WINDOWS) + w] += value
-
-
-def crossed_thresholds(spent_before: Decimal, spent_after: Decimal, limit: Decimal) -> list[int]:
-    """Alert thresholds (percent of a budget) that this spend crossed.
+def crossed_thresholds(spent_before: Decimal | int, spent_after: Decimal | int, limit: Decimal | int) -> list[int]:
+    """Alert thresholds (percent of a budget) that this spend crossed (any exact numbers, same unit).
 
     >>> crossed_thresholds(Decimal(40), Decimal(85), Decimal(100))
     [50, 80]
