@@ -49,8 +49,9 @@ def run_cases(policy: Policy, path: Path) -> tuple[list[CaseResult], list[Proble
             problems.append(Problem(name, line, f"expect must be allow or deny, got {expect!r}"))
             continue
         role_list = tuple(r.strip() for r in roles.split("|") if r.strip())
-        decision = policy.decide(tenant, (user, *(f"role:{r}" for r in role_list)), model)
+        subjects = (user, *(f"role:{r}" for r in role_list))
+        decision = policy.decide(tenant, subjects, model)
+        rule = policy.deciding_rule(tenant, subjects, model)
         results.append(CaseResult(line, tenant, user, role_list, model, expect,
-                                  "allow" if decision.allowed else "deny",
-                                  decision.rule.line if decision.rule else None))
+                                  "allow" if decision.allowed else "deny", rule.line if rule else None))
     return results, problems

@@ -124,6 +124,13 @@ class Policy:
                 if r.tenant in (tenant, ANY_TENANT) and model_glob(model, r.model_glob)
                 and subject_matches(roles, subjects, r.subject, tenant)]
 
+    def deciding_rule(self, tenant: str, subjects: tuple[str, ...], model: str) -> AccessRule | None:
+        """The rule to show as the reason: the first matching deny when denied by one, else the first
+        matching allow (Casbin reports whichever it met last; people read files top down)."""
+        decision = self.decide(tenant, subjects, model)
+        effect = "allow" if decision.allowed else "deny"
+        return next((r for r in self.matching_rules(tenant, subjects, model) if r.effect == effect), None)
+
     def roles_of(self, tenant: str, subjects: tuple[str, ...]) -> set[str]:
         """`role:NAME`s the subjects hold in the tenant: carried by the credential or granted by g lines."""
         roles = (self._access.get(tenant) or self._access[ANY_TENANT]).get_role_manager()

@@ -54,14 +54,15 @@ def explain(policies: PolicySet, keys: Mapping[str, ProviderKey] | None, tenant:
     subjects = (user, *(f"role:{r}" for r in roles))
     policy = policies.policy
     decision = policy.decide(tenant, subjects, model)
+    decided = policy.deciding_rule(tenant, subjects, model)
     matching = [{"line": f"policy/access.csv:{r.line}", "subject": r.subject, "tenant": r.tenant,
-                 "model": r.model_glob, "effect": r.effect, "decided": r is decision.rule}
+                 "model": r.model_glob, "effect": r.effect, "decided": r is decided}
                 for r in policy.matching_rules(tenant, subjects, model)]
     provider = model.split("/", 1)[0]
     choices = [_key_choice(k, keys, tenant, provider) for k in decision.route.key_ids] if decision.route else []
     limits = [rule for rule, _ in policy.limits_for(tenant, user, subjects)]
     return Explanation(tenant, user, roles, model, decision.allowed,
-                       decision.rule.line if decision.rule else None, matching, decision.route, choices, limits)
+                       decided.line if decided else None, matching, decision.route, choices, limits)
 
 
 def _key_choice(key_id: str, keys: Mapping[str, ProviderKey] | None, tenant: str, provider: str) -> KeyChoice:

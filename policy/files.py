@@ -159,13 +159,13 @@ def _load_tenants(path: Path, problems: list[Problem]) -> dict[str, Tenant]:
         if not _NAME.match(tenant) or tenant == "*":
             problems.append(Problem(name, line, f"tenant id {tenant!r} may only hold letters, digits and - _ . @"))
             continue
-        pcts = [_percent(value) for value in (markup, fee)]
-        if None in pcts:
-            problems.append(Problem(name, line, "markup_pct and byok_fee_pct must be numbers >= 0, e.g. 10 or 2.5"))
-            continue
         if tenant in tenants:
             problems.append(Problem(name, line, f"tenant {tenant!r} is listed twice"))
             continue
+        pcts = [_percent(value) for value in (markup, fee)]
+        if None in pcts:  # still a known tenant: its rules are not reported as naming an unknown one
+            problems.append(Problem(name, line, "markup_pct and byok_fee_pct must be numbers >= 0, e.g. 10 or 2.5"))
+            pcts = [Decimal(0), Decimal(0)]
         tenants[tenant] = Tenant(tenant, title, pcts[0], pcts[1])
     return tenants
 
@@ -296,11 +296,19 @@ def _load_limits(path: Path, files: PolicyFiles) -> None:
 def _warn_duplicates(files: PolicyFiles) -> None:
     """Warnings for lines that can never change a decision: repeats and shadowed routes."""
     seen: dict[tuple, int] = {}
+    denies = [r for r in files.access if r.effect == "deny"]
     for rule in files.access:
         key = tuple(rule.as_row())
         if key in seen:
             files.problems.append(Problem("policy/access.csv", rule.line,
                                           f"duplicate of line {seen[key]}", "warning"))
+        elif rule.effect == "allow":
+            cover = next((d for d in denies if d.subject in ("*", rule.subject) and d.tenant in ("*", rule.tenant)
+                          and glob_covers(d.model_glob, rule.model_glob)), None)
+            if cover:
+                files.problems.append(Problem("policy/access.csv", rule.line,
+                                              f"never allows: line {cover.line} denies everything it would allow",
+                                              "warning"))
         seen.setdefault(key, rule.line)
     for index, route in enumerate(files.routes):
         for earlier in files.routes[:index]:

@@ -62,6 +62,7 @@ def create_app(gateway: Gateway) -> GatewayApp:
         event = Event(event_id=uuid.uuid4(), ts=datetime.now(UTC), status_code=404, outcome=err.outcome)
         if gateway.recorder:
             gateway.recorder.record(event)
+        gateway.metrics.observe(event)
         return Response(adapter_for("openai").error_body(err), status_code=404, media_type="application/json",
                         headers={forward.REQUEST_ID_HEADER.decode(): str(event.event_id)})
 

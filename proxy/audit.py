@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 
 from proxy.control import GENESIS_HASH, audit_hash
 
@@ -81,6 +81,8 @@ def _since(text: str | None) -> str | None:
                                                                                    datetime.min.time())
     except ValueError as exc:
         raise CommandError(f"--since {text!r}: use a date like 2026-11-01 or 2026-11-01T12:00") from exc
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC)
     return parsed.strftime("%Y-%m-%dT%H:%M:%S")
 
 

@@ -175,6 +175,7 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
 
 # --- assembly -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from analytics.cli import register as register_credits
     from policy.cli import register as register_policy
     from proxy.audit import register as register_audit
     from proxy.demo import register as register_demo
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke_token.set_defaults(func=cmd_tokens_revoke)
 
     register_policy(commands, common, as_json)
+    register_credits(commands, common, as_json)
     register_audit(commands, common, as_json)
     register_demo(commands, common)
     return parser

@@ -100,7 +100,7 @@ class Gateway:
                                       batch_size=self.settings.events.batch_size)
         await self.upstream.start()
         watcher = PolicyWatcher(self.settings.data_dir, lambda: self.policies, self._fresh_keys,
-                                self._policy_loaded, self._policy_refused)
+                                self._policy_loaded, self._policy_refused, self._policy_unchanged)
         self._tasks.append(asyncio.get_running_loop().create_task(watcher.run(), name="policy-watcher"))
         # Everything loaded so far lives as long as the server: keep it out of the collector's
         # way, and collect young objects less often (fewer pauses under load).
@@ -184,8 +184,15 @@ class Gateway:
             log.warning("%s", problem)
         self.store.audit("policy.reloaded", new.version, {"previous": old.version, "files": new.files.hashes})
 
+    def _policy_unchanged(self) -> None:
+        if self.policy_error is not None:
+            log.info("policy files are back to version %s: the refused edit is gone", self.policies.version)
+        self.policy_error = None
+
     def _policy_refused(self, exc: PolicyInvalid, hashes: dict[str, str]) -> None:
-        self.policy_error = "; ".join(str(p) for p in exc.problems[:5])
+        shown = "; ".join(str(p) for p in exc.problems[:5])
+        more = len(exc.problems) - 5
+        self.policy_error = shown + (f"; and {more} more (`tollway policy check` lists all)" if more > 0 else "")
         log.error("policy edit refused, version %s stays in force: %s", self.policies.version, exc)
         self.store.audit("policy.refused", self.policies.version,
                          {"errors": [str(p) for p in exc.problems[:50]], "files": hashes})

@@ -9,6 +9,7 @@ check runs once per token, not once per request.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ class JwtVerifier:
             self._static_key = (path if path.is_absolute() else data_dir / path).read_bytes()  # PEM
         self._jwks: dict[str, Any] = {}
         self._fetched_at = 0.0
+        self._refreshing = asyncio.Lock()  # one JWKS fetch at a time; waiters then see its keys
         self._verified: dict[str, tuple[Identity, float]] = {}
 
     async def identify(self, token: str) -> Identity:
@@ -93,8 +95,10 @@ class JwtVerifier:
         return Identity(tenant, user, roles, "jwt")
 
     async def _jwks_key(self, kid: str | None) -> Any:
-        if kid not in self._jwks and time.monotonic() - self._fetched_at > _REFRESH_S:
-            await self._refresh()
+        if kid not in self._jwks:
+            async with self._refreshing:
+                if kid not in self._jwks and time.monotonic() - self._fetched_at > _REFRESH_S:
+                    await self._refresh()
         if kid is None and len(self._jwks) == 1:
             return next(iter(self._jwks.values()))
         if kid not in self._jwks:

@@ -102,6 +102,9 @@ class Limiter:
         result = await self.store.reserve(as_plan(limits).checks, scopes, amounts, at)
         if isinstance(result, Refusal):
             self._on_refusal(result)
+            rule = result.limit.rule
+            if rule.metric == "usd":  # refused at the budget: it is as good as fully spent
+                self._alert(Alert(result.limit, 100, window_start(rule.window, at), result.used))
             error = BudgetExceeded if result.limit.rule.metric == "usd" else RateLimited
             raise error(result.message(), retry_after=result.retry_after_s)
         return result
@@ -127,6 +130,9 @@ class Limiter:
         key = (alert.limit.rule.line, alert.limit.scope, alert.limit.rule.window, alert.window_start, alert.threshold)
         if key in self._alerted:
             return
+        if len(self._alerted) > 50_000:  # forget alerts of windows that are over
+            month = window_start("month", datetime.now(UTC))
+            self._alerted = {k for k in self._alerted if k[3] >= month}
         self._alerted.add(key)
         self._on_alert(alert)
 

@@ -12,7 +12,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from proxy.events import Event
 from proxy.limits import Alert
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: The exposition format's type without its charset: the web framework appends `charset=utf-8` itself.
+CONTENT_TYPE = CONTENT_TYPE_LATEST.split("; charset")[0]
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 

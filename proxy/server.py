@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import uvicorn
 
 from proxy.app import create_app
@@ -20,7 +22,19 @@ class GatewayServer(uvicorn.Server):
         self._captured_signals.clear()
 
 
+def configure_logging() -> None:
+    """Tollway's own log lines (reloads, refused edits, budget alerts) to stderr, with a timestamp."""
+    logger = logging.getLogger("tollway")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def build_server(gateway: Gateway, host: str, port: int, *, log_level: str = "info") -> GatewayServer:
+    configure_logging()
     config = uvicorn.Config(create_app(gateway), host=host, port=port, access_log=False, log_level=log_level,
                             timeout_graceful_shutdown=30, server_header=False, lifespan="on",
                             proxy_headers=False)

@@ -465,7 +465,7 @@ def test_openai_error_body(err):
     (PolicyDenied("x"), "permission_error", "model_not_allowed"),
     (BadRequest("x"), "invalid_request_error", None),
     (RateLimited("x"), "rate_limit_error", "rate_limit_exceeded"),
-    (BudgetExceeded("x"), "rate_limit_error", "rate_limit_exceeded"),
+    (BudgetExceeded("x"), "insufficient_quota", "insufficient_quota"),  # as OpenAI says it for billing limits
     (UpstreamTimeout("x"), "api_error", "upstream_timeout"),
     (UnknownProvider("x"), "invalid_request_error", "unknown_provider"),
 ])

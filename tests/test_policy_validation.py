@@ -204,15 +204,15 @@ def test_each_warning_is_printed_and_exits_0(deploy, capsys, files, expected):
     assert summary.endswith(f": 0 error(s), {len(expected)} warning(s)")
 
 
-def test_shadowed_access_rule_that_can_never_decide_is_warned(deploy, capsys):
+def test_access_allow_shadowed_by_a_deny_is_warned(deploy, capsys):
     """The issue: "duplicate or shadowed rules (warning: a later line that can never win)".
 
-    Line 3 allows every OpenAI model to everyone in globex, so line 4 (same subject, tenant and
-    effect, a narrower glob) can never be the rule that decides anything: it is dead weight that
-    misleads a reader into thinking it matters.
+    Line 3 denies every OpenAI model to everyone in globex (deny overrides allow), so the allow on
+    line 4 (same subject and tenant, a narrower glob) can never win: the governance lead who added
+    it believes gpt-4o is now allowed, and nothing tells them it is not.
     """
     (deploy / "policy/access.csv").write_text(
-        "# globex\n\np, *, globex, openai/*, allow\np, *, globex, openai/gpt-4o, allow\n")
+        "# globex\n\np, *, globex, openai/*, deny\np, *, globex, openai/gpt-4o, allow\n")
     code, problems, _ = check(deploy, capsys)
     assert code == 0
     assert len(problems) == 1, problems
@@ -305,6 +305,17 @@ def test_warnings_only_exit_0_through_the_real_command(deploy):
     assert result.returncode == 0
     assert "policy/access.csv:7: warning: duplicate of line 3" in result.stderr.splitlines()
     assert result.stderr.strip().splitlines()[-1].endswith("0 error(s), 1 warning(s)")
+
+
+def test_a_bad_tenants_row_is_reported_once_not_as_a_cascade_of_unknown_tenants(deploy, capsys):
+    """acme's row has a bad number: that row is the one problem. Every rule naming acme must not be
+    reported as "tenant 'acme' is not in tenants.csv" (it is there, on line 2): ten misleading lines
+    bury the real cause, and `/readyz` shows only the first five of them."""
+    (deploy / "tenants.csv").write_text("tenant,name,markup_pct,byok_fee_pct\nacme,Acme Corp,zero,0\n"
+                                        "globex,Globex Inc,12,0\n")
+    code, problems, _ = check(deploy, capsys)
+    assert code == 1
+    assert problems == ["tenants.csv:2: error: markup_pct and byok_fee_pct must be numbers >= 0, e.g. 10 or 2.5"]
 
 
 def test_missing_policy_file_is_an_error(deploy, capsys):

@@ -57,6 +57,10 @@ def setup_deployment(root: Path, sim_port: int, gw_port: int) -> str:
     cli_main(["init", str(root)])
     (root / "tollway.toml").write_text(
         f'[server]\nport = {gw_port}\n[providers.openai]\nbase_url = "http://127.0.0.1:{sim_port}/openai"\n')
+    # the full pipeline runs limit checks too: generous limits that apply to every request, never refuse
+    (root / "policy" / "limits.csv").write_text(
+        "tenant,subject,metric,window,limit\nacme,tenant,usd,month,1000000\nacme,*,requests,minute,100000000\n"
+        "*,*,tokens,minute,100000000000\n")
     store = ControlStore(root / "control.db", Keyring(load_master_key(root)))
     store.add_key("operator-openai", "openai", SIM_KEY, None)
     _, token = store.create_token("acme", "bench@acme.com", [], None)
@@ -161,8 +165,9 @@ def print_report(report: dict) -> None:
         print(f"| {row['scenario']} | {d['rps']:,} | {t['rps']:,} | {d['p50_ms']} / {d['p99_ms']} | "
               f"{t['p50_ms']} / {t['p99_ms']} | {t['p50_ms'] - d['p50_ms']:.3f} / {t['p99_ms'] - d['p99_ms']:.3f} | "
               f"{row.get('tollway_cpu_ms_per_request', '-')} |")
-        if d.get("errors") or t.get("errors"):
-            print(f"|   errors | {d['errors']} | {t['errors']} | | | | |")
+        if d.get("errors") or t.get("errors") or set(d["statuses"]) != {200} or set(t["statuses"]) != {200}:
+            print(f"|   NOT ALL 200: direct {d['statuses']} errors {d['errors']}, "
+                  f"Tollway {t['statuses']} errors {t['errors']} | | | | | | |")
     streaming = report["rows"][-1]
     print(f"\nstreaming TTFB p50: direct {streaming['direct']['ttfb_p50_ms']} ms, "
           f"Tollway {streaming['tollway']['ttfb_p50_ms']} ms "

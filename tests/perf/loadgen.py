@@ -33,7 +33,8 @@ class Result:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
     def summary(self) -> dict:
-        return {"requests": len(self.latencies), "errors": self.errors, "rps": round(self.rps),
+        return {"requests": len(self.latencies), "errors": self.errors, "statuses": dict(self.statuses),
+                "rps": round(self.rps),
                 "p50_ms": round(self.pct(self.latencies, 0.50), 3), "p99_ms": round(self.pct(self.latencies, 0.99), 3),
                 "ttfb_p50_ms": round(self.pct(self.ttfb, 0.50), 3) if self.ttfb else None,
                 "mean_ms": round(statistics.fmean(self.latencies) * 1000, 3) if self.latencies else None}

@@ -1,0 +1,53 @@
+"""`tollway credits …`: prepaid credits for unified billing (the statements apply them)."""
+
+from __future__ import annotations
+
+import argparse
+from decimal import Decimal, InvalidOperation
+
+from policy.files import load_policy_files
+from proxy.settings import resolve_data_dir
+
+
+def cmd_credits_add(args: argparse.Namespace) -> int:
+    from proxy.cli import CommandError, emit, open_store, say
+
+    try:
+        amount = Decimal(args.amount)
+    except InvalidOperation as exc:
+        raise CommandError(f"--amount {args.amount!r} is not a number of USD, e.g. 250 or 99.50") from exc
+    if not amount.is_finite() or amount <= 0:
+        raise CommandError("--amount must be a positive number of USD, e.g. 250 or 99.50")
+    if amount != amount.quantize(Decimal("0.01")):
+        raise CommandError("--amount has more than two decimals: credits are whole cents")
+    tenants = load_policy_files(resolve_data_dir(args.data_dir)).tenants
+    if args.tenant not in tenants:
+        raise CommandError(f"tenant {args.tenant!r} is not in tenants.csv; known: {', '.join(sorted(tenants)) or 'none'}")
+    credit_id = open_store(args).add_credits(args.tenant, amount, args.note)
+    say(f"added {amount} USD of credits to {args.tenant}")
+    emit(args, {"id": credit_id, "tenant": args.tenant, "amount_usd": str(amount), "note": args.note},
+         str(credit_id))
+    return 0
+
+
+def cmd_credits_list(args: argparse.Namespace) -> int:
+    from proxy.cli import emit, open_store
+
+    rows = open_store(args).list_credits()
+    lines = [f"{'TENANT':16} {'AMOUNT_USD':>12}  {'ADDED':21} NOTE"] + [
+        f"{tenant:16} {amount:>12}  {created:21} {note or ''}" for tenant, amount, note, created in rows]
+    emit(args, [{"tenant": t, "amount_usd": str(a), "note": n, "created_at": c} for t, a, n, c in rows],
+         "\n".join(lines))
+    return 0
+
+
+def register(commands, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
+    credits = commands.add_parser("credits", parents=[common], help="prepaid credits: add, list")
+    actions = credits.add_subparsers(dest="credits_command", required=True, metavar="ACTION")
+    add = actions.add_parser("add", parents=[common, as_json], help="top up a tenant's prepaid credits")
+    add.add_argument("--tenant", required=True)
+    add.add_argument("--amount", required=True, help="USD, e.g. 250 or 99.50")
+    add.add_argument("--note", help="a note for the statement and the audit log")
+    add.set_defaults(func=cmd_credits_add)
+    actions.add_parser("list", parents=[common, as_json], help="every top-up, oldest first"
+                       ).set_defaults(func=cmd_credits_list)
