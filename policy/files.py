@@ -296,15 +296,20 @@ def _load_limits(path: Path, files: PolicyFiles) -> None:
 def _warn_duplicates(files: PolicyFiles) -> None:
     """Warnings for lines that can never change a decision: repeats and shadowed routes."""
     seen: dict[tuple, int] = {}
-    denies = [r for r in files.access if r.effect == "deny"]
+    denies: dict[tuple[str, str], list[AccessRule]] = {}  # (subject, tenant) -> deny rules, in file order
+    for rule in files.access:
+        if rule.effect == "deny":
+            denies.setdefault((rule.subject, rule.tenant), []).append(rule)
     for rule in files.access:
         key = tuple(rule.as_row())
         if key in seen:
             files.problems.append(Problem("policy/access.csv", rule.line,
                                           f"duplicate of line {seen[key]}", "warning"))
         elif rule.effect == "allow":
-            cover = next((d for d in denies if d.subject in ("*", rule.subject) and d.tenant in ("*", rule.tenant)
-                          and glob_covers(d.model_glob, rule.model_glob)), None)
+            candidates = [d for subject in {rule.subject, "*"} for tenant in {rule.tenant, "*"}
+                          for d in denies.get((subject, tenant), ())]
+            cover = min((d for d in candidates if glob_covers(d.model_glob, rule.model_glob)),
+                        key=lambda d: d.line, default=None)
             if cover:
                 files.problems.append(Problem("policy/access.csv", rule.line,
                                               f"never allows: line {cover.line} denies everything it would allow",

@@ -8,7 +8,6 @@ Skipping the framework's routing and middleware on the hot path measurably raise
 from __future__ import annotations
 
 import logging
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -59,7 +58,7 @@ def create_app(gateway: Gateway) -> GatewayApp:
         known = ", ".join(sorted(gateway.routes))
         err = UnknownProvider(f"Unknown provider {name!r}. This gateway serves: {known}. "
                               "Use e.g. /openai/v1/chat/completions, or declare it in tollway.toml [providers].")
-        event = Event(event_id=uuid.uuid4(), ts=datetime.now(UTC), status_code=404, outcome=err.outcome)
+        event = Event(event_id=forward.new_request_id(), ts=datetime.now(UTC), status_code=404, outcome=err.outcome)
         if gateway.recorder:
             gateway.recorder.record(event)
         gateway.metrics.observe(event)
