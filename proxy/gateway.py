@@ -147,19 +147,25 @@ class Gateway:
 
     def key_pool(self, route: RouteRule | None, tenant: str, provider: str, model: str) -> list[ProviderKey]:
         """The route's keys to try, in order: usable, not failing, not cooling down after a 429."""
-        key = self.resolve_key(route, tenant, provider, model)  # raises when the route has no usable key
+        if route is None:
+            raise NoRoute(f"No key route for tenant {tenant!r} and model {model!r}. "
+                          "Ask your governance lead to add one to policy/routes.csv.")
+        usable = self.usable_keys(route, tenant, provider)
+        if not usable:
+            raise NoRoute(f"The key route for tenant {tenant!r} and model {model!r} (routes.csv line {route.line}) "
+                          "names no usable key: each is missing, revoked, for another provider or another tenant's. "
+                          "Ask your operator to check `tollway keys list`.")
         now = time.monotonic()
-        pool = [k for k in (self.control.keys.get(i) for i in route.key_ids)
-                if k and k.status == "active" and k.provider == provider and k.owner_tenant in (None, tenant)
-                and k.health == "ok" and self._cooling.get(k.key_id, 0) <= now]
+        pool = [k for k in usable if k.health == "ok" and self._cooling.get(k.key_id, 0) <= now]
         if pool:
             return pool
-        cooling = [self._cooling[k] - now for k in route.key_ids if self._cooling.get(k, 0) > now]
+        cooling = [self._cooling[k.key_id] - now for k in usable if self._cooling.get(k.key_id, 0) > now]
         if cooling:
+            wait = math.ceil(min(cooling))
             raise RateLimited(f"Every key for {model!r} is cooling down after the provider's rate limit. "
-                              f"Retry after {math.ceil(min(cooling))} s.", retry_after=math.ceil(min(cooling)))
-        raise NoRoute(f"Every key of the route for tenant {tenant!r} and model {model!r} is failing "
-                      f"(the provider refused it, e.g. {key.key_id!r}). Ask your operator to rotate it.")
+                              f"Retry after {wait} s.", retry_after=wait)
+        raise NoRoute(f"Every key of the route for tenant {tenant!r} and model {model!r} is failing (the provider "
+                      f"refused it, e.g. {usable[0].key_id!r}). Ask your operator to rotate it.")
 
     def key_refused(self, key: ProviderKey, status: int) -> None:
         """401/403 from the provider: the key is failing until rotated."""
@@ -197,31 +203,18 @@ class Gateway:
         self.store.audit("policy.refused", self.policies.version,
                          {"errors": [str(p) for p in exc.problems[:50]], "files": hashes})
 
-    def usable_key(self, route: RouteRule, tenant: str, provider: str) -> ProviderKey | None:
-        """The route's first key that exists, is active, serves this provider, and is the tenant's or the operator's."""
-        for key_id in route.key_ids:
-            key = self.control.keys.get(key_id)
-            if key and key.status == "active" and key.provider == provider and key.owner_tenant in (None, tenant):
-                return key
-        return None
-
-    def resolve_key(self, route: RouteRule | None, tenant: str, provider: str, model: str) -> ProviderKey:
-        if route is None:
-            raise NoRoute(f"No key route for tenant {tenant!r} and model {model!r}. "
-                          "Ask your governance lead to add one to policy/routes.csv.")
-        key = self.usable_key(route, tenant, provider)
-        if key is None:
-            raise NoRoute(f"The key route for tenant {tenant!r} and model {model!r} (routes.csv line {route.line}) "
-                          "names no usable key: each is missing, revoked, for another provider or another tenant's. "
-                          "Ask your operator to check `tollway keys list`.")
-        return key
+    def usable_keys(self, route: RouteRule, tenant: str, provider: str) -> list[ProviderKey]:
+        """The route's keys that exist, are active, serve this provider, and are the tenant's or the operator's."""
+        keys = (self.control.keys.get(key_id) for key_id in route.key_ids)
+        return [k for k in keys
+                if k and k.status == "active" and k.provider == provider and k.owner_tenant in (None, tenant)]
 
     def listing_key(self, policies: PolicySet, tenant: str, provider: str) -> ProviderKey | None:
         """A key that may list this provider's models for the tenant: the first usable one of its routes."""
         for route in policies.files.routes:
             if route.tenant in (tenant, "*") and (route.model_glob.startswith(f"{provider}/")
                                                    or route.model_glob[:1] in ("*", "?")):
-                key = self.usable_key(route, tenant, provider)
-                if key:
-                    return key
+                healthy = [k for k in self.usable_keys(route, tenant, provider) if k.health == "ok"]
+                if healthy:
+                    return healthy[0]
         return None
