@@ -60,8 +60,9 @@ class EventRecorder:
                 batch.append(self._pending.popleft())
             if not batch:
                 return 0
+            cursor = self._con.cursor()
             try:
-                appender = self._con.cursor().appender("events")
+                appender = cursor.appender("events")
                 appender.append_rows(batch)
                 appender.flush()
             except Exception as exc:  # keep the rows: they are retried on the next flush
@@ -69,6 +70,8 @@ class EventRecorder:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.error("event write failed, %d events kept for retry: %s", len(batch), self.last_error)
                 return 0
+            finally:
+                cursor.close()
             self.last_error = None
             self.written += len(batch)
             return len(batch)
