@@ -1,4 +1,4 @@
-"""`tollway credits …`: prepaid credits for unified billing (the statements apply them)."""
+"""`tollway report …` and `tollway credits …`: build reports now; prepaid credits for unified billing."""
 
 from __future__ import annotations
 
@@ -41,7 +41,43 @@ def cmd_credits_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report_run(args: argparse.Namespace) -> int:
+    from analytics.jobs import run_now
+    from proxy.cli import CommandError, emit, say
+    from proxy.settings import load_settings
+
+    settings = load_settings(resolve_data_dir(args.data_dir))
+    if not settings.events_db.exists():
+        raise CommandError(f"no events yet in {settings.events_db}: start the gateway (`tollway serve`) first")
+    say("building reports" + (" (asking the running gateway, which owns events.duckdb)" if _locked(settings) else ""))
+    try:
+        manifest, how = run_now(settings.events_db, settings.reports_dir)
+    except TimeoutError as exc:
+        raise CommandError(str(exc)) from exc
+    lines = [f"{name:14} {info['rows']:>8} rows  {', '.join(info['files'])}" for name, info in manifest["reports"].items()]
+    say(f"built by the {'gateway' if how == 'gateway' else 'CLI'} from {manifest['source_rows']} events "
+        f"in {manifest.get('build_seconds', 0)} s into {settings.reports_dir}")
+    emit(args, manifest, "\n".join(lines))
+    return 0
+
+
+def _locked(settings) -> bool:
+    import duckdb
+
+    try:
+        duckdb.connect(str(settings.events_db), read_only=True).close()
+        return False
+    except duckdb.IOException:
+        return True
+
+
 def register(commands, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
+    report = commands.add_parser("report", parents=[common], help="build the reports now")
+    report_actions = report.add_subparsers(dest="report_command", required=True, metavar="ACTION")
+    report_actions.add_parser("run", parents=[common, as_json],
+                              help="build every report now (works whether or not the gateway runs)"
+                              ).set_defaults(func=cmd_report_run)
+
     credits = commands.add_parser("credits", parents=[common], help="prepaid credits: add, list")
     actions = credits.add_subparsers(dest="credits_command", required=True, metavar="ACTION")
     add = actions.add_parser("add", parents=[common, as_json], help="top up a tenant's prepaid credits")

@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 
 from yarl import URL
 
+from analytics.jobs import build_reports
+from analytics.scheduler import ReportSchedule
 from policy.files import RouteRule
 from policy.loader import PolicyInvalid, PolicySet, load_policy_set
 from policy.watch import PolicyWatcher
@@ -76,6 +78,7 @@ class Gateway:
         self.recorder: EventRecorder | None = None
         self._events_db = None
         self._tasks: list[asyncio.Task] = []
+        self.reports: ReportSchedule | None = None
 
     @classmethod
     def load(cls, settings: Settings) -> Gateway:
@@ -99,6 +102,9 @@ class Gateway:
         self.recorder = EventRecorder(self._events_db, flush_interval_ms=self.settings.events.flush_interval_ms,
                                       batch_size=self.settings.events.batch_size)
         await self.upstream.start()
+        self.reports = ReportSchedule(self._build_reports, self.settings.reports_dir,
+                                      self.settings.pipeline.report_interval_s)
+        self.reports.start()
         watcher = PolicyWatcher(self.settings.data_dir, lambda: self.policies, self._fresh_keys,
                                 self._policy_loaded, self._policy_refused, self._policy_unchanged)
         self._tasks.append(asyncio.get_running_loop().create_task(watcher.run(), name="policy-watcher"))
@@ -110,6 +116,8 @@ class Gateway:
 
     async def stop(self) -> None:
         """After in-flight requests finished: close upstream connections, flush every event."""
+        if self.reports is not None:
+            self.reports.stop()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -125,6 +133,15 @@ class Gateway:
         if credential and self.jwt is not None and looks_like_jwt(credential):
             return await self.jwt.identify(credential)
         return self.control.authenticate(credential, hint)
+
+    def _build_reports(self) -> dict:
+        """Flush pending events, then build the reports through a cursor of our own connection."""
+        self.recorder.flush()
+        cursor = self._events_db.cursor()
+        try:
+            return build_reports(cursor, self.settings.reports_dir)
+        finally:
+            cursor.close()
 
     def _budget_alert(self, alert: Alert) -> None:
         log_alert(alert)

@@ -1,0 +1,111 @@
+"""Report jobs: load events from DuckDB into Polars, run the pure report functions, write each
+report as Parquet plus a CSV twin under a temporary name and rename it into place, then the manifest.
+
+Readers (the dashboard) therefore only ever see whole files. The DuckDB file allows one writing
+process: inside `tollway serve` the jobs read through a cursor of the gateway's own connection;
+`tollway report run` opens the file read-only when no gateway holds it, and otherwise asks the
+running gateway to build (a trigger file it polls) and waits for the new manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from analytics.reports import denials, tenant_costs, user_costs
+
+REPORTS: dict[str, Callable[[pl.LazyFrame], pl.LazyFrame]] = {
+    "tenant_costs": tenant_costs,
+    "user_costs": user_costs,
+    "denials": denials,
+}
+MANIFEST = "manifest.json"
+TRIGGER = ".run-requested"
+EVENT_COLUMNS = ("ts", "tenant", "user_pseudonym", "provider", "model", "billing_mode", "outcome", "status_code",
+                 "input_tokens", "output_tokens", "cached_input_tokens", "usage_source", "cost_usd", "latency_ms")
+
+
+def code_version() -> str:
+    try:
+        return version("tollway")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def load_events(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    """The events as a Polars frame (DuckDB hands Arrow buffers over without copying rows)."""
+    return con.sql(f"SELECT {', '.join(EVENT_COLUMNS)} FROM events").pl()
+
+
+def write_atomically(frame: pl.DataFrame, directory: Path, name: str) -> list[str]:
+    """`name.parquet` and `name.csv`, each written to a hidden temporary file and renamed into place."""
+    written = []
+    for suffix, writer in ((".parquet", frame.write_parquet), (".csv", frame.write_csv)):
+        final = directory / f"{name}{suffix}"
+        temporary = directory / f".{name}{suffix}.tmp-{os.getpid()}"
+        writer(temporary)
+        os.replace(temporary, final)
+        written.append(final.name)
+    return written
+
+
+def build_reports(con: duckdb.DuckDBPyConnection, reports_dir: Path) -> dict:
+    """Build every report from the events; return the manifest that was written."""
+    started = time.perf_counter()
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    events = load_events(con)
+    built_at = datetime.now(UTC).isoformat()
+    manifest: dict = {"built_at": built_at, "code_version": code_version(), "source_rows": events.height,
+                      "newest_event": events["ts"].max().isoformat() if events.height else None, "reports": {}}
+    lazy = events.lazy()
+    for name, report in REPORTS.items():
+        frame = report(lazy).collect()
+        manifest["reports"][name] = {"rows": frame.height, "built_at": datetime.now(UTC).isoformat(),
+                                     "files": write_atomically(frame, reports_dir, name)}
+    manifest["build_seconds"] = round(time.perf_counter() - started, 3)
+    temporary = reports_dir / f".{MANIFEST}.tmp-{os.getpid()}"
+    temporary.write_text(json.dumps(manifest, indent=2))
+    os.replace(temporary, reports_dir / MANIFEST)
+    return manifest
+
+
+def read_manifest(reports_dir: Path) -> dict | None:
+    path = reports_dir / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_now(events_db: Path, reports_dir: Path, wait_s: float = 120) -> tuple[dict, str]:
+    """Build now: directly if no gateway holds `events.duckdb`, else through the running gateway.
+
+    Returns the manifest and how it was built ("direct" or "gateway").
+    """
+    try:
+        con = duckdb.connect(str(events_db), read_only=True,
+                             config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    except duckdb.IOException:
+        return _ask_gateway(reports_dir, wait_s), "gateway"
+    try:
+        return build_reports(con, reports_dir), "direct"
+    finally:
+        con.close()
+
+
+def _ask_gateway(reports_dir: Path, wait_s: float) -> dict:
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    asked_at = datetime.now(UTC).isoformat()
+    (reports_dir / TRIGGER).write_text(asked_at)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        manifest = read_manifest(reports_dir)
+        if manifest and manifest["built_at"] >= asked_at:
+            return manifest
+        time.sleep(0.2)
+    raise TimeoutError("the running gateway did not build the reports in time; check its log")

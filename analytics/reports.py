@@ -1,0 +1,62 @@
+"""Report math: pure `LazyFrame -> LazyFrame` functions over the events (no I/O here).
+
+Money stays Decimal end to end (DuckDB DECIMAL(18,9) → Polars Decimal); an unpriced request has a
+null cost and is counted apart, never summed as zero. Every output is sorted on its keys, so the
+same events give the same bytes whatever order they were written in.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+#: Outcomes that are refusals by the gateway itself (they never reached a provider).
+REFUSALS = ("denied", "rate_limited", "budget_exceeded", "unauthenticated", "bad_request")
+
+
+def with_periods(events: pl.LazyFrame) -> pl.LazyFrame:
+    """Add `day` (date, UTC) and `month` (YYYY-MM) from `ts`."""
+    utc = pl.col("ts").dt.convert_time_zone("UTC")
+    return events.with_columns(day=utc.dt.date(), month=utc.dt.strftime("%Y-%m"))
+
+
+def tenant_costs(events: pl.LazyFrame) -> pl.LazyFrame:
+    """Per day, tenant, provider, model and billing mode: volume, tokens, cost and latency."""
+    keys = ["day", "tenant", "provider", "model", "billing_mode"]
+    return (events.pipe(with_periods)
+            .filter(pl.col("tenant").is_not_null() & pl.col("model").is_not_null())
+            .group_by(keys)
+            .agg(requests=pl.len().cast(pl.Int64),
+                 errors=(pl.col("outcome") != "ok").sum().cast(pl.Int64),
+                 input_tokens=pl.col("input_tokens").sum(),
+                 output_tokens=pl.col("output_tokens").sum(),
+                 cached_input_tokens=pl.col("cached_input_tokens").sum(),
+                 cost_usd=pl.col("cost_usd").sum(),
+                 unpriced_requests=(pl.col("cost_usd").is_null() & (pl.col("usage_source") != "none"))
+                 .sum().cast(pl.Int64),
+                 p50_latency_ms=pl.col("latency_ms").quantile(0.50, "nearest"),
+                 p95_latency_ms=pl.col("latency_ms").quantile(0.95, "nearest"))
+            .sort(keys, nulls_last=True))
+
+
+def user_costs(events: pl.LazyFrame) -> pl.LazyFrame:
+    """Per month, tenant and pseudonymous user: requests, tokens and cost."""
+    keys = ["month", "tenant", "user_pseudonym"]
+    return (events.pipe(with_periods)
+            .filter(pl.col("user_pseudonym").is_not_null())
+            .with_columns(pl.col("user_pseudonym").cast(pl.String))
+            .group_by(keys)
+            .agg(requests=pl.len().cast(pl.Int64),
+                 input_tokens=pl.col("input_tokens").sum(),
+                 output_tokens=pl.col("output_tokens").sum(),
+                 cost_usd=pl.col("cost_usd").sum())
+            .sort(keys))
+
+
+def denials(events: pl.LazyFrame) -> pl.LazyFrame:
+    """Per day, tenant, outcome and model: how many requests the gateway refused."""
+    keys = ["day", "tenant", "outcome", "model"]
+    return (events.pipe(with_periods)
+            .filter(pl.col("outcome").is_in(REFUSALS))
+            .group_by(keys)
+            .agg(count=pl.len().cast(pl.Int64))
+            .sort(keys, nulls_last=True))
