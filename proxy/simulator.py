@@ -34,6 +34,7 @@ import struct
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -313,7 +314,7 @@ def _require_model(body: dict) -> str:
 Handler = Callable[[_Call], "dict | list | _Stream"]
 
 
-class _Provider:
+class _Provider(ABC):
     """Base of a provider family: credential, error format and routes."""
 
     name = ""
@@ -323,14 +324,17 @@ class _Provider:
     def prefix(self) -> str:
         return "/" + self.name
 
+    @abstractmethod
     def routes(self) -> list[tuple[str, str, Handler]]:
-        raise NotImplementedError
+        """(method, path, handler) for each endpoint of the family."""
 
+    @abstractmethod
     def credential(self, request: web.Request) -> str | None:
-        raise NotImplementedError
+        """The key the client sent, where this family's SDK sends it."""
 
+    @abstractmethod
     def error_body(self, status: int, message: str) -> dict:
-        raise NotImplementedError
+        """An error in this family's own format."""
 
     def not_found(self, call: _Call) -> dict:
         raise _NotFound(f"Unknown request URL: {call.request.method} {call.request.path}")
