@@ -60,9 +60,9 @@ def write_atomically(frame: pl.DataFrame, directory: Path, name: str) -> list[st
 def build_reports(con: duckdb.DuckDBPyConnection, reports_dir: Path) -> dict:
     """Build every report from the events; return the manifest that was written."""
     started = time.perf_counter()
+    built_at = datetime.now(UTC).isoformat()  # before reading: the reports cover what existed then
     reports_dir.mkdir(parents=True, exist_ok=True)
     events = load_events(con)
-    built_at = datetime.now(UTC).isoformat()
     manifest: dict = {"built_at": built_at, "code_version": code_version(), "source_rows": events.height,
                       "newest_event": events["ts"].max().isoformat() if events.height else None, "reports": {}}
     lazy = events.lazy()

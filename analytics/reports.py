@@ -11,6 +11,10 @@ import polars as pl
 
 #: Outcomes that are refusals by the gateway itself (they never reached a provider).
 REFUSALS = ("denied", "rate_limited", "budget_exceeded", "unauthenticated", "bad_request")
+#: Exact sum of the known costs; null when there is none (all unpriced or no usage), never a made-up 0.
+KNOWN_COST = pl.when(pl.col("cost_usd").count() > 0).then(pl.col("cost_usd").sum())
+#: Requests with usage but no price: "unpriced usage", reported apart.
+UNPRICED = (pl.col("cost_usd").is_null() & (pl.col("usage_source") != "none")).sum().cast(pl.Int64)
 
 
 def with_periods(events: pl.LazyFrame) -> pl.LazyFrame:
@@ -30,9 +34,8 @@ def tenant_costs(events: pl.LazyFrame) -> pl.LazyFrame:
                  input_tokens=pl.col("input_tokens").sum(),
                  output_tokens=pl.col("output_tokens").sum(),
                  cached_input_tokens=pl.col("cached_input_tokens").sum(),
-                 cost_usd=pl.col("cost_usd").sum(),
-                 unpriced_requests=(pl.col("cost_usd").is_null() & (pl.col("usage_source") != "none"))
-                 .sum().cast(pl.Int64),
+                 cost_usd=KNOWN_COST,
+                 unpriced_requests=UNPRICED,
                  p50_latency_ms=pl.col("latency_ms").quantile(0.50, "nearest"),
                  p95_latency_ms=pl.col("latency_ms").quantile(0.95, "nearest"))
             .sort(keys, nulls_last=True))
@@ -48,7 +51,8 @@ def user_costs(events: pl.LazyFrame) -> pl.LazyFrame:
             .agg(requests=pl.len().cast(pl.Int64),
                  input_tokens=pl.col("input_tokens").sum(),
                  output_tokens=pl.col("output_tokens").sum(),
-                 cost_usd=pl.col("cost_usd").sum())
+                 cost_usd=KNOWN_COST,
+                 unpriced_requests=UNPRICED)
             .sort(keys))
 
 

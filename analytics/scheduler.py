@@ -46,6 +46,6 @@ class ReportSchedule:
 
     async def _check_trigger(self) -> None:
         trigger = self._reports_dir / TRIGGER
-        if trigger.exists():
+        if trigger.exists() and not self._lock.locked():  # a build under way may predate the request
             trigger.unlink(missing_ok=True)
             await self.run()

@@ -250,4 +250,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m proxy.cli` runs this file as __main__; the subcommand modules import `proxy.cli`, so
+    # hand over to that module: one CommandError class, caught by the `main` that raised it.
+    from proxy.cli import main as cli_main
+
+    sys.exit(cli_main())
