@@ -242,9 +242,11 @@ class ControlStore:
         with self._tx():
             self._audit(action, target, details)
 
-    def audit_entries(self) -> list[dict]:
+    def audit_entries(self, action: str | None = None, since: str | None = None) -> list[dict]:
+        """Entries in order, optionally only one action and those at or after an ISO timestamp."""
         rows = self._db.execute(
-            "SELECT seq, ts, action, actor, target, details, prev_hash, hash FROM audit_log ORDER BY seq")
+            "SELECT seq, ts, action, actor, target, details, prev_hash, hash FROM audit_log "
+            "WHERE (?1 IS NULL OR action = ?1) AND (?2 IS NULL OR ts >= ?2) ORDER BY seq", (action, since))
         cols = ("seq", "ts", "action", "actor", "target", "details", "prev_hash", "hash")
         return [dict(zip(cols, row, strict=True)) for row in rows.fetchall()]
 

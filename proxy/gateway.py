@@ -153,13 +153,12 @@ class Gateway:
         self.metrics.limit_refusals.labels(refusal.limit.scope.tenant, rule.metric, rule.window).inc()
 
     def _recorded_alerts(self) -> list[tuple]:
-        month = datetime.now(UTC).strftime("%Y-%m")
+        """This month's budget alerts from the audit log, so a restart does not repeat them."""
         keys = []
-        for entry in self.store.audit_entries():
-            if entry["action"] == "budget.alert" and entry["ts"] >= month:
-                d = json.loads(entry["details"])
-                keys.append(alert_key(d["line"], d["tenant"], d["user_pseudonym"], d["window"], d["window_start"],
-                                      d["threshold"]))
+        for entry in self.store.audit_entries(action="budget.alert", since=datetime.now(UTC).strftime("%Y-%m")):
+            d = json.loads(entry["details"])
+            keys.append(alert_key(d["line"], d["tenant"], d["user_pseudonym"], d["window"], d["window_start"],
+                                  d["threshold"]))
         return keys
 
     def key_pool(self, route: RouteRule | None, tenant: str, provider: str, model: str) -> list[ProviderKey]:

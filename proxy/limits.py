@@ -77,9 +77,6 @@ class Amounts:
     tokens: int = 0
     usd: Decimal = Decimal(0)
 
-    def get(self, metric: str) -> Decimal:
-        return Decimal(getattr(self, metric))
-
 
 @dataclass(frozen=True, slots=True)
 class Scope:
