@@ -51,7 +51,7 @@ def cmd_report_run(args: argparse.Namespace) -> int:
         raise CommandError(f"no events yet in {settings.events_db}: start the gateway (`tollway serve`) first")
     say("building reports" + (" (asking the running gateway, which owns events.duckdb)" if _locked(settings) else ""))
     try:
-        manifest, how = run_now(settings.events_db, settings.reports_dir)
+        manifest, how = run_now(settings.data_dir, settings.events_db, settings.reports_dir)
     except TimeoutError as exc:
         raise CommandError(str(exc)) from exc
     lines = [f"{name:14} {info['rows']:>8} rows  {', '.join(info['files'])}" for name, info in manifest["reports"].items()]

@@ -11,21 +11,33 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import duckdb
 import polars as pl
 
-from analytics.reports import denials, tenant_costs, user_costs
+from analytics.billing import Credit, PeriodUsage, statements
+from analytics.reports import denials, period_usage, tenant_costs, user_costs
+from policy.files import Tenant, load_policy_files
 
 REPORTS: dict[str, Callable[[pl.LazyFrame], pl.LazyFrame]] = {
     "tenant_costs": tenant_costs,
     "user_costs": user_costs,
     "denials": denials,
+}
+MONEY = pl.Decimal(18, 2)
+STATEMENT_SCHEMA = {
+    "period": pl.String, "tenant": pl.String, "unified_cost_usd": MONEY, "markup_usd": MONEY, "byok_cost_usd": MONEY,
+    "byok_fee_usd": MONEY, "charges_usd": MONEY, "credits_opening_usd": MONEY, "credits_added_usd": MONEY,
+    "credits_applied_usd": MONEY, "credits_closing_usd": MONEY, "amount_due_usd": MONEY,
+    "unpriced_requests": pl.Int64,
 }
 MANIFEST = "manifest.json"
 TRIGGER = ".run-requested"
@@ -57,8 +69,39 @@ def write_atomically(frame: pl.DataFrame, directory: Path, name: str) -> list[st
     return written
 
 
-def build_reports(con: duckdb.DuckDBPyConnection, reports_dir: Path) -> dict:
-    """Build every report from the events; return the manifest that was written."""
+@dataclass(frozen=True)
+class BillingInputs:
+    """What statements need besides events: the tenants' terms and the credit top-ups."""
+
+    tenants: dict[str, Tenant]
+    credits: list[Credit]
+
+
+def load_billing_inputs(data_dir: Path) -> BillingInputs:
+    """`tenants.csv` and the credits in `control.db` (read-only)."""
+    credits = []
+    db = data_dir / "control.db"
+    if db.exists():
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            rows = con.execute("SELECT tenant, amount_usd, created_at FROM credits ORDER BY credit_id").fetchall()
+        finally:
+            con.close()
+        credits = [Credit(t, Decimal(a), datetime.fromisoformat(c.replace("Z", "+00:00"))) for t, a, c in rows]
+    return BillingInputs(load_policy_files(data_dir).tenants, credits)
+
+
+def statement_frame(events: pl.LazyFrame, billing: BillingInputs, until: str) -> pl.DataFrame:
+    usage = [PeriodUsage(r["month"], r["tenant"], r["unified_cost_usd"] or Decimal(0),
+                         r["byok_cost_usd"] or Decimal(0), r["unpriced_requests"])
+             for r in period_usage(events).collect().iter_rows(named=True)]
+    rows = [s.row() for s in statements(usage, billing.credits, billing.tenants, until)]
+    return pl.DataFrame(rows, schema=STATEMENT_SCHEMA, orient="row") if rows else pl.DataFrame(schema=STATEMENT_SCHEMA)
+
+
+def build_reports(con: duckdb.DuckDBPyConnection, reports_dir: Path, billing: BillingInputs | None = None) -> dict:
+    """Build every report from the events (and the statements, given the billing inputs);
+    return the manifest that was written."""
     started = time.perf_counter()
     built_at = datetime.now(UTC).isoformat()  # before reading: the reports cover what existed then
     reports_dir.mkdir(parents=True, exist_ok=True)
@@ -70,6 +113,10 @@ def build_reports(con: duckdb.DuckDBPyConnection, reports_dir: Path) -> dict:
         frame = report(lazy).collect()
         manifest["reports"][name] = {"rows": frame.height, "built_at": datetime.now(UTC).isoformat(),
                                      "files": write_atomically(frame, reports_dir, name)}
+    if billing is not None:
+        frame = statement_frame(lazy, billing, built_at[:7])
+        manifest["reports"]["statements"] = {"rows": frame.height, "built_at": datetime.now(UTC).isoformat(),
+                                             "files": write_atomically(frame, reports_dir, "statements")}
     manifest["build_seconds"] = round(time.perf_counter() - started, 3)
     temporary = reports_dir / f".{MANIFEST}.tmp-{os.getpid()}"
     temporary.write_text(json.dumps(manifest, indent=2))
@@ -82,7 +129,7 @@ def read_manifest(reports_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def run_now(events_db: Path, reports_dir: Path, wait_s: float = 120) -> tuple[dict, str]:
+def run_now(data_dir: Path, events_db: Path, reports_dir: Path, wait_s: float = 120) -> tuple[dict, str]:
     """Build now: directly if no gateway holds `events.duckdb`, else through the running gateway.
 
     Returns the manifest and how it was built ("direct" or "gateway").
@@ -93,7 +140,7 @@ def run_now(events_db: Path, reports_dir: Path, wait_s: float = 120) -> tuple[di
     except duckdb.IOException:
         return _ask_gateway(reports_dir, wait_s), "gateway"
     try:
-        return build_reports(con, reports_dir), "direct"
+        return build_reports(con, reports_dir, load_billing_inputs(data_dir)), "direct"
     finally:
         con.close()
 

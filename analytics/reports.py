@@ -64,3 +64,19 @@ def denials(events: pl.LazyFrame) -> pl.LazyFrame:
             .group_by(keys)
             .agg(count=pl.len().cast(pl.Int64))
             .sort(keys, nulls_last=True))
+
+
+def period_usage(events: pl.LazyFrame) -> pl.LazyFrame:
+    """Per month and tenant: the known cost of unified and of BYOK usage, and unpriced requests.
+
+    The input of the billing statements (`analytics.billing`)."""
+    keys = ["month", "tenant"]
+
+    def cost_of(mode: str) -> pl.Expr:
+        return pl.col("cost_usd").filter(pl.col("billing_mode") == mode).sum()
+
+    return (events.pipe(with_periods)
+            .filter(pl.col("tenant").is_not_null() & pl.col("billing_mode").is_not_null())
+            .group_by(keys)
+            .agg(unified_cost_usd=cost_of("unified"), byok_cost_usd=cost_of("byok"), unpriced_requests=UNPRICED)
+            .sort(keys))

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from yarl import URL
 
-from analytics.jobs import build_reports
+from analytics.jobs import build_reports, load_billing_inputs
 from analytics.scheduler import ReportSchedule
 from policy.files import RouteRule
 from policy.loader import PolicyInvalid, PolicySet, load_policy_set
@@ -139,7 +139,7 @@ class Gateway:
         self.recorder.flush()
         cursor = self._events_db.cursor()
         try:
-            return build_reports(cursor, self.settings.reports_dir)
+            return build_reports(cursor, self.settings.reports_dir, load_billing_inputs(self.settings.data_dir))
         finally:
             cursor.close()
 
