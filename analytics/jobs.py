@@ -14,7 +14,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from importlib.metadata import PackageNotFoundError, version
@@ -24,8 +24,8 @@ import duckdb
 import polars as pl
 
 from analytics.billing import Credit, PeriodUsage, statements
-from analytics.reports import denials, period_usage, tenant_costs, user_costs
-from policy.files import Tenant, load_policy_files
+from analytics.reports import budget_status, denials, period_usage, tenant_costs, user_costs
+from policy.files import LimitRule, Tenant, load_policy_files
 
 REPORTS: dict[str, Callable[[pl.LazyFrame], pl.LazyFrame]] = {
     "tenant_costs": tenant_costs,
@@ -71,10 +71,11 @@ def write_atomically(frame: pl.DataFrame, directory: Path, name: str) -> list[st
 
 @dataclass(frozen=True)
 class BillingInputs:
-    """What statements need besides events: the tenants' terms and the credit top-ups."""
+    """What statements and budget status need besides events: tenants' terms, credits, limits."""
 
     tenants: dict[str, Tenant]
     credits: list[Credit]
+    limits: list[LimitRule] = field(default_factory=list)
 
 
 def load_billing_inputs(data_dir: Path) -> BillingInputs:
@@ -88,7 +89,8 @@ def load_billing_inputs(data_dir: Path) -> BillingInputs:
         finally:
             con.close()
         credits = [Credit(t, Decimal(a), datetime.fromisoformat(c.replace("Z", "+00:00"))) for t, a, c in rows]
-    return BillingInputs(load_policy_files(data_dir).tenants, credits)
+    files = load_policy_files(data_dir)
+    return BillingInputs(files.tenants, credits, files.limits)
 
 
 def statement_frame(events: pl.LazyFrame, billing: BillingInputs, until: str) -> pl.DataFrame:
@@ -114,9 +116,11 @@ def build_reports(con: duckdb.DuckDBPyConnection, reports_dir: Path, billing: Bi
         manifest["reports"][name] = {"rows": frame.height, "built_at": datetime.now(UTC).isoformat(),
                                      "files": write_atomically(frame, reports_dir, name)}
     if billing is not None:
-        frame = statement_frame(lazy, billing, built_at[:7])
-        manifest["reports"]["statements"] = {"rows": frame.height, "built_at": datetime.now(UTC).isoformat(),
-                                             "files": write_atomically(frame, reports_dir, "statements")}
+        now = datetime.fromisoformat(built_at)
+        for name, frame in (("statements", statement_frame(lazy, billing, built_at[:7])),
+                            ("budget_status", budget_status(lazy, billing.limits, now))):
+            manifest["reports"][name] = {"rows": frame.height, "built_at": datetime.now(UTC).isoformat(),
+                                         "files": write_atomically(frame, reports_dir, name)}
     manifest["build_seconds"] = round(time.perf_counter() - started, 3)
     temporary = reports_dir / f".{MANIFEST}.tmp-{os.getpid()}"
     temporary.write_text(json.dumps(manifest, indent=2))

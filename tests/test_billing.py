@@ -112,3 +112,28 @@ def test_report_run_writes_statements_with_the_cli_credits(deployment):
     assert (row["period"], row["unified_cost_usd"], row["byok_fee_usd"], row["charges_usd"]) == (
         now.strftime("%Y-%m"), "100.00", "2.50", "102.50")
     assert (row["credits_applied_usd"], row["amount_due_usd"]) == ("50.00", "52.50")
+
+
+def test_budget_status_spent_percent_and_forecast():
+    from analytics.reports import budget_status
+    from policy.files import LimitRule
+
+    now = at("2025-03-11T00:00:00")  # 10 of March's 31 days have passed
+    events = pl.DataFrame({
+        "ts": [at("2025-03-02T00:00:00"), at("2025-03-05T00:00:00"), at("2025-02-27T00:00:00"),
+               at("2025-03-06T00:00:00"), at("2025-03-07T00:00:00")],
+        "tenant": ["acme", "acme", "acme", "acme", "globex"],
+        "user_pseudonym": ["u1", "u2", "u1", "u1", "g1"],
+        "outcome": ["ok", "ok", "ok", "budget_exceeded", "ok"],
+        "cost_usd": [D("30"), D("20"), D("999"), None, D("7")],
+    }, schema_overrides={"cost_usd": pl.Decimal(18, 9), "ts": pl.Datetime("us", "UTC")})
+    limits = [LimitRule(2, "acme", "tenant", "usd", "month", D("200")), LimitRule(3, "*", "*", "usd", "month", D("40")),
+              LimitRule(4, "acme", "role:interns", "usd", "day", D("5")),
+              LimitRule(5, "acme", "tenant", "requests", "minute", D("60"))]
+    rows = budget_status(events.lazy(), limits, now).to_dicts()
+    tenant_row = next(r for r in rows if r["line"] == 2)
+    assert (tenant_row["spent_usd"], tenant_row["percent"]) == (D("50"), 25.0)  # February's 999 is another window
+    assert tenant_row["forecast_usd"] == D("155.000000000")  # 50 / 10 days × 31 days
+    per_user = sorted((r["tenant"], r["user_pseudonym"], r["spent_usd"]) for r in rows if r["line"] == 3)
+    assert per_user == [("acme", "u1", D("30")), ("acme", "u2", D("20")), ("globex", "g1", D("7"))]
+    assert {r["line"] for r in rows} == {2, 3}  # role budgets and non-usd limits are not listed
