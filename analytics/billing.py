@@ -1,6 +1,7 @@
 """Unified-billing statements: exact decimal math per period and tenant, cents only at the end.
 
-    charges  = unified + markup + byok_fee        markup   = unified × markup_pct / 100
+    charges  = unified + markup + byok_fee (+ adjustments for late events of closed periods)
+                                                  markup   = unified × markup_pct / 100
     applied  = min(opening + added, charges)      byok_fee = byok × byok_fee_pct / 100
     closing  = opening + added − applied          due      = charges − applied
 
@@ -55,9 +56,17 @@ class Statement:
     credits_closing_usd: Decimal
     amount_due_usd: Decimal
     unpriced_requests: int
+    adjustments_usd: Decimal = Decimal("0.00")  # late events of closed periods, charged here
+    closed: bool = False
 
     def row(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def frozen(cls, row: dict) -> Statement:
+        """A statement as `report close` stored it."""
+        money = {k: Decimal(str(v)) for k, v in row.items() if k.endswith("_usd")}
+        return cls(**{**row, **money, "unpriced_requests": int(row["unpriced_requests"]), "closed": True})
 
 
 def cents(value: Decimal) -> Decimal:
@@ -66,8 +75,11 @@ def cents(value: Decimal) -> Decimal:
 
 
 def statements(usage: Iterable[PeriodUsage], credits: Iterable[Credit], tenants: dict[str, Tenant],
-               until: str) -> list[Statement]:
+               until: str, closed: dict[tuple[str, str], dict] | None = None) -> list[Statement]:
     """Statements for every tenant and period from its first usage or credit up to `until` (YYYY-MM).
+
+    A closed period's statement is the frozen one; what its events add up to beyond that (late events)
+    is charged in the next open period as `adjustments_usd`.
 
     >>> t = {"acme": Tenant("acme", "Acme", Decimal(10), Decimal(2))}
     >>> [s] = statements([PeriodUsage("2025-03", "acme", Decimal("100"), Decimal("50"), 0)], [], t, "2025-03")
@@ -80,30 +92,39 @@ def statements(usage: Iterable[PeriodUsage], credits: Iterable[Credit], tenants:
         key = (credit.added_at.strftime("%Y-%m"), credit.tenant)
         added[key] = added.get(key, Decimal(0)) + credit.amount
     out = []
-    for tenant in sorted({t for _, t in by_key} | {t for _, t in added}):
-        first = min(p for p, t in (*by_key, *added) if t == tenant)
-        opening = Decimal(0)
+    closed = closed or {}
+    for tenant in sorted({t for _, t in by_key} | {t for _, t in (*added, *closed)}):
+        first = min(p for p, t in (*by_key, *added, *closed) if t == tenant)
+        opening, carried = Decimal(0), Decimal(0)
         for period in months(first, until):
-            statement = _statement(period, tenant, by_key.get((period, tenant)), added.get((period, tenant)),
-                                   opening, tenants.get(tenant))
+            computed = _statement(period, tenant, by_key.get((period, tenant)), added.get((period, tenant)),
+                                  opening, tenants.get(tenant), carried if (period, tenant) not in closed else None)
+            frozen = closed.get((period, tenant))
+            if frozen is not None:
+                statement = Statement.frozen(frozen)
+                carried += computed.charges_usd - statement.charges_usd
+            else:
+                statement, carried = computed, Decimal(0)
             out.append(statement)
             opening = statement.credits_closing_usd
     return sorted(out, key=lambda s: (s.period, s.tenant))
 
 
 def _statement(period: str, tenant: str, usage: PeriodUsage | None, added: Decimal | None, opening: Decimal,
-               terms: Tenant | None) -> Statement:
+               terms: Tenant | None, adjustment: Decimal | None) -> Statement:
     unified = usage.unified_cost if usage else Decimal(0)
     byok = usage.byok_cost if usage else Decimal(0)
     markup_pct = terms.markup_pct if terms else Decimal(0)
     fee_pct = terms.byok_fee_pct if terms else Decimal(0)
     lines = [cents(unified), cents(unified * markup_pct / HUNDRED), cents(byok), cents(byok * fee_pct / HUNDRED)]
     unified_c, markup_c, byok_c, fee_c = lines
-    charges = unified_c + markup_c + fee_c
+    adjustment_c = cents(adjustment or Decimal(0))
+    charges = unified_c + markup_c + fee_c + adjustment_c
     added_c = cents(added or Decimal(0))
-    applied = min(opening + added_c, charges)
+    applied = max(min(opening + added_c, charges), Decimal(0))
     return Statement(period, tenant, unified_c, markup_c, byok_c, fee_c, charges, opening, added_c, applied,
-                     opening + added_c - applied, charges - applied, usage.unpriced_requests if usage else 0)
+                     opening + added_c - applied, charges - applied, usage.unpriced_requests if usage else 0,
+                     adjustment_c)
 
 
 def months(first: str, last: str) -> list[str]:

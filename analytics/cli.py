@@ -61,6 +61,33 @@ def cmd_report_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report_close(args: argparse.Namespace) -> int:
+    import re
+    from datetime import UTC, datetime
+
+    import polars as pl
+
+    from analytics.jobs import run_now
+    from proxy.cli import CommandError, emit, open_store, say
+    from proxy.settings import load_settings
+
+    if not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", args.period):
+        raise CommandError(f"--period {args.period!r}: use YYYY-MM, e.g. 2026-10")
+    if args.period >= datetime.now(UTC).strftime("%Y-%m"):
+        raise CommandError(f"period {args.period} has not ended yet; close it once the month is over")
+    settings = load_settings(resolve_data_dir(args.data_dir))
+    store = open_store(args)
+    if settings.events_db.exists():
+        run_now(settings.data_dir, settings.events_db, settings.reports_dir)  # the figures as of now
+    path = settings.reports_dir / "statements.parquet"
+    rows = (pl.read_parquet(path).filter(pl.col("period") == args.period).to_dicts() if path.exists() else [])
+    store.close_period(args.period, rows)
+    say(f"closed {args.period}: {len(rows)} statement(s) frozen; later events for it become adjustments "
+        "in the next open period")
+    emit(args, {"period": args.period, "statements": rows}, f"{args.period} closed")
+    return 0
+
+
 def _locked(settings) -> bool:
     import duckdb
 
@@ -77,6 +104,10 @@ def register(commands, common: argparse.ArgumentParser, as_json: argparse.Argume
     report_actions.add_parser("run", parents=[common, as_json],
                               help="build every report now (works whether or not the gateway runs)"
                               ).set_defaults(func=cmd_report_run)
+    close = report_actions.add_parser("close", parents=[common, as_json],
+                                      help="freeze a past period's statements (late events become adjustments)")
+    close.add_argument("--period", required=True, help="YYYY-MM, a month that has ended")
+    close.set_defaults(func=cmd_report_close)
 
     credits = commands.add_parser("credits", parents=[common], help="prepaid credits: add, list")
     actions = credits.add_subparsers(dest="credits_command", required=True, metavar="ACTION")

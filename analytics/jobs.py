@@ -37,7 +37,7 @@ STATEMENT_SCHEMA = {
     "period": pl.String, "tenant": pl.String, "unified_cost_usd": MONEY, "markup_usd": MONEY, "byok_cost_usd": MONEY,
     "byok_fee_usd": MONEY, "charges_usd": MONEY, "credits_opening_usd": MONEY, "credits_added_usd": MONEY,
     "credits_applied_usd": MONEY, "credits_closing_usd": MONEY, "amount_due_usd": MONEY,
-    "unpriced_requests": pl.Int64,
+    "unpriced_requests": pl.Int64, "adjustments_usd": MONEY, "closed": pl.Boolean,
 }
 MANIFEST = "manifest.json"
 TRIGGER = ".run-requested"
@@ -76,28 +76,31 @@ class BillingInputs:
     tenants: dict[str, Tenant]
     credits: list[Credit]
     limits: list[LimitRule] = field(default_factory=list)
+    closed: dict[tuple[str, str], dict] = field(default_factory=dict)  # (period, tenant) -> frozen statement
 
 
 def load_billing_inputs(data_dir: Path) -> BillingInputs:
     """`tenants.csv` and the credits in `control.db` (read-only)."""
-    credits = []
+    credits, closed = [], {}
     db = data_dir / "control.db"
     if db.exists():
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
             rows = con.execute("SELECT tenant, amount_usd, created_at FROM credits ORDER BY credit_id").fetchall()
+            frozen = con.execute("SELECT period, tenant, statement FROM closed_statements").fetchall()
         finally:
             con.close()
         credits = [Credit(t, Decimal(a), datetime.fromisoformat(c.replace("Z", "+00:00"))) for t, a, c in rows]
+        closed = {(period, tenant): json.loads(body) for period, tenant, body in frozen}
     files = load_policy_files(data_dir)
-    return BillingInputs(files.tenants, credits, files.limits)
+    return BillingInputs(files.tenants, credits, files.limits, closed)
 
 
 def statement_frame(events: pl.LazyFrame, billing: BillingInputs, until: str) -> pl.DataFrame:
     usage = [PeriodUsage(r["month"], r["tenant"], r["unified_cost_usd"] or Decimal(0),
                          r["byok_cost_usd"] or Decimal(0), r["unpriced_requests"])
              for r in period_usage(events).collect().iter_rows(named=True)]
-    rows = [s.row() for s in statements(usage, billing.credits, billing.tenants, until)]
+    rows = [s.row() for s in statements(usage, billing.credits, billing.tenants, until, billing.closed)]
     return pl.DataFrame(rows, schema=STATEMENT_SCHEMA, orient="row") if rows else pl.DataFrame(schema=STATEMENT_SCHEMA)
 
 

@@ -31,6 +31,9 @@ CREATE TABLE IF NOT EXISTS client_tokens (
 CREATE TABLE IF NOT EXISTS credits (
     credit_id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, amount_usd TEXT NOT NULL,
     note TEXT, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS closed_periods (period TEXT PRIMARY KEY, closed_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS closed_statements (
+    period TEXT NOT NULL, tenant TEXT NOT NULL, statement TEXT NOT NULL, PRIMARY KEY (period, tenant));
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audit_log (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, action TEXT NOT NULL,
@@ -235,6 +238,20 @@ class ControlStore:
     def list_credits(self) -> list[tuple[str, Decimal, str | None, str]]:
         rows = self._db.execute("SELECT tenant, amount_usd, note, created_at FROM credits ORDER BY credit_id")
         return [(t, Decimal(a), n, c) for t, a, n, c in rows.fetchall()]
+
+    # --- closed billing periods ------------------------------------------------------------------
+    def close_period(self, period: str, statements: list[dict]) -> None:
+        """Freeze a period's statements (one transaction); later events for it become adjustments."""
+        try:
+            with self._tx():
+                self._db.execute("INSERT INTO closed_periods VALUES (?, ?)", (period, iso(utcnow())))
+                self._db.executemany("INSERT INTO closed_statements VALUES (?, ?, ?)",
+                                     [(period, row["tenant"], json.dumps(row, default=str)) for row in statements])
+                total = sum((Decimal(str(r["charges_usd"])) for r in statements), Decimal(0))
+                self._audit("period.closed", period, {"tenants": sorted(r["tenant"] for r in statements),
+                                                      "charges_usd": str(total)})
+        except sqlite3.IntegrityError as exc:
+            raise ControlError(f"period {period} is closed already; its statements are frozen") from exc
 
     # --- audit ---------------------------------------------------------------------------------
     def audit(self, action: str, target: str | None, details: dict) -> None:

@@ -137,3 +137,50 @@ def test_budget_status_spent_percent_and_forecast():
     per_user = sorted((r["tenant"], r["user_pseudonym"], r["spent_usd"]) for r in rows if r["line"] == 3)
     assert per_user == [("acme", "u1", D("30")), ("acme", "u2", D("20")), ("globex", "g1", D("7"))]
     assert {r["line"] for r in rows} == {2, 3}  # role budgets and non-usd limits are not listed
+
+
+def test_a_closed_period_stays_frozen_and_late_events_are_charged_next_period():
+    frozen = statements([PeriodUsage("2025-03", "globex", D("10"), D("0"), 0)], [], TENANTS, "2025-03")[0]
+    late = [PeriodUsage("2025-03", "globex", D("14.50"), D("0"), 0),  # 4.50 arrived after the close
+            PeriodUsage("2025-04", "globex", D("1"), D("0"), 0)]
+    mar, apr = statements(late, [], TENANTS, "2025-04", closed={("2025-03", "globex"): frozen.row()})
+    assert mar.closed and mar.charges_usd == D("10.00") and mar.unified_cost_usd == D("10.00")
+    assert not apr.closed and apr.adjustments_usd == D("4.50")
+    assert (apr.charges_usd, apr.amount_due_usd) == (D("5.50"), D("5.50"))
+
+
+def test_report_close_freezes_and_later_events_become_an_adjustment(deployment):
+    import uuid
+
+    from proxy.events import Event
+    from proxy.recorder import EventRecorder, open_events_db
+    from tests.helpers import run_cli
+
+    def add_events(*costs: str) -> None:
+        con = open_events_db(deployment.path / "events.duckdb")
+        recorder = EventRecorder(con)
+        for cost in costs:
+            recorder.record(Event(event_id=uuid.uuid4(), ts=at("2025-10-15T12:00:00"), tenant="globex",
+                                  provider="openai", model="openai/gpt-4o", status_code=200, billing_mode="unified",
+                                  input_tokens=1, output_tokens=1, usage_source="reported", cost_usd=D(cost),
+                                  attempts=1))
+        recorder.close()
+        con.close()
+
+    add_events("20")
+    closed = run_cli(deployment.path, "report", "close", "--period", "2025-10")
+    assert closed.returncode == 0, closed.stderr
+    again = run_cli(deployment.path, "report", "close", "--period", "2025-10")
+    assert again.returncode == 1 and "closed already" in again.stderr
+    assert run_cli(deployment.path, "report", "close", "--period", "2999-01").returncode == 1
+    assert run_cli(deployment.path, "report", "close", "--period", "2025-13").returncode == 1
+
+    add_events("3.25")  # arrives after the close
+    assert run_cli(deployment.path, "report", "run").returncode == 0
+    rows = {r["period"]: r for r in pl.read_csv(deployment.path / "reports" / "statements.csv",
+                                                 infer_schema=False).to_dicts() if r["tenant"] == "globex"}
+    # globex: 12 % markup. October was closed at 20.00 + 2.40; the late 3.25 (+0.39) is charged in November
+    assert (rows["2025-10"]["charges_usd"], rows["2025-10"]["closed"]) == ("22.40", "true")
+    assert (rows["2025-11"]["adjustments_usd"], rows["2025-11"]["charges_usd"]) == ("3.64", "3.64")
+    audit = run_cli(deployment.path, "audit", "--action", "period.closed", "--json")
+    assert '"period.closed"' in audit.stdout and "22.40" in audit.stdout
