@@ -15,7 +15,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -129,6 +129,21 @@ def build_reports(con: duckdb.DuckDBPyConnection, reports_dir: Path, billing: Bi
     temporary.write_text(json.dumps(manifest, indent=2))
     os.replace(temporary, reports_dir / MANIFEST)
     return manifest
+
+
+def apply_retention(con: duckdb.DuckDBPyConnection, retention_days: int, closed_periods: set[str],
+                    now: datetime) -> int:
+    """Delete events older than `retention_days`, but only from closed periods (their statements are
+    frozen); call it after the reports are built. Returns the number of events deleted."""
+    if not closed_periods:
+        return 0
+    cutoff = now - timedelta(days=retention_days)
+    periods = sorted(closed_periods)
+    where = "ts < ? AND strftime(ts AT TIME ZONE 'UTC', '%Y-%m') IN ?"
+    count = con.execute(f"SELECT count(*) FROM events WHERE {where}", [cutoff, periods]).fetchone()[0]
+    if count:
+        con.execute(f"DELETE FROM events WHERE {where}", [cutoff, periods]).fetchall()
+    return count
 
 
 def read_manifest(reports_dir: Path) -> dict | None:

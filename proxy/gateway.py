@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from yarl import URL
 
-from analytics.jobs import build_reports, load_billing_inputs
+from analytics.jobs import apply_retention, build_reports, load_billing_inputs
 from analytics.scheduler import ReportSchedule
 from policy.files import RouteRule
 from policy.loader import PolicyInvalid, PolicySet, load_policy_set
@@ -135,11 +135,19 @@ class Gateway:
         return self.control.authenticate(credential, hint)
 
     def _build_reports(self) -> dict:
-        """Flush pending events, then build the reports through a cursor of our own connection."""
+        """Flush pending events, build the reports through a cursor of our own connection, then apply
+        retention (only now that every report that needed the old events is built)."""
         self.recorder.flush()
         cursor = self._events_db.cursor()
         try:
-            return build_reports(cursor, self.settings.reports_dir, load_billing_inputs(self.settings.data_dir))
+            billing = load_billing_inputs(self.settings.data_dir)
+            manifest = build_reports(cursor, self.settings.reports_dir, billing)
+            deleted = apply_retention(cursor, self.settings.pipeline.retention_days,
+                                      {period for period, _ in billing.closed}, datetime.now(UTC))
+            if deleted:
+                log.info("retention: deleted %d events older than %d days from closed periods", deleted,
+                         self.settings.pipeline.retention_days)
+            return manifest
         finally:
             cursor.close()
 

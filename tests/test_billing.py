@@ -184,3 +184,23 @@ def test_report_close_freezes_and_later_events_become_an_adjustment(deployment):
     assert (rows["2025-11"]["adjustments_usd"], rows["2025-11"]["charges_usd"]) == ("3.64", "3.64")
     audit = run_cli(deployment.path, "audit", "--action", "period.closed", "--json")
     assert '"period.closed"' in audit.stdout and "22.40" in audit.stdout
+
+
+def test_retention_deletes_only_old_events_of_closed_periods(tmp_path):
+    import uuid
+
+    from analytics.jobs import apply_retention
+    from proxy.events import Event
+    from proxy.recorder import EventRecorder, open_events_db
+
+    con = open_events_db(tmp_path / "events.duckdb")
+    recorder = EventRecorder(con)
+    for ts in ("2024-01-10T00:00:00", "2024-01-20T00:00:00", "2024-02-10T00:00:00", "2025-06-01T00:00:00"):
+        recorder.record(Event(event_id=uuid.uuid4(), ts=at(ts), tenant="acme", status_code=200))
+    recorder.close()
+    now = at("2025-06-02T00:00:00")
+    assert apply_retention(con, 400, set(), now) == 0  # nothing closed: nothing deleted, however old
+    assert apply_retention(con, 400, {"2024-01", "2025-06"}, now) == 2  # old and closed only
+    months_left = sorted(r[0] for r in con.execute("SELECT strftime(ts, '%Y-%m') FROM events").fetchall())
+    assert months_left == ["2024-02", "2025-06"]
+    con.close()
