@@ -52,9 +52,17 @@ def code_version() -> str:
         return "unknown"
 
 
-def load_events(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
-    """The events as a Polars frame (DuckDB hands Arrow buffers over without copying rows)."""
-    return con.sql(f"SELECT {', '.join(EVENT_COLUMNS)} FROM events").pl()
+_MONTH = "strftime(ts AT TIME ZONE 'UTC', '%Y-%m')"
+
+
+def event_months(con: duckdb.DuckDBPyConnection) -> list[str]:
+    return [row[0] for row in con.execute(f"SELECT DISTINCT {_MONTH} FROM events ORDER BY 1").fetchall()]
+
+
+def load_events(con: duckdb.DuckDBPyConnection, month: str | None = None) -> pl.DataFrame:
+    """The events (of one UTC month) as a Polars frame, via Arrow."""
+    where = f" WHERE {_MONTH} = '{month}'" if month else ""  # month comes from event_months, never from input
+    return con.sql(f"SELECT {', '.join(EVENT_COLUMNS)} FROM events{where}").pl()
 
 
 def write_atomically(frame: pl.DataFrame, directory: Path, name: str) -> list[str]:
@@ -96,10 +104,11 @@ def load_billing_inputs(data_dir: Path) -> BillingInputs:
     return BillingInputs(files.tenants, credits, files.limits, closed)
 
 
-def statement_frame(events: pl.LazyFrame, billing: BillingInputs, until: str) -> pl.DataFrame:
+def statement_frame(usage_frame: pl.DataFrame, billing: BillingInputs, until: str) -> pl.DataFrame:
+    """Statements from `period_usage` rows (per month and tenant) and the billing inputs."""
     usage = [PeriodUsage(r["month"], r["tenant"], r["unified_cost_usd"] or Decimal(0),
                          r["byok_cost_usd"] or Decimal(0), r["unpriced_requests"])
-             for r in period_usage(events).collect().iter_rows(named=True)]
+             for r in usage_frame.iter_rows(named=True)]
     rows = [s.row() for s in statements(usage, billing.credits, billing.tenants, until, billing.closed)]
     return pl.DataFrame(rows, schema=STATEMENT_SCHEMA, orient="row") if rows else pl.DataFrame(schema=STATEMENT_SCHEMA)
 
@@ -110,20 +119,34 @@ def build_reports(con: duckdb.DuckDBPyConnection, reports_dir: Path, billing: Bi
     started = time.perf_counter()
     built_at = datetime.now(UTC).isoformat()  # before reading: the reports cover what existed then
     reports_dir.mkdir(parents=True, exist_ok=True)
-    events = load_events(con)
-    manifest: dict = {"built_at": built_at, "code_version": code_version(), "source_rows": events.height,
-                      "newest_event": events["ts"].max().isoformat() if events.height else None, "reports": {}}
-    lazy = events.lazy()
-    for name, report in REPORTS.items():
-        frame = report(lazy).collect()
+    manifest: dict = {"built_at": built_at, "code_version": code_version(), "source_rows": 0, "newest_event": None,
+                      "reports": {}}
+    # Every report groups within a month, so months are processed one at a time: memory stays at one
+    # month of events however long the history is.
+    parts: dict[str, list[pl.DataFrame]] = {name: [] for name in (*REPORTS, "period_usage", "budget_status")}
+    current = built_at[:7]
+    for month in event_months(con):
+        events = load_events(con, month)
+        manifest["source_rows"] += events.height
+        manifest["newest_event"] = events["ts"].max().isoformat()
+        lazy = events.lazy()
+        for name, report in REPORTS.items():
+            parts[name].append(report(lazy).collect())
+        parts["period_usage"].append(period_usage(lazy).collect())
+        if billing is not None and month == current:
+            parts["budget_status"].append(budget_status(lazy, billing.limits, datetime.fromisoformat(built_at)))
+        del events, lazy
+    empty = con.sql(f"SELECT {', '.join(EVENT_COLUMNS)} FROM events LIMIT 0").pl().lazy()  # the schema only
+    frames = {name: pl.concat(parts[name]) if parts[name] else report(empty).collect()
+              for name, report in REPORTS.items()}
+    if billing is not None:
+        usage = pl.concat(parts["period_usage"]) if parts["period_usage"] else period_usage(empty).collect()
+        frames["statements"] = statement_frame(usage, billing, current)
+        frames["budget_status"] = (parts["budget_status"][0] if parts["budget_status"]
+                                   else budget_status(empty, billing.limits, datetime.fromisoformat(built_at)))
+    for name, frame in frames.items():
         manifest["reports"][name] = {"rows": frame.height, "built_at": datetime.now(UTC).isoformat(),
                                      "files": write_atomically(frame, reports_dir, name)}
-    if billing is not None:
-        now = datetime.fromisoformat(built_at)
-        for name, frame in (("statements", statement_frame(lazy, billing, built_at[:7])),
-                            ("budget_status", budget_status(lazy, billing.limits, now))):
-            manifest["reports"][name] = {"rows": frame.height, "built_at": datetime.now(UTC).isoformat(),
-                                         "files": write_atomically(frame, reports_dir, name)}
     manifest["build_seconds"] = round(time.perf_counter() - started, 3)
     temporary = reports_dir / f".{MANIFEST}.tmp-{os.getpid()}"
     temporary.write_text(json.dumps(manifest, indent=2))

@@ -78,7 +78,9 @@ def test_statement_frame_from_events_is_exact_and_typed():
         "usage_source": ["reported", "reported", "reported", "reported"],
         "cost_usd": [D("0.100000001"), D("0.200000002"), D("4"), None],
     }, schema_overrides={"cost_usd": pl.Decimal(18, 9), "ts": pl.Datetime("us", "UTC")})
-    frame = statement_frame(events.lazy(), BillingInputs(TENANTS, []), "2025-03")
+    from analytics.reports import period_usage
+
+    frame = statement_frame(period_usage(events.lazy()).collect(), BillingInputs(TENANTS, []), "2025-03")
     [row] = frame.to_dicts()
     assert frame.schema["charges_usd"] == pl.Decimal(18, 2)
     # unified 0.300000003 -> 0.30, markup 0.036 -> 0.04, byok fee 0.10 -> 0.10: charges 0.44
