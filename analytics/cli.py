@@ -47,6 +47,8 @@ def cmd_report_run(args: argparse.Namespace) -> int:
     from proxy.settings import load_settings
 
     settings = load_settings(resolve_data_dir(args.data_dir))
+    if args.period and not _is_period(args.period):
+        raise CommandError(f"--period {args.period!r}: use YYYY-MM, e.g. 2026-10")
     if not settings.events_db.exists():
         raise CommandError(f"no events yet in {settings.events_db}: start the gateway (`tollway serve`) first")
     say("building reports" + (" (asking the running gateway, which owns events.duckdb)" if _locked(settings) else ""))
@@ -55,6 +57,8 @@ def cmd_report_run(args: argparse.Namespace) -> int:
     except TimeoutError as exc:
         raise CommandError(str(exc)) from exc
     lines = [f"{name:14} {info['rows']:>8} rows  {', '.join(info['files'])}" for name, info in manifest["reports"].items()]
+    if args.period:
+        lines += _period_lines(settings.reports_dir, args.period)
     say(f"built by the {'gateway' if how == 'gateway' else 'CLI'} from {manifest['source_rows']} events "
         f"in {manifest.get('build_seconds', 0)} s into {settings.reports_dir}")
     emit(args, manifest, "\n".join(lines))
@@ -62,7 +66,6 @@ def cmd_report_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report_close(args: argparse.Namespace) -> int:
-    import re
     from datetime import UTC, datetime
 
     import polars as pl
@@ -71,7 +74,7 @@ def cmd_report_close(args: argparse.Namespace) -> int:
     from proxy.cli import CommandError, emit, open_store, say
     from proxy.settings import load_settings
 
-    if not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", args.period):
+    if not _is_period(args.period):
         raise CommandError(f"--period {args.period!r}: use YYYY-MM, e.g. 2026-10")
     if args.period >= datetime.now(UTC).strftime("%Y-%m"):
         raise CommandError(f"period {args.period} has not ended yet; close it once the month is over")
@@ -88,6 +91,24 @@ def cmd_report_close(args: argparse.Namespace) -> int:
     return 0
 
 
+def _period_lines(reports_dir, period: str) -> list[str]:
+    """That period's statements, one line per tenant."""
+    import polars as pl
+
+    path = reports_dir / "statements.parquet"
+    rows = pl.read_parquet(path).filter(pl.col("period") == period).to_dicts() if path.exists() else []
+    if not rows:
+        return [f"no statements for {period}"]
+    return [f"{period} {r['tenant']:16} charges {r['charges_usd']:>12}  credits applied {r['credits_applied_usd']:>10}"
+            f"  due {r['amount_due_usd']:>12}" + ("  (closed)" if r["closed"] else "") for r in rows]
+
+
+def _is_period(text: str) -> bool:
+    import re
+
+    return re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", text) is not None
+
+
 def _locked(settings) -> bool:
     import duckdb
 
@@ -101,9 +122,10 @@ def _locked(settings) -> bool:
 def register(commands, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
     report = commands.add_parser("report", parents=[common], help="build the reports now")
     report_actions = report.add_subparsers(dest="report_command", required=True, metavar="ACTION")
-    report_actions.add_parser("run", parents=[common, as_json],
-                              help="build every report now (works whether or not the gateway runs)"
-                              ).set_defaults(func=cmd_report_run)
+    run = report_actions.add_parser("run", parents=[common, as_json],
+                                    help="build every report now (works whether or not the gateway runs)")
+    run.add_argument("--period", help="YYYY-MM: also print that period's statements")
+    run.set_defaults(func=cmd_report_run)
     close = report_actions.add_parser("close", parents=[common, as_json],
                                       help="freeze a past period's statements (late events become adjustments)")
     close.add_argument("--period", required=True, help="YYYY-MM, a month that has ended")

@@ -206,3 +206,14 @@ def test_retention_deletes_only_old_events_of_closed_periods(tmp_path):
     months_left = sorted(r[0] for r in con.execute("SELECT strftime(ts, '%Y-%m') FROM events").fetchall())
     assert months_left == ["2024-02", "2025-06"]
     con.close()
+
+
+def test_report_run_period_prints_that_periods_statements(deployment):
+    from tests.helpers import run_cli
+
+    test_report_run_writes_statements_with_the_cli_credits(deployment)
+    period = datetime.now(UTC).strftime("%Y-%m")
+    result = run_cli(deployment.path, "report", "run", "--period", period)
+    assert result.returncode == 0, result.stderr
+    assert f"{period} acme" in result.stdout and "102.50" in result.stdout and "52.50" in result.stdout
+    assert run_cli(deployment.path, "report", "run", "--period", "2026-1").returncode == 1
