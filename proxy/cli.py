@@ -176,6 +176,7 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
 # --- assembly -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from analytics.cli import register as register_credits
+    from dashboard.cli import register as register_dashboard
     from policy.cli import register as register_policy
     from proxy.audit import register as register_audit
     from proxy.demo import register as register_demo
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_policy(commands, common, as_json)
     register_credits(commands, common, as_json)
     register_audit(commands, common, as_json)
+    register_dashboard(commands, common)
     register_demo(commands, common)
     return parser
 

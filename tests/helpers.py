@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import duckdb
@@ -127,3 +128,32 @@ class GatewayProcess:
 
 def dumps(rows: list[dict]) -> str:
     return json.dumps(rows, default=str, indent=1)
+
+
+#: Two tenants' traffic for history-backed tests: acme mixes its own Anthropic key (BYOK) with the
+#: operator's OpenAI key; bob has no engineering role, so his Claude calls are denied by the policy.
+HISTORY_WORKLOADS = (
+    ("acme", (("alice@acme.com", ("engineering",)), ("bob@acme.com", ()), ("dan@acme.com", ("engineering",))),
+     (("anthropic/claude-sonnet-4-5", 5), ("openai/gpt-4o-mini", 3), ("anthropic/claude-haiku-4-5", 2)), 120),
+    ("globex", (("carol@globex.com", ()), ("erin@globex.com", ())),
+     (("openai/gpt-4.1", 3), ("gemini/gemini-2.5-flash", 4), ("openai/gpt-4o-mini", 2)), 90),
+)
+
+
+def deployment_with_history(path: Path, days: int = 40, now=None, build: bool = True) -> Deployment:
+    """A deployment (no gateway running) with the test keys, `days` days of synthetic history written
+    through the event writer, 50 USD of credits for globex, and (when `build`) its reports."""
+    from analytics.jobs import run_now
+    from proxy.history import Workload, write_history
+
+    deployment = Deployment(path, "http://127.0.0.1:9")
+    for provider in ("openai", "gemini", "anthropic"):
+        deployment.add_key(f"operator-{provider}", provider, SIM_KEYS[provider])
+    deployment.add_key("acme-anthropic", "anthropic", SIM_KEYS["anthropic"], tenant="acme")
+    write_history(path, [Workload(*w) for w in HISTORY_WORKLOADS], days, now=now)
+    store = deployment.store()
+    store.add_credits("globex", Decimal("50"), "prepaid")
+    store.close()
+    if build:
+        run_now(path, path / "events.duckdb", path / "reports")
+    return deployment

@@ -1,0 +1,73 @@
+"""Overview: the month's spend, volume, error and refusal rates, latency, trend and freshness."""
+
+import streamlit as st
+
+from dashboard import charts, figures
+from dashboard.shell import (
+    Context,
+    context,
+    count_columns,
+    for_display,
+    money_columns,
+    require_reports,
+    scope_label,
+)
+
+
+def render(ctx: Context) -> None:
+    st.title("Overview")
+    st.caption(scope_label(ctx))
+    if not require_reports(ctx, "tenant_costs", "denials"):
+        return
+    costs, refused = ctx.frame("tenant_costs"), ctx.frame("denials")
+    figure = figures.overview(costs, refused, ctx.period, ctx.tenant, ctx.today.date())
+    _headline(ctx, figure)
+    if figure.unpriced_requests:
+        st.warning(f"**{figures.count(figure.unpriced_requests)} request(s) used a model with no price** in "
+                   "`pricing.csv`: their cost is unknown and left out of every total. Add the model's price "
+                   "to `pricing.csv`; the next report build includes them.", icon=":material/price_change:")
+    rows = figures.scoped(costs, ctx.period, ctx.tenant)
+    if rows.is_empty():
+        st.info(f"No requests in {ctx.period} for {ctx.tenant or 'any tenant'}. Pick another period or tenant.")
+        return
+    dimension = "provider" if ctx.tenant else "tenant"
+    st.altair_chart(charts.stacked_spend(figures.spend_by(rows, dimension), dimension,
+                                         f"Daily spend by {dimension}"), width="stretch")
+    st.subheader(f"Spend by {'model' if ctx.tenant else 'tenant'}")
+    table = figures.spend_table(rows, "model" if ctx.tenant else "tenant")
+    st.dataframe(for_display(table), hide_index=True,
+                 column_config={**money_columns("cost_usd"),
+                                **count_columns("requests", "errors", "input_tokens", "output_tokens")})
+
+
+def _headline(ctx: Context, figure: figures.Overview) -> None:
+    compared = (f"the same {figure.compared_days} days of {figures.previous_period(ctx.period)}"
+                if figure.compared_days else figures.previous_period(ctx.period))
+    spend, today, volume, unpriced = st.columns(4)
+    spend.metric("Spend", figures.money(figure.spend),
+                 None if figure.trend is None else f"{figure.trend:+.1f}%", delta_color="off",
+                 help=f"Known provider cost at list price. Change against {compared}: "
+                      f"{figures.money(figure.previous_spend)}.")
+    current = ctx.today.strftime("%Y-%m") == ctx.period
+    today.metric("Spend today (UTC)", figures.money(figure.spend_today) if current else "–",
+                 help=None if current else "Only shown for the current month.")
+    volume.metric("Requests", figures.count(figure.requests))
+    unpriced.metric("Unpriced requests", figures.count(figure.unpriced_requests),
+                    help="Requests whose model has no price in pricing.csv: their cost is unknown.")
+    errors, refusals, p50, p95 = st.columns(4)
+    errors.metric("Error rate", figures.percent(figure.error_rate),
+                  help="Provider errors, timeouts and cancelled requests, as a share of requests.")
+    refusals.metric("Refusal rate", figures.percent(figure.refusal_rate),
+                    help="Requests the gateway refused: policy denials, rate limits, budgets.")
+    weighted = "Request-weighted over the per-day, per-model percentiles of `tenant_costs`."
+    p50.metric("Latency p50", _ms(figure.p50_latency_ms), help=weighted)
+    p95.metric("Latency p95", _ms(figure.p95_latency_ms), help=weighted)
+    if figure.previous_spend:
+        st.caption(f"Spend change is against {compared} ({figures.money(figure.previous_spend)}).")
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.0f} ms"
+
+
+render(context())

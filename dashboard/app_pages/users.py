@@ -1,0 +1,46 @@
+"""Users: the largest spenders, by pseudonym only."""
+
+import polars as pl
+import streamlit as st
+
+from dashboard import charts, figures
+from dashboard.shell import (
+    Context,
+    context,
+    count_columns,
+    for_display,
+    money_columns,
+    require_reports,
+    scope_label,
+)
+
+PSEUDONYMS = (
+    "Users appear only as **pseudonyms**: a UUID the gateway derives from the tenant and the user id with a keyed "
+    "hash (HMAC) under a secret of this deployment. The same user always gets the same pseudonym, so spend can "
+    "be grouped, but the pseudonym cannot be turned back into a user id without that secret, and no user id, "
+    "email, prompt or IP address is stored in the events or reports. To find out who a pseudonym is, an "
+    "operator with access to the deployment must recompute it for a suspected user."
+)
+
+
+def render(ctx: Context) -> None:
+    st.title("Top spenders")
+    st.caption(scope_label(ctx))
+    st.info(PSEUDONYMS, icon=":material/visibility_off:")
+    if not require_reports(ctx, "user_costs"):
+        return
+    top = figures.top_spenders(ctx.frame("user_costs"), ctx.period, ctx.tenant,
+                               st.slider("How many", 5, 100, 20, step=5))
+    if top.is_empty():
+        st.info(f"No user spend in {ctx.period} for {ctx.tenant or 'any tenant'}.")
+        return
+    labelled = top.with_columns(user=pl.col("tenant") + " · " + pl.col("user_pseudonym").str.slice(0, 8),
+                                spend=pl.col("cost_usd").cast(pl.Float64))
+    st.altair_chart(charts.top_bars(labelled, "user", "spend", "Spend per user (first 8 characters of the "
+                                    "pseudonym)"), width="stretch")
+    st.dataframe(for_display(top), hide_index=True,
+                 column_config={**money_columns("cost_usd"),
+                                **count_columns("requests", "input_tokens", "output_tokens", "unpriced_requests")})
+
+
+render(context())
