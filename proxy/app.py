@@ -48,8 +48,7 @@ def create_app(gateway: Gateway) -> GatewayApp:
 
     @get("/metrics", sync_to_thread=False)
     def metrics() -> Response[bytes]:
-        recorder = gateway.recorder
-        body = gateway.metrics.render(recorder.queue_depth if recorder else 0, recorder.written if recorder else 0)
+        body = gateway.metrics.render(gateway.recorder)
         return Response(body, media_type=CONTENT_TYPE)
 
     def not_found(request: Request, exc: NotFoundException) -> Response:
@@ -59,7 +58,7 @@ def create_app(gateway: Gateway) -> GatewayApp:
         err = UnknownProvider(f"Unknown provider {name!r}. This gateway serves: {known}. "
                               "Use e.g. /openai/v1/chat/completions, or declare it in tollway.toml [providers].")
         event = Event(event_id=forward.new_request_id(), ts=datetime.now(UTC), status_code=404, outcome=err.outcome)
-        if gateway.recorder:
+        if gateway.recorder and gateway.recorder.accepting:  # not billable: never worth growing a full buffer
             gateway.recorder.record(event)
         gateway.metrics.observe(event)
         return Response(adapter_for("openai").error_body(err), status_code=404, media_type="application/json",

@@ -10,7 +10,7 @@
     │   └── BodyTooLarge         413
     ├── RateLimited              429  rate_limited     (carries retry_after)
     │   └── BudgetExceeded            budget_exceeded
-    ├── StoreUnavailable         503  upstream_error
+    ├── StoreUnavailable         503  upstream_error   (not recorded: the event store is what failed)
     ├── UpstreamUnreachable      502  upstream_error
     └── UpstreamTimeout          504  timeout
 
@@ -25,6 +25,7 @@ class TollwayError(Exception):
     status = 500
     outcome = "upstream_error"
     kind = "upstream"  # generic kind; adapters map it to their own error type
+    recorded = True  # False: no event is written for this refusal
 
     def __init__(self, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
@@ -70,6 +71,7 @@ class BudgetExceeded(RateLimited):
 
 class StoreUnavailable(TollwayError):
     status, outcome, kind = 503, "upstream_error", "unavailable"
+    recorded = False
 
 
 class UpstreamUnreachable(TollwayError):

@@ -24,6 +24,7 @@ from proxy.errors import (
     BadRequest,
     BodyTooLarge,
     PolicyDenied,
+    StoreUnavailable,
     TollwayError,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -59,6 +60,9 @@ _DROP_RESPONSE_HEADERS = frozenset({
     "proxy-authenticate", "trailer", "upgrade",
 })
 _CLIENT_GONE_STATUS = 499  # as nginx logs it: the client closed the request
+STORE_UNAVAILABLE = ("Tollway cannot record usage right now (its event store cannot be written) and refuses "
+                     "requests rather than serve unmetered traffic. Retry shortly; operators: see the gateway log "
+                     "and /readyz (disk space and permissions of events.duckdb).")
 
 
 def new_request_id() -> uuid.UUID:
@@ -86,6 +90,7 @@ class Call:
     policies: PolicySet | None = None
     reservation: Reservation | None = None
     limits: list = field(default_factory=list)
+    recorded: bool = True
 
     def elapsed_ms(self) -> float:
         return round((time.perf_counter() - self.started) * 1000, 3)
@@ -97,7 +102,7 @@ async def handle(gw: Gateway, route: ProviderRoute, scope: dict, receive, send) 
     try:
         await _serve(gw, route, call, scope, receive, send)
     except TollwayError as err:
-        call.event.outcome = err.outcome
+        call.event.outcome, call.recorded = err.outcome, err.recorded
         if not call.response_started:
             call.event.status_code = err.status
             await _send_error(call, route.adapter, err, send)
@@ -113,6 +118,8 @@ async def handle(gw: Gateway, route: ProviderRoute, scope: dict, receive, send) 
 
 
 async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, receive, send) -> None:
+    if not gw.recorder.accepting:
+        raise StoreUnavailable(STORE_UNAVAILABLE)
     adapter, event = route.adapter, call.event
     path = upstream_path(scope, route.name)
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -299,7 +306,8 @@ async def _finish(gw: Gateway, call: Call) -> None:
         event.cost_usd = call.policies.prices.cost(event.provider, call.info.model, event.ts, usage)
     if call.reservation is not None:
         await gw.limiter.settle(call.reservation, call.limits, event)
-    gw.recorder.record(event)
+    if call.recorded:
+        gw.recorder.record(event)
     gw.metrics.observe(event)
 
 

@@ -99,8 +99,11 @@ class Gateway:
         rows = rebuild_counters(self.limit_store, self._events_db, datetime.now(UTC))
         self.limiter.remember_alerts(self._recorded_alerts())
         log.info("limit counters rebuilt from %d (tenant, user) aggregates in events.duckdb", rows)
-        self.recorder = EventRecorder(self._events_db, flush_interval_ms=self.settings.events.flush_interval_ms,
-                                      batch_size=self.settings.events.batch_size)
+        events = self.settings.events
+        self.recorder = EventRecorder(self._events_db, flush_interval_ms=events.flush_interval_ms,
+                                      batch_size=events.batch_size, max_buffered=events.max_buffered,
+                                      fail_closed=events.fail_closed,
+                                      rejected_path=self.settings.data_dir / "rejected-events.jsonl")
         await self.upstream.start()
         self.reports = ReportSchedule(self._build_reports, self.settings.reports_dir,
                                       self.settings.pipeline.report_interval_s)

@@ -11,6 +11,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from proxy.events import Event
 from proxy.limits import Alert
+from proxy.recorder import EventRecorder
 
 #: The exposition format's type without its charset: the web framework appends `charset=utf-8` itself.
 CONTENT_TYPE = CONTENT_TYPE_LATEST.split("; charset")[0]
@@ -41,6 +42,12 @@ class Metrics:
                                         ["tenant", "window", "line"], registry=r)
         self.queue_depth = Gauge("tollway_event_queue_depth", "Events waiting to be written", registry=r)
         self.events_written = Gauge("tollway_events_written", "Events written since start", registry=r)
+        self.events_dropped = Gauge("tollway_events_dropped", "Events dropped beyond the buffer bound "
+                                    "(only with [events] fail_closed = false)", registry=r)
+        self.events_rejected = Gauge("tollway_events_rejected", "Events the store refused, set aside in "
+                                     "rejected-events.jsonl", registry=r)
+        self.event_store_up = Gauge("tollway_event_store_up", "1 when the last write to events.duckdb "
+                                    "succeeded", registry=r)
         self._series: dict[tuple, tuple] = {}
 
     def observe(self, event: Event) -> None:
@@ -73,7 +80,11 @@ class Metrics:
             self.budget_spent_ratio.labels(alert.limit.scope.tenant, alert.limit.rule.window,
                                            str(alert.limit.rule.line)).set(ratio)
 
-    def render(self, queue_depth: int, written: int) -> bytes:
-        self.queue_depth.set(queue_depth)
-        self.events_written.set(written)
+    def render(self, recorder: EventRecorder | None) -> bytes:
+        if recorder is not None:
+            self.queue_depth.set(recorder.queue_depth)
+            self.events_written.set(recorder.written)
+            self.events_dropped.set(recorder.dropped)
+            self.events_rejected.set(recorder.rejected)
+            self.event_store_up.set(0 if recorder.last_error else 1)
         return generate_latest(self.registry)

@@ -1,12 +1,21 @@
 """Batched event writer: the request path appends to memory, a thread appends to DuckDB.
 
 `record()` costs a deque append. The writer thread wakes every `flush_interval_ms` (or when a
-batch is full) and appends everything pending in one DuckDB appender flush. If a write fails the
-rows stay queued and are retried on the next wake-up; `close()` writes whatever is left.
+batch is full) and appends everything pending in one DuckDB appender flush, so a crash loses at
+most one interval of events; `close()` writes whatever is left.
+
+When the store cannot be written (disk full, file locked: an I/O error) the rows stay queued and
+are retried every interval; `accepting` turns false once `max_buffered` rows wait, and the gateway
+then refuses new requests (fail closed) until a write succeeds again. With `fail_closed = false`
+the oldest rows are dropped beyond the bound instead, and counted. A row DuckDB itself refuses
+(not an I/O problem) cannot succeed on retry: the batch is written row by row and each refused row
+is set aside in `rejected-events.jsonl` next to the database, with the reason, so one bad row
+never blocks the rest.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -15,9 +24,12 @@ from pathlib import Path
 
 import duckdb
 
-from proxy.events import CREATE_TABLE, Event
+from proxy.events import COLUMNS, CREATE_TABLE, Event
 
 log = logging.getLogger("tollway.recorder")
+#: Errors that are about a row's values: retrying cannot help, the row is set aside. Anything else
+#: (I/O errors, failed commits, a full disk) is the store's and is retried with every row kept.
+ROW_ERRORS = (duckdb.DataError, duckdb.IntegrityError, duckdb.ProgrammingError, TypeError, ValueError)
 
 
 def open_events_db(path: Path) -> duckdb.DuckDBPyConnection:
@@ -29,52 +41,108 @@ def open_events_db(path: Path) -> duckdb.DuckDBPyConnection:
 
 
 class EventRecorder:
-    def __init__(self, con: duckdb.DuckDBPyConnection, *, flush_interval_ms: int = 500,
-                 batch_size: int = 5000) -> None:
+    def __init__(self, con: duckdb.DuckDBPyConnection, *, flush_interval_ms: int = 500, batch_size: int = 5000,
+                 max_buffered: int = 100_000, fail_closed: bool = True, rejected_path: Path | None = None) -> None:
         self._con = con
         self._interval = flush_interval_ms / 1000
         self._batch_size = batch_size
+        self._max_buffered = max_buffered
+        self._fail_closed = fail_closed
+        self._rejected_path = rejected_path
         self._pending: deque[tuple] = deque()
         self._wake = threading.Event()
         self._stop = False
         self._lock = threading.Lock()  # one flush at a time (writer thread, close, explicit flush)
         self.written = 0
+        self.dropped = 0  # only with fail_closed = false, beyond the bound
+        self.rejected = 0
         self.last_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="tollway-event-writer", daemon=True)
         self._thread.start()
 
     def record(self, event: Event) -> None:
         self._pending.append(event.row())
-        if len(self._pending) >= self._batch_size:
+        depth = len(self._pending)
+        if depth >= self._batch_size:
             self._wake.set()
+        if depth > self._max_buffered and not self._fail_closed:
+            self._pending.popleft()
+            self.dropped += 1
 
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
 
+    @property
+    def accepting(self) -> bool:
+        """False while the store is failing and the buffer is full: new requests must be refused."""
+        return not self._fail_closed or len(self._pending) < self._max_buffered
+
     def flush(self) -> int:
         """Write everything pending now; return how many rows were written."""
         with self._lock:
-            batch = []
-            while self._pending:
-                batch.append(self._pending.popleft())
+            batch = [self._pending.popleft() for _ in range(len(self._pending))]
             if not batch:
                 return 0
-            cursor = self._con.cursor()
             try:
-                appender = cursor.appender("events")
-                appender.append_rows(batch)
-                appender.flush()
-            except Exception as exc:  # keep the rows: they are retried on the next flush
+                self._append(batch)
+            except ROW_ERRORS:  # a row DuckDB refuses: find it, set it aside, keep the rest
+                written = self._append_one_by_one(batch)
+                if written < 0:
+                    return 0
+                self.written += written
+                return written
+            except Exception as exc:  # the store is unavailable: keep the rows for the next try
                 self._pending.extendleft(reversed(batch))
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.error("event write failed, %d events kept for retry: %s", len(batch), self.last_error)
+                self._failed(exc, len(batch))
                 return 0
-            finally:
-                cursor.close()
             self.last_error = None
             self.written += len(batch)
             return len(batch)
+
+    def _append(self, rows: list[tuple]) -> None:
+        cursor = self._con.cursor()
+        try:
+            appender = cursor.appender("events")
+            appender.append_rows(rows)
+            appender.flush()
+        finally:
+            cursor.close()
+
+    def _append_one_by_one(self, batch: list[tuple]) -> int:
+        written = 0
+        for index, row in enumerate(batch):
+            try:
+                self._append([row])
+            except ROW_ERRORS as exc:
+                self._reject(row, exc)
+            except Exception as exc:
+                self._pending.extendleft(reversed(batch[index:]))
+                self._failed(exc, len(batch) - index)
+                self.written += written
+                return -1
+            else:
+                written += 1
+        self.last_error = None
+        return written
+
+    def _failed(self, exc: Exception, kept: int) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log.error("event store cannot be written, %d events kept in memory (bound %d): %s", kept,
+                  self._max_buffered, self.last_error)
+
+    def _reject(self, row: tuple, exc: Exception) -> None:
+        self.rejected += 1
+        log.error("event %s refused by the store and set aside: %s", row[0], exc)
+        if self._rejected_path is None:
+            return
+        record = {name: (value if isinstance(value, int | float | bool | None) else str(value))
+                  for (name, _), value in zip(COLUMNS, row, strict=True)}
+        try:
+            with self._rejected_path.open("a", encoding="utf-8") as out:
+                out.write(json.dumps({"error": f"{type(exc).__name__}: {exc}", "event": record}) + "\n")
+        except OSError as error:
+            log.error("could not set event %s aside in %s: %s", row[0], self._rejected_path, error)
 
     def close(self) -> None:
         """Stop the writer and write every buffered event."""
@@ -89,6 +157,9 @@ class EventRecorder:
             self._wake.clear()
             started = time.monotonic()
             if self._pending:
-                self.flush()
+                try:
+                    self.flush()
+                except Exception:  # never let the writer die: the rows are still queued
+                    log.exception("event writer error; retrying")
             if self.last_error:  # do not spin on a failing store
                 time.sleep(max(0.0, self._interval - (time.monotonic() - started)))

@@ -75,6 +75,11 @@ class EventSettings:
     """Longest time an event waits in memory before it is written to `events.duckdb`."""
     batch_size: int = 5000
     """Events written per DuckDB append."""
+    max_buffered: int = 100_000
+    """Events kept in memory while `events.duckdb` cannot be written (disk full, file locked)."""
+    fail_closed: bool = True
+    """When the buffer is full: refuse new requests with 503 (true) rather than serve traffic whose
+    events would be dropped (false)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +179,7 @@ def _build(cls: type, values: dict[str, Any], where: str):
         raise SettingsError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
     for name, value in values.items():
         expected = _expected_type(known[name])
-        if expected and not (isinstance(value, expected) and not isinstance(value, bool)):
+        if expected and not (isinstance(value, expected) and (expected is bool or not isinstance(value, bool))):
             raise SettingsError(f"{where}: {name} must be {_TYPE_WORDS[expected]}, got {value!r}")
     try:
         return cls(**values)
@@ -182,14 +187,14 @@ def _build(cls: type, values: dict[str, Any], where: str):
         raise SettingsError(f"{where}: {exc}") from exc
 
 
-_TYPE_WORDS = {int: "a whole number", (int, float): "a number", str: "a string"}
+_TYPE_WORDS = {bool: "true or false", int: "a whole number", (int, float): "a number", str: "a string"}
 
 
 def _expected_type(f) -> type | tuple[type, ...] | None:
-    """int, number or string, from the field's default (`None` defaults are strings)."""
+    """bool, int, number or string, from the field's default (`None` defaults are strings)."""
     default = f.default
     if isinstance(default, bool):
-        return None
+        return bool
     if isinstance(default, int):
         return int
     if isinstance(default, float):
