@@ -1,15 +1,14 @@
 """`tollway demo`: a whole deployment on loopback with no provider keys and no network.
 
-Creates a deployment directory, starts the simulated providers and `tollway serve` as child
-processes, issues tokens, sends a little live traffic through the real gateway, prints ready-to-paste
-snippets, and on Ctrl-C stops every child and says where the files are.
+Creates a deployment directory (`proxy.demo_setup`), starts the simulated providers, writes a month
+of history through the event writer, starts `tollway serve`, sends live traffic through it, builds
+the reports, starts `tollway dashboard`, prints URLs and ready-to-paste snippets (the `export` lines
+on stdout, everything else on stderr), and on Ctrl-C stops every child and says where the files are.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import secrets
 import signal
 import socket
 import subprocess
@@ -20,10 +19,9 @@ from pathlib import Path
 
 import httpx
 
-from proxy.control import ControlStore
-from proxy.crypto import Keyring, load_master_key
-
-DEMO_PROVIDERS = ("openai", "anthropic", "gemini")
+from analytics.jobs import run_now
+from proxy import demo_setup
+from proxy.history import write_history
 
 
 def _port(preferred: int) -> int:
@@ -56,60 +54,10 @@ def _step(message: str) -> None:
     print(f"  • {message}", file=sys.stderr, flush=True)
 
 
-def prepare(root: Path, sim_port: int, gw_port: int) -> dict[str, str]:
-    """A deployment from the samples, pointed at the simulator, with keys and tokens."""
-    from proxy.cli import init_deployment
-
-    init_deployment(root)
-    (root / "policy" / "routes.csv").write_text(
-        "# demo routes: acme pays Anthropic itself (BYOK), the operator pays the rest (unified)\n"
-        "p, acme, anthropic/*, acme-anthropic\n"
-        + "".join(f"p, *, {p}/*, operator-{p}\n" for p in DEMO_PROVIDERS))
-    sim = f"http://127.0.0.1:{sim_port}"
-    (root / "tollway.toml").write_text(
-        f'[server]\nhost = "127.0.0.1"\nport = {gw_port}\n\n'
-        + "".join(f'[providers.{p}]\nbase_url = "{sim}/{p}"\n\n' for p in DEMO_PROVIDERS))
-    store = ControlStore(root / "control.db", Keyring(load_master_key(root)), actor="demo")
-    sim_keys = {p: f"demo-{p}-{secrets.token_hex(8)}" for p in DEMO_PROVIDERS}
-    for provider in DEMO_PROVIDERS:
-        store.add_key(f"operator-{provider}", provider, sim_keys[provider], None)
-    store.add_key("acme-anthropic", "anthropic", sim_keys["anthropic"], "acme")
-    tokens = {}
-    for name, tenant, user, roles in (("alice", "acme", "alice@acme.com", ["engineering"]),
-                                      ("bob", "acme", "bob@acme.com", []),
-                                      ("carol", "globex", "carol@globex.com", [])):
-        tokens[name] = store.create_token(tenant, user, roles, None)[1]
-    store.close()
-    (root / "demo-simulator-keys.json").write_text(json.dumps(sim_keys))
-    return tokens
-
-
-def live_traffic(gw: str, tokens: dict[str, str]) -> list[str]:
-    """A few real calls through the gateway, one line of outcome each."""
-    chat = {"messages": [{"role": "user", "content": "Hello from the Tollway demo"}]}
-    calls = [
-        ("bob → openai/gpt-4o-mini (unified billing)", "/openai/v1/chat/completions",
-         {"Authorization": f"Bearer {tokens['bob']}"}, {"model": "gpt-4o-mini", **chat}),
-        ("alice → anthropic/claude-sonnet-4-5 (acme's own key: BYOK)", "/anthropic/v1/messages",
-         {"x-api-key": tokens["alice"], "anthropic-version": "2023-06-01"},
-         {"model": "claude-sonnet-4-5", "max_tokens": 50, **chat}),
-        ("carol → gemini/gemini-2.5-flash (unified billing)",
-         "/gemini/v1beta/models/gemini-2.5-flash:generateContent", {"x-goog-api-key": tokens["carol"]},
-         {"contents": [{"parts": [{"text": "Hello from the Tollway demo"}]}]}),
-        ("bob → anthropic/claude-sonnet-4-5 (no engineering role: denied)", "/anthropic/v1/messages",
-         {"x-api-key": tokens["bob"]}, {"model": "claude-sonnet-4-5", "max_tokens": 50, **chat}),
-    ]
-    lines = []
-    with httpx.Client(base_url=gw, timeout=30) as client:
-        for label, path, headers, body in calls:
-            response = client.post(path, headers=headers, json=body)
-            lines.append(f"{response.status_code}  {label}")
-    return lines
-
-
-def snippets(gw: str, token: str) -> str:
+def snippets(gw: str, token: str, dashboard: str | None) -> str:
     return f"""
-  Gateway   {gw}   (health: {gw}/healthz)
+  Gateway     {gw}   (health {gw}/healthz, metrics {gw}/metrics)
+  Dashboard   {dashboard or "not started (--no-dashboard)"}
 
   curl {gw}/openai/v1/chat/completions \\
     -H "Authorization: Bearer {token}" -H 'content-type: application/json' \\
@@ -120,57 +68,126 @@ print(c.chat.completions.create(model="gpt-4o-mini", messages=[{{"role":"user","
 
   python3 -c 'from anthropic import Anthropic; c = Anthropic(base_url="{gw}/anthropic", api_key="{token}"); \\
 print(c.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=[{{"role":"user","content":"Hi"}}]).content[0].text)'
+
+  Coding agents and SDKs read these (Claude Code, Codex, the OpenAI and Anthropic SDKs):
 """
+
+
+def exports(gw: str, token: str) -> str:
+    """Shell lines that point the official SDKs (and agents built on them) at the demo gateway."""
+    return (f"export OPENAI_BASE_URL={gw}/openai/v1\nexport OPENAI_API_KEY={token}\n"
+            f"export ANTHROPIC_BASE_URL={gw}/anthropic\nexport ANTHROPIC_API_KEY={token}")
+
+
+class Children:
+    """The processes the demo started, stopped in reverse order whatever happens."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], log: Path) -> subprocess.Popen:
+        proc = subprocess.Popen(argv, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     root = Path(args.keep).expanduser().resolve() if args.keep else Path(tempfile.mkdtemp(prefix="tollway-demo-"))
+    if args.keep and (root / "control.db").exists():
+        from proxy.cli import CommandError
+
+        raise CommandError(f"{root} already holds a deployment; pick a new directory for --keep")
     sim_port, gw_port = _port(9090), _port(args.port or 8080)
-    print(f"Tollway demo: preparing a deployment in {root}", file=sys.stderr)
-    children: list[subprocess.Popen] = []
+    dash_port = None if args.no_dashboard else _port(8501)
+    print(f"Tollway demo: preparing a deployment in {root}", file=sys.stderr, flush=True)
+    children = Children()
+    root.mkdir(parents=True, exist_ok=True)
     try:
-        tokens = prepare(root, sim_port, gw_port)
-        _step("deployment created: tenants acme (BYOK) and globex (unified), 5 keys, 3 tokens")
-        keys = json.loads((root / "demo-simulator-keys.json").read_text())
-        children.append(subprocess.Popen(
-            [sys.executable, "-m", "proxy.simulator", "--port", str(sim_port),
-             *(f"--key={p}={k}" for p, k in keys.items())], stderr=subprocess.DEVNULL))
-        wait_healthy(f"http://127.0.0.1:{sim_port}/_sim/health", children[-1], "simulated provider")
-        _step(f"simulated OpenAI, Anthropic and Gemini on http://127.0.0.1:{sim_port}")
-        log = (root / "gateway.log").open("ab")
-        children.append(subprocess.Popen([sys.executable, "-m", "proxy.cli", "--data-dir", str(root), "serve"],
-                                         stdout=log, stderr=subprocess.STDOUT))
+        sim_url = f"http://127.0.0.1:{sim_port}"
+        tokens, keys = demo_setup.prepare(root, sim_url, gw_port)
+        _step(f"deployment: tenants acme (BYOK Anthropic) and globex (unified billing, "
+              f"{demo_setup.GLOBEX_CREDITS} USD credits); 4 keys, {len(tokens)} tokens")
+        sim = children.start([sys.executable, "-m", "proxy.simulator", "--port", str(sim_port), "--lifelike",
+                              "--no-record", *(f"--key={p}={k}" for p, k in keys.items())], root / "simulator.log")
+        count = write_history(root, demo_setup.WORKLOADS, args.days,
+                              progress=lambda done: _step(f"history: {done:,} events written…"))
+        budget = demo_setup.write_limits(root)
+        _step(f"history: {count:,} demo events over {args.days} days (marked demo = true); "
+              f"globex's monthly budget set to {budget} USD, near its limit")
+        wait_healthy(f"{sim_url}/_sim/health", sim, "simulated provider")
+        _step(f"simulated OpenAI, Anthropic and Gemini on {sim_url} (lifelike latency, occasional 429/503)")
+        gateway = children.start([sys.executable, "-m", "proxy.cli", "--data-dir", str(root), "serve"],
+                                 root / "gateway.log")
+        dashboard = None if dash_port is None else children.start(
+            [sys.executable, "-m", "proxy.cli", "--data-dir", str(root), "dashboard", "--port", str(dash_port)],
+            root / "dashboard.log")
         gw = f"http://127.0.0.1:{gw_port}"
-        wait_healthy(f"{gw}/healthz", children[-1], "gateway")
+        wait_healthy(f"{gw}/healthz", gateway, "gateway")
         _step(f"gateway on {gw}")
-        for line in live_traffic(gw, tokens):
+        for line in demo_setup.live_traffic(gw, tokens):
             _step(line)
-        print(f"\nReady in {time.monotonic() - started:.1f} s. Sample token (alice@acme.com, engineering):",
-              file=sys.stderr)
-        print(tokens["alice"])
-        print(snippets(gw, tokens["alice"]), file=sys.stderr)
-        print("Press Ctrl-C to stop.", file=sys.stderr, flush=True)
-        stop_signals = {signal.SIGINT, signal.SIGTERM}
-        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-        signal.sigwait(stop_signals)
+        manifest, _ = run_now(root, root / "events.duckdb", root / "reports")
+        _step(f"reports built from {manifest['source_rows']:,} events in {manifest['build_seconds']} s "
+              f"(rebuilt every 30 s while the demo runs)")
+        dash_url = None
+        if dashboard is not None:
+            dash_url = f"http://127.0.0.1:{dash_port}"
+            wait_healthy(f"{dash_url}/_stcore/health", dashboard, "dashboard", timeout=60)
+            _step(f"dashboard on {dash_url}")
+        print(f"\nReady in {time.monotonic() - started:.1f} s. Sample token: alice@acme.com (tenant acme, "
+              "role engineering).", file=sys.stderr)
+        print(snippets(gw, tokens["alice"], dash_url), file=sys.stderr, flush=True)
+        print(exports(gw, tokens["alice"]), flush=True)
+        print(f"\nFiles: {root}. Press Ctrl-C to stop.", file=sys.stderr, flush=True)
+        _wait_for_stop(children)
     except KeyboardInterrupt:
         pass
-    finally:
-        for child in reversed(children):
-            child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        print(f"\nStopped. The demo's files are in {root}", file=sys.stderr)
-    return 0
+    except (DemoError, RuntimeError, OSError, httpx.HTTPError) as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return _stopped(children, root, 1)
+    return _stopped(children, root, 0)
+
+
+class DemoError(Exception):
+    pass
+
+
+def _wait_for_stop(children: Children) -> None:
+    """Until SIGINT or SIGTERM, or until a child dies (then say which)."""
+    stop = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    while signal.sigtimedwait(stop, 1.0) is None:
+        for proc in children.procs:
+            if proc.poll() is not None:
+                raise DemoError(f"a demo process exited unexpectedly ({' '.join(proc.args[2:5])}); see its log")
+
+
+def _stopped(children: Children, root: Path, code: int) -> int:
+    print("\nStopping the dashboard, gateway and simulator…", file=sys.stderr, flush=True)
+    children.stop()
+    print(f"Stopped. The demo's files are in {root}", file=sys.stderr, flush=True)
+    return code
 
 
 def register(commands, common: argparse.ArgumentParser) -> None:
-    demo = commands.add_parser("demo", parents=[common], help="run a complete demo on loopback (no keys, no network)")
-    demo.add_argument("--keep", metavar="DIR", help="create the deployment in DIR (kept after the demo)")
+    demo = commands.add_parser("demo", parents=[common],
+                               help="run a complete demo on loopback (no keys, no network)",
+                               description="Create a temporary deployment with a simulated provider, a month of "
+                                           "history, live traffic, reports, the gateway and the dashboard.")
+    demo.add_argument("--keep", metavar="DIR", help="create the deployment in DIR (a new directory, kept afterwards)")
     demo.add_argument("--port", type=int, help="gateway port (default 8080, or a free one if taken)")
-    demo.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
+    demo.add_argument("--days", type=int, default=30, help="days of history to generate (default 30)")
+    demo.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard (headless use)")
     demo.set_defaults(func=cmd_demo)

@@ -7,7 +7,8 @@
     │   └── NoRoute
     ├── UnknownProvider          404  bad_request
     ├── BadRequest               400  bad_request
-    │   └── BodyTooLarge         413
+    │   ├── BodyTooLarge         413
+    │   └── BodyTimeout          408
     ├── RateLimited              429  rate_limited     (carries retry_after)
     │   └── BudgetExceeded            budget_exceeded
     ├── StoreUnavailable         503  upstream_error   (not recorded: the event store is what failed)
@@ -59,6 +60,10 @@ class BadRequest(TollwayError):
 
 class BodyTooLarge(BadRequest):
     status, kind = 413, "too_large"
+
+
+class BodyTimeout(BadRequest):
+    status = 408
 
 
 class RateLimited(TollwayError):

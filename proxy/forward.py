@@ -22,6 +22,7 @@ from yarl import URL
 
 from proxy.errors import (
     BadRequest,
+    BodyTimeout,
     BodyTooLarge,
     PolicyDenied,
     StoreUnavailable,
@@ -122,7 +123,7 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
         raise StoreUnavailable(STORE_UNAVAILABLE)
     adapter, event = route.adapter, call.event
     path = upstream_path(scope, route.name)
-    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    headers = request_headers(scope["headers"])
     query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
     declared = headers.get("content-length", "")
     if declared.isdigit() and int(declared) > gw.settings.server.max_body_bytes:
@@ -247,8 +248,11 @@ async def _send_json(call: Call, status: int, payload: Any, send) -> None:
 
 
 def _upstream_headers(headers: dict[str, str], adapter: Adapter, key) -> list[tuple[str, str]]:
-    """The client's headers minus credentials, hop-by-hop and routing headers, plus the routed key."""
-    out = [(k, v) for k, v in headers.items() if k not in _DROP_REQUEST_HEADERS and not k.startswith("x-forwarded-")]
+    """The client's headers minus credentials, hop-by-hop and routing headers (including any the
+    client names in `Connection`, RFC 9110 7.6.1), plus the routed key."""
+    named = {n.strip().lower() for n in headers["connection"].split(",")} if "connection" in headers else ()
+    out = [(k, v) for k, v in headers.items()
+           if k not in _DROP_REQUEST_HEADERS and not k.startswith("x-forwarded-") and k not in named]
     return out + adapter.key_headers(key.secret)
 
 
@@ -355,6 +359,15 @@ def _watch_for_disconnect(call: Call, receive) -> None:
 
 
 async def read_body(receive, limit: int, timeout_s: float, gw: Gateway) -> bytes:
+    """The whole request body, refused when larger than `limit` (413) or slower than `timeout_s` (408)."""
+    try:
+        return await _read_body(receive, limit, timeout_s, gw)
+    except TimeoutError as exc:
+        raise BodyTimeout(f"The request body did not arrive within {timeout_s:g} s; send it at once "
+                          "(the gateway's [server] body_timeout_s).") from exc
+
+
+async def _read_body(receive, limit: int, timeout_s: float, gw: Gateway) -> bytes:
     chunks, size = [], 0
     async with asyncio.timeout(timeout_s):
         while True:
@@ -368,6 +381,24 @@ async def read_body(receive, limit: int, timeout_s: float, gw: Gateway) -> bytes
             chunks.append(chunk)
             if not message.get("more_body"):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def request_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Header names lower-cased, repeated headers joined with ", " (RFC 9110 5.3); values decoded as
+    UTF-8 so that they are forwarded byte for byte (the upstream client encodes them as UTF-8). A value
+    that is not UTF-8 is refused, except in a credential header, where it is simply a wrong credential."""
+    headers: dict[str, str] = {}
+    for key, value in raw:
+        name = key.decode("latin-1").lower()
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if name not in CREDENTIAL_HEADERS:
+                raise BadRequest(f"The value of header {name!r} is not valid UTF-8; send header values as "
+                                 "ASCII (or UTF-8).") from exc
+            text = value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {text}" if name in headers else text
+    return headers
 
 
 def parse_json_body(raw: bytes, method: str) -> dict | None:

@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import json
 import math
+import random
 import signal
 import struct
 import sys
@@ -69,9 +70,11 @@ class SimRequest:
 class _State:
     """Mutable state of one simulator app, shared with the owning thread."""
 
-    def __init__(self, keys: dict[str, str] | None, record: bool) -> None:
+    def __init__(self, keys: dict[str, str] | None, record: bool, lifelike: bool = False) -> None:
         self.keys = dict(keys or {})
         self.record = record
+        self.lifelike = lifelike  # requests without x-sim-* headers get real-world latency and faults
+        self.rng = random.Random(11)
         self.cancelled_streams = 0
         self.closing = False
         self.tasks: set[asyncio.Task] = set()
@@ -921,6 +924,8 @@ async def _answer(
     well_formed: bool,
 ) -> web.StreamResponse:
     ctl = _Controls.parse(request.headers)
+    if state.lifelike and not any(name.lower().startswith("x-sim-") for name in request.headers):
+        _make_lifelike(ctl, state.rng)
     if ctl.latency:
         await asyncio.sleep(ctl.latency)
     expected = state.keys.get(provider.name)
@@ -981,7 +986,21 @@ async def _on_shutdown(app: web.Application) -> None:
         task.cancel()
 
 
-def create_sim_app(keys: dict[str, str] | None = None, *, record: bool = True) -> web.Application:
+def _make_lifelike(ctl: _Controls, rng: random.Random) -> None:
+    """Real-world shape for the demo: a few hundred ms before the answer, replies of varied length
+    streamed in chunks ~30 ms apart, and now and then a 429 or a 5xx as real providers give."""
+    ctl.latency = rng.lognormvariate(-1.6, 0.5)  # median ~0.2 s
+    ctl.output_tokens = int(rng.lognormvariate(4.5, 0.7))  # median ~90 tokens
+    ctl.chunks, ctl.chunk_delay = 12, rng.uniform(0.015, 0.045)
+    roll = rng.random()
+    if roll < 0.02:
+        ctl.fault, ctl.fault_status = "status:429", 429
+    elif roll < 0.03:
+        ctl.fault, ctl.fault_status = "status:503", 503
+
+
+def create_sim_app(keys: dict[str, str] | None = None, *, record: bool = True,
+                   lifelike: bool = False) -> web.Application:
     """Build the simulator application.
 
     ``keys`` maps a provider family ("openai", "anthropic", "gemini") to the
@@ -990,7 +1009,7 @@ def create_sim_app(keys: dict[str, str] | None = None, *, record: bool = True) -
     that a client going away mid-wait ends the stream at once.
     """
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app[STATE_KEY] = _State(keys, record)
+    app[STATE_KEY] = _State(keys, record, lifelike)
     router = app.router
     router.add_get("/_sim/requests", _sim_requests)
     router.add_delete("/_sim/requests", _sim_clear)
@@ -1108,8 +1127,8 @@ def _parse_key(text: str) -> tuple[str, str]:
     return family, key
 
 
-async def _serve(host: str, port: int, keys: dict[str, str], record: bool) -> None:
-    runner = _make_runner(create_sim_app(keys, record=record))
+async def _serve(host: str, port: int, keys: dict[str, str], record: bool, lifelike: bool) -> None:
+    runner = _make_runner(create_sim_app(keys, record=record, lifelike=lifelike))
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     bound = runner.addresses[0]
@@ -1140,8 +1159,11 @@ def main(argv: list[str] | None = None) -> int:
         help="only accept KEY for FAMILY (repeatable)",
     )
     parser.add_argument("--no-record", action="store_true", help="do not record requests")
+    parser.add_argument("--lifelike", action="store_true",
+                        help="requests without x-sim-* headers get real-world latency, reply lengths and "
+                             "occasional 429/503 answers")
     args = parser.parse_args(argv)
-    asyncio.run(_serve(args.host, args.port, dict(args.key), not args.no_record))
+    asyncio.run(_serve(args.host, args.port, dict(args.key), not args.no_record, args.lifelike))
     return 0
 
 
