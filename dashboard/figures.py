@@ -18,13 +18,16 @@ ZERO = Decimal(0)
 
 # --- formatting ------------------------------------------------------------------------------------
 def money(value: Decimal | None, places: int = 2) -> str:
-    """`$1,234.57`; amounts under a cent keep four places so they do not read as free; None → `–`.
+    """`$1,234.57`; amounts under a cent keep four places so they do not read as free (below a
+    hundredth of a cent: `<$0.0001`); None → `–`.
 
-    >>> money(Decimal("1234.565")), money(Decimal("0.0042")), money(None)
-    ('$1,234.57', '$0.0042', '–')
+    >>> money(Decimal("1234.565")), money(Decimal("0.0042")), money(Decimal("0.00004")), money(None)
+    ('$1,234.57', '$0.0042', '<$0.0001', '–')
     """
     if value is None:
         return "–"
+    if value and abs(value) < Decimal("0.0001"):
+        return f"{'-' if value < 0 else ''}<$0.0001"
     if value and abs(value) < Decimal("0.01"):
         places = 4
     quantum = Decimal(1).scaleb(-places)
@@ -181,12 +184,17 @@ def spend_by(costs: pl.DataFrame, dimension: str) -> pl.DataFrame:
             .sort("day", dimension))
 
 
+def known_cost(column: str = "cost_usd") -> pl.Expr:
+    """Sum of the known costs; null when none is known (all unpriced), never a made-up zero."""
+    return pl.when(pl.col(column).count() > 0).then(pl.col(column).sum())
+
+
 def spend_table(costs: pl.DataFrame, dimension: str) -> pl.DataFrame:
     """Spend, requests and tokens per value of `dimension` over the rows, largest spend first."""
     return (costs.group_by(dimension)
             .agg(requests=pl.col("requests").sum(), errors=pl.col("errors").sum(),
                  input_tokens=pl.col("input_tokens").sum(), output_tokens=pl.col("output_tokens").sum(),
-                 cost_usd=pl.col("cost_usd").sum(), unpriced_requests=pl.col("unpriced_requests").sum())
+                 cost_usd=known_cost(), unpriced_requests=pl.col("unpriced_requests").sum())
             .sort("cost_usd", dimension, descending=[True, False], nulls_last=True))
 
 

@@ -107,29 +107,40 @@ def _freshness_caption(reports: Reports, now: datetime) -> None:
 
 def require_reports(ctx: Context, *names: str) -> bool:
     """Say plainly why there is nothing to show, and return False, when the reports this page needs
-    are missing or empty; warn (and go on) when they are stale or a file is damaged."""
+    are missing, damaged or empty; warn (and go on) when they are stale."""
     if ctx.reports.manifest is None:
         st.info("**No reports yet.** They are built from the gateway's events every "
                 f"{ctx.interval_s} s while `tollway serve` runs, or now with "
                 f"`tollway report run --data-dir {ctx.data_dir}`. Then reload this page.", icon=":material/inbox:")
         return False
-    for name, why in ctx.reports.unreadable.items():
-        if name in names:
-            st.error(f"The `{name}` report could not be read ({why}). Rebuild it with `tollway report run`.")
-    missing = [n for n in names if ctx.frame(n) is None]
-    if missing:
-        st.warning(f"Report(s) {', '.join(f'`{n}`' for n in missing)} are missing from `reports/`: "
-                   "run `tollway report run` to build them.", icon=":material/warning:")
+    if not reports_readable(ctx, *names):
         return False
-    if ctx.stale_for_s is not None:
-        st.warning(f"**These reports are stale:** built {figures.duration(ctx.stale_for_s)} ago, while the gateway "
-                   f"rebuilds them every {ctx.interval_s} s. Is `tollway serve` running? "
-                   "`tollway report run` rebuilds them now.", icon=":material/schedule:")
+    warn_if_stale(ctx)
     if ctx.reports.is_empty:
         st.info("**No traffic recorded yet.** The reports are built but no request has gone through the "
                 "gateway. Point an SDK at it (see the README) and the figures appear here.", icon=":material/inbox:")
         return False
     return True
+
+
+def reports_readable(ctx: Context, *names: str) -> bool:
+    """Say which of these reports are damaged or missing; True when every one can be shown."""
+    for name, why in ctx.reports.unreadable.items():
+        if name in names:
+            st.error(f"The `{name}` report could not be read ({why}). Rebuild it with `tollway report run`.",
+                     icon=":material/error:")
+    missing = [n for n in names if ctx.frame(n) is None and n not in ctx.reports.unreadable]
+    if missing:
+        st.warning(f"Report(s) {', '.join(f'`{n}`' for n in missing)} are missing from `reports/`: "
+                   "run `tollway report run` to build them.", icon=":material/warning:")
+    return all(ctx.frame(n) is not None for n in names)
+
+
+def warn_if_stale(ctx: Context) -> None:
+    if ctx.stale_for_s is not None:
+        st.warning(f"**These reports are stale:** built {figures.duration(ctx.stale_for_s)} ago, while the gateway "
+                   f"rebuilds them every {ctx.interval_s} s. Is `tollway serve` running? "
+                   "`tollway report run` rebuilds them now.", icon=":material/schedule:")
 
 
 def money_columns(*names: str) -> dict:

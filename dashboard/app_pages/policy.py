@@ -4,7 +4,7 @@ import polars as pl
 import streamlit as st
 
 from dashboard import charts, figures
-from dashboard.shell import Context, context, count_columns, scope_label
+from dashboard.shell import Context, context, count_columns, reports_readable, scope_label, warn_if_stale
 
 
 def render(ctx: Context) -> None:
@@ -44,7 +44,8 @@ def _status(ctx: Context) -> None:
     errors, warnings = ctx.policy.errors, ctx.policy.warnings
     if errors:
         st.error(f"**The policy files on disk have {len(errors)} error(s).** The gateway refuses such an edit and "
-                 "keeps the last valid version in force. Fix them, then `tollway policy check`.", icon=":material/block:")
+                 "keeps the last valid version in force (a gateway starting on these files refuses to start). Fix them, "
+                 "then `tollway policy check`.", icon=":material/block:")
         st.code("\n".join(str(p) for p in errors), language=None)
     else:
         st.success("The policy files are valid" + (f" ({len(warnings)} warning(s))." if warnings else "."), icon=":material/check_circle:")
@@ -63,10 +64,14 @@ def _status(ctx: Context) -> None:
 
 def _denials(ctx: Context) -> None:
     st.subheader("Denials")
-    refused = ctx.frame("denials")
-    if refused is None:
-        st.info("No denials report yet: `tollway report run` builds it.")
+    if ctx.reports.manifest is None:
+        st.info("No reports yet: `tollway report run` builds them (the gateway does every "
+                f"{ctx.interval_s} s).")
         return
+    if not reports_readable(ctx, "denials"):
+        return
+    warn_if_stale(ctx)
+    refused = ctx.frame("denials")
     daily = figures.denials_over_time(refused, ctx.period, ctx.tenant)
     if daily.is_empty():
         st.info(f"No request was refused in {ctx.period} for {ctx.tenant or 'any tenant'}.")

@@ -39,12 +39,14 @@ def render(ctx: Context) -> None:
 
 
 def _per_tenant(rows: pl.DataFrame) -> pl.DataFrame:
-    def cost(mode: str) -> pl.Expr:
-        return pl.col("cost_usd").filter(pl.col("billing_mode") == mode).sum()
+    def cost(mode: str) -> pl.Expr:  # no usage in this mode: 0; usage but none of it priced: unknown
+        in_mode = pl.col("billing_mode") == mode
+        known = pl.col("cost_usd").filter(in_mode)
+        return pl.when(in_mode.any() & (known.count() == 0)).then(None).otherwise(known.sum())
 
     return (rows.group_by("tenant")
             .agg(requests=pl.col("requests").sum(), unified_usd=cost("unified"), byok_usd=cost("byok"),
-                 total_usd=pl.col("cost_usd").sum())
+                 total_usd=figures.known_cost())
             .sort("total_usd", descending=True, nulls_last=True))
 
 
