@@ -120,7 +120,8 @@ def _locked(settings) -> bool:
 
 
 def register(commands, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
-    report = commands.add_parser("report", parents=[common], help="build the reports now")
+    report = commands.add_parser("report", parents=[common],
+                                 help="reports: run (build them now), close (freeze a period's statements)")
     report_actions = report.add_subparsers(dest="report_command", required=True, metavar="ACTION")
     run = report_actions.add_parser("run", parents=[common, as_json],
                                     help="build every report now (works whether or not the gateway runs)")
@@ -134,7 +135,7 @@ def register(commands, common: argparse.ArgumentParser, as_json: argparse.Argume
     credits = commands.add_parser("credits", parents=[common], help="prepaid credits: add, list")
     actions = credits.add_subparsers(dest="credits_command", required=True, metavar="ACTION")
     add = actions.add_parser("add", parents=[common, as_json], help="top up a tenant's prepaid credits")
-    add.add_argument("--tenant", required=True)
+    add.add_argument("--tenant", required=True, help="a tenant of tenants.csv")
     add.add_argument("--amount", required=True, help="USD, e.g. 250 or 99.50")
     add.add_argument("--note", help="a note for the statement and the audit log")
     add.set_defaults(func=cmd_credits_add)

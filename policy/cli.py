@@ -94,8 +94,8 @@ def register(commands, common: argparse.ArgumentParser, as_json: argparse.Argume
                        ).set_defaults(func=cmd_check)
     explain = actions.add_parser("explain", parents=[common, as_json],
                                  help="the decision, matching rules, key route, billing mode and limits")
-    explain.add_argument("--tenant", required=True)
-    explain.add_argument("--user", required=True)
+    explain.add_argument("--tenant", required=True, help="the tenant the request would come from")
+    explain.add_argument("--user", required=True, help="the user id, as on the token or in the JWT")
     explain.add_argument("--role", action="append", help="a role the credential carries (repeatable)")
     explain.add_argument("--model", required=True, help="provider/model, e.g. anthropic/claude-sonnet-4-5")
     explain.set_defaults(func=cmd_explain)

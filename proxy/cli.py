@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokens = commands.add_parser("tokens", parents=[common], help="client tokens: create, list, revoke")
     token_commands = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
     create = token_commands.add_parser("create", parents=[common, as_json], help="issue a client token (tw_...)")
-    create.add_argument("--tenant", required=True)
+    create.add_argument("--tenant", required=True, help="the tenant the token's requests count against")
     create.add_argument("--user", required=True, help="user id or email (stored only in control.db)")
     create.add_argument("--role", action="append", help="a role the token carries (repeatable)")
     create.add_argument("--expires-in", help="lifetime, e.g. 30d, 12h, 2w (default: no expiry)")

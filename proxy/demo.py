@@ -104,8 +104,9 @@ class Children:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    root = Path(args.keep).expanduser().resolve() if args.keep else Path(tempfile.mkdtemp(prefix="tollway-demo-"))
-    if args.keep and (root / "control.db").exists():
+    keep = args.keep or args.data_dir  # an explicit --data-dir is where the demo should live, too
+    root = Path(keep).expanduser().resolve() if keep else Path(tempfile.mkdtemp(prefix="tollway-demo-"))
+    if keep and (root / "control.db").exists():
         from proxy.cli import CommandError
 
         raise CommandError(f"{root} already holds a deployment; pick a new directory for --keep")
@@ -186,7 +187,8 @@ def register(commands, common: argparse.ArgumentParser) -> None:
                                help="run a complete demo on loopback (no keys, no network)",
                                description="Create a temporary deployment with a simulated provider, a month of "
                                            "history, live traffic, reports, the gateway and the dashboard.")
-    demo.add_argument("--keep", metavar="DIR", help="create the deployment in DIR (a new directory, kept afterwards)")
+    demo.add_argument("--keep", metavar="DIR", help="create the deployment in DIR (a new directory, kept afterwards; "
+                                                    "--data-dir does the same); default: a temporary directory")
     demo.add_argument("--port", type=int, help="gateway port (default 8080, or a free one if taken)")
     demo.add_argument("--days", type=int, default=30, help="days of history to generate (default 30)")
     demo.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard (headless use)")

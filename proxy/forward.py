@@ -261,11 +261,10 @@ async def _relay_body(call: Call, adapter: Adapter, response, headers: list, sen
     if response.status < 400 and body:
         try:
             payload = json_decode(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             payload = None
         if payload is not None:
-            call.usage = adapter.usage_from_body(payload)
-            call.estimate_output_chars = adapter.output_text_chars(payload)
+            call.usage, call.estimate_output_chars = adapter.read_body(payload)
     headers.append((b"content-length", str(len(body)).encode()))
     call.response_started = True
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
@@ -408,6 +407,8 @@ def parse_json_body(raw: bytes, method: str) -> dict | None:
         body = json_decode(raw)
     except msgspec.DecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON ({exc}).") from exc
+    except RecursionError as exc:
+        raise BadRequest("The request body is nested too deeply to be a model request.") from exc
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
     return body

@@ -202,7 +202,12 @@ class Gateway:
         log.warning("key %s marked failing: the provider answered %s", key.key_id, status)
 
     def key_rate_limited(self, key: ProviderKey, retry_after: str | None) -> None:
-        seconds = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else 1.0
+        try:
+            seconds = float(retry_after) if retry_after else 1.0
+        except ValueError:  # an HTTP date or garbage: a short default cool-down
+            seconds = 1.0
+        if seconds != seconds:  # NaN
+            seconds = 1.0
         self._cooling[key.key_id] = time.monotonic() + min(max(seconds, 0.1), 3600)
         self.metrics.key_failures.labels(key.key_id, "429").inc()
 

@@ -9,9 +9,10 @@ Cost is exact decimal arithmetic, rounded half-up to a nano-dollar (the events' 
 from __future__ import annotations
 
 import bisect
+import csv
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation, localcontext
 from pathlib import Path
 
 from policy.files import Problem, csv_lines
@@ -63,6 +64,11 @@ def cost_of(price: Price, usage: Usage) -> Decimal:
     >>> cost_of(p, Usage(input_tokens=1000, output_tokens=100, cached_input_tokens=400))
     Decimal('0.003000000')
     """
+    with localcontext(prec=60):  # exact for any token count a request can name (10**27 included)
+        return _cost(price, usage)
+
+
+def _cost(price: Price, usage: Usage) -> Decimal:
     cached = usage.cached_input_tokens or 0
     written = usage.cache_write_tokens or 0
     fresh = max((usage.input_tokens or 0) - cached - written, 0)
@@ -79,7 +85,10 @@ def load_pricebook(path: Path) -> tuple[PriceBook, list[Problem]]:
     prices: dict[tuple[str, str], list[Price]] = {}
     if not path.exists():
         return PriceBook({}), [Problem(path.name, 0, "file is missing: every model will be unpriced", "warning")]
-    rows = csv_lines(path)
+    try:
+        rows = csv_lines(path)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        return PriceBook({}), [Problem(path.name, 0, f"cannot be read as UTF-8 CSV: {exc}")]
     if rows and rows[0][1] == HEADER:
         rows = rows[1:]
     elif rows:

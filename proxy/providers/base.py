@@ -70,6 +70,10 @@ class CallInfo:
     metered: bool = True  # False for calls that consume no tokens (token counting)
 
 
+#: What reading a provider payload of an unexpected shape raises (`"choices": 5`, `"delta": "x"`).
+MALFORMED = (AttributeError, TypeError, ValueError, KeyError, IndexError)
+
+
 class StreamTap(ABC):
     """Per-stream state: reads usage (and text, for estimates) from events as they pass."""
 
@@ -84,9 +88,14 @@ class StreamTap(ABC):
             return True
         try:
             payload = json_decode(event.data)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             return True
-        return self.on_payload(event.event, payload) if isinstance(payload, dict) else True
+        if not isinstance(payload, dict):
+            return True
+        try:
+            return self.on_payload(event.event, payload)
+        except MALFORMED:  # a field of an unexpected type: the event passes, its usage is not read
+            return True
 
     @abstractmethod
     def on_payload(self, event_name: str | None, payload: dict) -> bool:
@@ -167,6 +176,14 @@ class Adapter(ABC):
     def output_text_chars(self, payload: Any) -> int:
         """Characters of generated content in a whole response body (the basis of an estimate)."""
 
+    def read_body(self, payload: Any) -> tuple[Usage, int]:
+        """Usage and output characters of a whole response body; a body of an unexpected shape
+        yields no usage (the forwarder then estimates the input side) rather than an error."""
+        try:
+            return self.usage_from_body(payload), self.output_text_chars(payload)
+        except MALFORMED:
+            return Usage(), 0
+
     @abstractmethod
     def stream_tap(self, info: CallInfo) -> StreamTap:
         """Fresh per-stream state for one streamed response."""
@@ -192,14 +209,18 @@ def estimate_tokens(chars: int) -> int:
 
 
 def text_chars(value: Any, skip: frozenset[str] = frozenset({"model", "role", "type", "id"})) -> int:
-    """Characters of every string in a JSON value except identifiers: the basis of an estimate."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, dict):
-        return sum(text_chars(v, skip) for k, v in value.items() if k not in skip)
-    if isinstance(value, list):
-        return sum(text_chars(v, skip) for v in value)
-    return 0
+    """Characters of every string in a JSON value except identifiers: the basis of an estimate.
+    Iterative, so a deeply nested body cannot exhaust the stack."""
+    total, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            pending.extend(v for k, v in item.items() if k not in skip)
+        elif isinstance(item, list):
+            pending.extend(item)
+    return total
 
 
 def int_or_none(value: Any) -> int | None:
