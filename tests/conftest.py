@@ -32,10 +32,7 @@ def deployment(tmp_path, simulator) -> Deployment:
     role contractors; carol is in globex.
     """
     dep = Deployment(tmp_path / "deploy", simulator.url)
-    dep.add_key("operator-openai", "openai", SIM_KEYS["openai"])
-    dep.add_key("operator-gemini", "gemini", SIM_KEYS["gemini"])
-    dep.add_key("operator-anthropic", "anthropic", SIM_KEYS["anthropic"])
-    dep.add_key("acme-anthropic", "anthropic", SIM_KEYS["anthropic"], tenant="acme")
+    dep.add_test_keys()
     dep.issue_token("alice", "acme", "alice@acme.com")
     dep.issue_token("bob", "acme", "bob@acme.com")
     dep.issue_token("dana", "acme", "dana@acme.com", roles=("engineering", "contractors"))

@@ -65,6 +65,13 @@ class Deployment:
         (self.path / "tollway.toml").write_text(
             f'[server]\nhost = "127.0.0.1"\nport = {self.port}\n\n{sections}[events]\nflush_interval_ms = 200\n{extra}\n')
 
+    def add_test_keys(self) -> None:
+        """The keys every test deployment routes to (see ROUTES): one operator key per provider, and
+        acme's own Anthropic key."""
+        for provider in ("openai", "gemini", "anthropic"):
+            self.add_key(f"operator-{provider}", provider, SIM_KEYS[provider])
+        self.add_key("acme-anthropic", "anthropic", SIM_KEYS["anthropic"], tenant="acme")
+
     def store(self) -> ControlStore:
         return ControlStore(self.path / "control.db", Keyring(load_master_key(self.path)))
 
@@ -147,9 +154,7 @@ def deployment_with_history(path: Path, days: int = 40, now=None, build: bool = 
     from proxy.history import Workload, write_history
 
     deployment = Deployment(path, "http://127.0.0.1:9")
-    for provider in ("openai", "gemini", "anthropic"):
-        deployment.add_key(f"operator-{provider}", provider, SIM_KEYS[provider])
-    deployment.add_key("acme-anthropic", "anthropic", SIM_KEYS["anthropic"], tenant="acme")
+    deployment.add_test_keys()
     write_history(path, [Workload(*w) for w in HISTORY_WORKLOADS], days, now=now)
     store = deployment.store()
     store.add_credits("globex", Decimal("50"), "prepaid")

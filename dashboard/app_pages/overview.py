@@ -2,22 +2,14 @@
 
 import streamlit as st
 
-from dashboard import charts, figures
-from dashboard.shell import (
-    Context,
-    context,
-    count_columns,
-    for_display,
-    money_columns,
-    require_reports,
-    scope_label,
-)
+from dashboard import charts, figures, shell
+from dashboard.shell import Context
 
 
 def render(ctx: Context) -> None:
     st.title("Overview")
-    st.caption(scope_label(ctx))
-    if not require_reports(ctx, "tenant_costs", "denials"):
+    st.caption(shell.scope_label(ctx))
+    if not shell.require_reports(ctx, "tenant_costs", "denials"):
         return
     costs, refused = ctx.frame("tenant_costs"), ctx.frame("denials")
     figure = figures.overview(costs, refused, ctx.period, ctx.tenant, ctx.today.date())
@@ -35,9 +27,9 @@ def render(ctx: Context) -> None:
                                          f"Daily spend by {dimension}"), width="stretch")
     st.subheader(f"Spend by {'model' if ctx.tenant else 'tenant'}")
     table = figures.spend_table(rows, "model" if ctx.tenant else "tenant")
-    st.dataframe(for_display(table), hide_index=True,
-                 column_config={**money_columns("cost_usd"),
-                                **count_columns("requests", "errors", "input_tokens", "output_tokens")})
+    st.dataframe(shell.for_display(table), hide_index=True,
+                 column_config={**shell.money_columns("cost_usd"),
+                                **shell.count_columns("requests", "errors", "input_tokens", "output_tokens")})
 
 
 def _headline(ctx: Context, figure: figures.Overview) -> None:
@@ -70,4 +62,4 @@ def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value:,.0f} ms"
 
 
-render(context())
+render(shell.context())

@@ -3,28 +3,20 @@
 import polars as pl
 import streamlit as st
 
-from dashboard import charts, figures
-from dashboard.shell import (
-    Context,
-    context,
-    count_columns,
-    for_display,
-    money_columns,
-    require_reports,
-    scope_label,
-)
+from dashboard import charts, figures, shell
+from dashboard.shell import Context
 
 
 def render(ctx: Context) -> None:
     st.title("Tenants")
-    st.caption(scope_label(ctx))
-    if not require_reports(ctx, "tenant_costs"):
+    st.caption(shell.scope_label(ctx))
+    if not shell.require_reports(ctx, "tenant_costs"):
         return
     rows = figures.scoped(ctx.frame("tenant_costs"), ctx.period, ctx.tenant)
     if ctx.tenant is None:
         st.subheader("Spend per tenant and billing mode")
-        st.dataframe(for_display(_per_tenant(rows)), hide_index=True,
-                     column_config={**money_columns("unified_usd", "byok_usd", "total_usd"), **count_columns("requests")})
+        st.dataframe(shell.for_display(_per_tenant(rows)), hide_index=True,
+                     column_config={**shell.money_columns("unified_usd", "byok_usd", "total_usd"), **shell.count_columns("requests")})
     else:
         _terms_and_routes(ctx)
     if rows.is_empty():
@@ -88,8 +80,8 @@ def _budgets(ctx: Context) -> None:
         st.warning(f"{row['tenant']}: the {row['window']} budget of {figures.money(row['limit_usd'])} is forecast to "
                    f"reach {figures.money(row['forecast_usd'])}.", icon=":material/trending_up:")
     shown = burn.with_columns(pl.col("percent").fill_null(0))
-    st.dataframe(for_display(shown), hide_index=True,
-                 column_config={**money_columns("spent_usd", "limit_usd", "forecast_usd"),
+    st.dataframe(shell.for_display(shown), hide_index=True,
+                 column_config={**shell.money_columns("spent_usd", "limit_usd", "forecast_usd"),
                                 "percent": st.column_config.ProgressColumn("percent", min_value=0, max_value=100,
                                                                            format="%.1f%%")})
     monthly = burn.filter((pl.col("window") == "month") & (pl.col("subject") == "tenant"))
@@ -100,4 +92,4 @@ def _budgets(ctx: Context) -> None:
                         width="stretch")
 
 
-render(context())
+render(shell.context())

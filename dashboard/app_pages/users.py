@@ -3,16 +3,8 @@
 import polars as pl
 import streamlit as st
 
-from dashboard import charts, figures
-from dashboard.shell import (
-    Context,
-    context,
-    count_columns,
-    for_display,
-    money_columns,
-    require_reports,
-    scope_label,
-)
+from dashboard import charts, figures, shell
+from dashboard.shell import Context
 
 PSEUDONYMS = (
     "Users appear only as **pseudonyms**: a UUID the gateway derives from the tenant and the user id with a keyed "
@@ -25,9 +17,9 @@ PSEUDONYMS = (
 
 def render(ctx: Context) -> None:
     st.title("Top spenders")
-    st.caption(scope_label(ctx))
+    st.caption(shell.scope_label(ctx))
     st.info(PSEUDONYMS, icon=":material/visibility_off:")
-    if not require_reports(ctx, "user_costs"):
+    if not shell.require_reports(ctx, "user_costs"):
         return
     top = figures.top_spenders(ctx.frame("user_costs"), ctx.period, ctx.tenant,
                                st.slider("How many", 5, 100, 20, step=5))
@@ -38,9 +30,9 @@ def render(ctx: Context) -> None:
                                 spend=pl.col("cost_usd").cast(pl.Float64))
     st.altair_chart(charts.top_bars(labelled, "user", "spend", "Spend per user (first 8 characters of the "
                                     "pseudonym)"), width="stretch")
-    st.dataframe(for_display(top), hide_index=True,
-                 column_config={**money_columns("cost_usd"),
-                                **count_columns("requests", "input_tokens", "output_tokens", "unpriced_requests")})
+    st.dataframe(shell.for_display(top), hide_index=True,
+                 column_config={**shell.money_columns("cost_usd"),
+                                **shell.count_columns("requests", "input_tokens", "output_tokens", "unpriced_requests")})
 
 
-render(context())
+render(shell.context())
