@@ -2,9 +2,12 @@
 report as Parquet plus a CSV twin under a temporary name and rename it into place, then the manifest.
 
 Readers (the dashboard) therefore only ever see whole files. The DuckDB file allows one writing
-process: inside `tollway serve` the jobs read through a cursor of the gateway's own connection;
-`tollway report run` opens the file read-only when no gateway holds it, and otherwise asks the
-running gateway to build (a trigger file it polls) and waits for the new manifest.
+process, so inside `tollway serve` the gateway's own connection streams the columns the reports read
+into a Parquet snapshot, and a short-lived child process (`python -m analytics.jobs`) builds the
+reports from it: the build's working set, which grows with a month's events, lives and dies with the
+child instead of staying in the gateway's memory. `tollway report run` opens the file read-only when
+no gateway holds it, and otherwise asks the running gateway to build (a trigger file it polls) and
+waits for the new manifest.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +46,8 @@ STATEMENT_SCHEMA = {
 }
 MANIFEST = "manifest.json"
 TRIGGER = ".run-requested"
+SNAPSHOT = ".events-snapshot.parquet"
+DUCKDB_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 EVENT_COLUMNS = ("ts", "tenant", "user_pseudonym", "provider", "model", "billing_mode", "outcome", "status_code",
                  "input_tokens", "output_tokens", "cached_input_tokens", "usage_source", "cost_usd", "latency_ms")
 
@@ -169,6 +176,38 @@ def apply_retention(con: duckdb.DuckDBPyConnection, retention_days: int, closed_
     return count
 
 
+def snapshot_events(con: duckdb.DuckDBPyConnection, reports_dir: Path) -> Path:
+    """The columns the reports read, of every event, as one Parquet file (DuckDB streams it)."""
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    path = reports_dir / SNAPSHOT
+    quoted = str(path).replace("'", "''")
+    con.execute(f"COPY (SELECT {', '.join(EVENT_COLUMNS)} FROM events) TO '{quoted}' (FORMAT parquet)").fetchall()
+    return path
+
+
+def build_from_snapshot(snapshot: Path, data_dir: Path, reports_dir: Path) -> dict:
+    """`build_reports` over a Parquet snapshot of the events (in the process that calls it)."""
+    con = duckdb.connect(":memory:", config=DUCKDB_CONFIG)
+    try:
+        con.read_parquet(str(snapshot)).create_view("events")
+        return build_reports(con, reports_dir, load_billing_inputs(data_dir))
+    finally:
+        con.close()
+
+
+def build_in_child(con: duckdb.DuckDBPyConnection, data_dir: Path, reports_dir: Path, timeout_s: float = 600) -> dict:
+    """Snapshot the events through `con`, build the reports in a child process, return its manifest."""
+    snapshot = snapshot_events(con, reports_dir)
+    try:
+        child = subprocess.run([sys.executable, "-m", "analytics.jobs", str(snapshot), str(data_dir), str(reports_dir)],
+                               capture_output=True, text=True, timeout=timeout_s)
+    finally:
+        snapshot.unlink(missing_ok=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"report build failed (exit {child.returncode}): {child.stderr.strip()[-2000:]}")
+    return json.loads(child.stdout)
+
+
 def read_manifest(reports_dir: Path) -> dict | None:
     path = reports_dir / MANIFEST
     return json.loads(path.read_text()) if path.exists() else None
@@ -180,8 +219,7 @@ def run_now(data_dir: Path, events_db: Path, reports_dir: Path, wait_s: float = 
     Returns the manifest and how it was built ("direct" or "gateway").
     """
     try:
-        con = duckdb.connect(str(events_db), read_only=True,
-                             config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+        con = duckdb.connect(str(events_db), read_only=True, config=DUCKDB_CONFIG)
     except duckdb.IOException:
         return _ask_gateway(reports_dir, wait_s), "gateway"
     try:
@@ -201,3 +239,8 @@ def _ask_gateway(reports_dir: Path, wait_s: float) -> dict:
             return manifest
         time.sleep(0.2)
     raise TimeoutError("the running gateway did not build the reports in time; check its log")
+
+
+if __name__ == "__main__":  # the gateway's report child: python -m analytics.jobs SNAPSHOT DATA_DIR REPORTS_DIR
+    snapshot_path, data, reports = (Path(arg) for arg in sys.argv[1:4])
+    print(json.dumps(build_from_snapshot(snapshot_path, data, reports)))

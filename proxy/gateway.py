@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from yarl import URL
 
-from analytics.jobs import apply_retention, build_reports, load_billing_inputs
+from analytics.jobs import apply_retention, build_in_child, load_billing_inputs
 from analytics.scheduler import ReportSchedule
 from policy.files import RouteRule
 from policy.loader import PolicyInvalid, PolicySet, load_policy_set
@@ -95,7 +95,9 @@ class Gateway:
         return cls(settings, keyring, store, control, policies)
 
     async def start(self) -> None:
-        self._events_db = open_events_db(self.settings.events_db)
+        # The gateway's DuckDB only appends, counts and streams snapshots: a small buffer pool keeps
+        # its memory flat however large the file grows.
+        self._events_db = open_events_db(self.settings.events_db, memory_limit="256MB")
         rows = rebuild_counters(self.limit_store, self._events_db, datetime.now(UTC))
         self.limiter.remember_alerts(self._recorded_alerts())
         log.info("limit counters rebuilt from %d (tenant, user) aggregates in events.duckdb", rows)
@@ -138,13 +140,14 @@ class Gateway:
         return self.control.authenticate(credential, hint)
 
     def _build_reports(self) -> dict:
-        """Flush pending events, build the reports through a cursor of our own connection, then apply
-        retention (only now that every report that needed the old events is built)."""
+        """Flush pending events, build the reports from a snapshot taken through our own connection
+        in a child process (so the build's memory never stays here), then apply retention (only now
+        that every report that needed the old events is built)."""
         self.recorder.flush()
         cursor = self._events_db.cursor()
         try:
             billing = load_billing_inputs(self.settings.data_dir)
-            manifest = build_reports(cursor, self.settings.reports_dir, billing)
+            manifest = build_in_child(cursor, self.settings.data_dir, self.settings.reports_dir)
             deleted = apply_retention(cursor, self.settings.pipeline.retention_days,
                                       {period for period, _ in billing.closed}, datetime.now(UTC))
             if deleted:

@@ -32,10 +32,13 @@ log = logging.getLogger("tollway.recorder")
 ROW_ERRORS = (duckdb.DataError, duckdb.IntegrityError, duckdb.ProgrammingError, TypeError, ValueError)
 
 
-def open_events_db(path: Path) -> duckdb.DuckDBPyConnection:
-    """Open (and create if needed) `events.duckdb` with its `events` table; nothing is downloaded."""
-    con = duckdb.connect(str(path), config={"autoinstall_known_extensions": False,
-                                            "autoload_known_extensions": False})
+def open_events_db(path: Path, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
+    """Open (and create if needed) `events.duckdb` with its `events` table; nothing is downloaded.
+    `memory_limit` caps DuckDB's buffer pool (it spills to disk beyond it), e.g. "256MB"."""
+    config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+    if memory_limit:
+        config["memory_limit"] = memory_limit
+    con = duckdb.connect(str(path), config=config)
     con.execute(CREATE_TABLE)
     return con
 
