@@ -95,9 +95,10 @@ class Gateway:
         return cls(settings, keyring, store, control, policies)
 
     async def start(self) -> None:
-        # The gateway's DuckDB only appends, counts and streams snapshots: a small buffer pool keeps
-        # its memory flat however large the file grows.
-        self._events_db = open_events_db(self.settings.events_db, memory_limit="256MB")
+        # The gateway's DuckDB only appends, counts and streams snapshots: a small buffer pool (it
+        # spills to disk beyond it) keeps its memory flat however large the file grows. The soak
+        # measured +48 % RSS over 10 minutes with 256 MB, +4 % with 64 MB.
+        self._events_db = open_events_db(self.settings.events_db, memory_limit="64MB")
         rows = rebuild_counters(self.limit_store, self._events_db, datetime.now(UTC))
         self.limiter.remember_alerts(self._recorded_alerts())
         log.info("limit counters rebuilt from %d (tenant, user) aggregates in events.duckdb", rows)
