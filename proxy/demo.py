@@ -104,53 +104,18 @@ class Children:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    keep = args.keep or args.data_dir  # an explicit --data-dir is where the demo should live, too
-    root = Path(keep).expanduser().resolve() if keep else Path(tempfile.mkdtemp(prefix="tollway-demo-"))
-    if keep and (root / "control.db").exists():
-        from proxy.cli import CommandError
-
-        raise CommandError(f"{root} already holds a deployment; pick a new directory for --keep")
-    sim_port, gw_port = _port(9090), _port(args.port or 8080)
-    dash_port = None if args.no_dashboard else _port(8501)
+    root = _demo_root(args)
+    ports = {"simulator": _port(9090), "gateway": _port(args.port or 8080),
+             "dashboard": None if args.no_dashboard else _port(8501)}
     print(f"Tollway demo: preparing a deployment in {root}", file=sys.stderr, flush=True)
     children = Children()
-    root.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the children on SIGTERM too, even while preparing
     try:
-        sim_url = f"http://127.0.0.1:{sim_port}"
-        tokens, keys = demo_setup.prepare(root, sim_url, gw_port)
-        _step(f"deployment: tenants acme (BYOK Anthropic) and globex (unified billing, "
-              f"{demo_setup.GLOBEX_CREDITS} USD credits); 4 keys, {len(tokens)} tokens")
-        sim = children.start([sys.executable, "-m", "proxy.simulator", "--port", str(sim_port), "--lifelike",
-                              "--no-record", *(f"--key={p}={k}" for p, k in keys.items())], root / "simulator.log")
-        count = write_history(root, demo_setup.WORKLOADS, args.days,
-                              progress=lambda done: _step(f"history: {done:,} events written…"))
-        budget = demo_setup.write_limits(root)
-        _step(f"history: {count:,} demo events over {args.days} days (marked demo = true); "
-              f"globex's monthly budget set to {budget} USD, near its limit")
-        wait_healthy(f"{sim_url}/_sim/health", sim, "simulated provider")
-        _step(f"simulated OpenAI, Anthropic and Gemini on {sim_url} (lifelike latency, occasional 429/503)")
-        gateway = children.start([sys.executable, "-m", "proxy.cli", "--data-dir", str(root), "serve"],
-                                 root / "gateway.log")
-        dashboard = None if dash_port is None else children.start(
-            [sys.executable, "-m", "proxy.cli", "--data-dir", str(root), "dashboard", "--port", str(dash_port)],
-            root / "dashboard.log")
-        gw = f"http://127.0.0.1:{gw_port}"
-        wait_healthy(f"{gw}/healthz", gateway, "gateway")
-        _step(f"gateway on {gw}")
-        for line in demo_setup.live_traffic(gw, tokens):
-            _step(line)
-        manifest, _ = run_now(root, root / "events.duckdb", root / "reports")
-        _step(f"reports built from {manifest['source_rows']:,} events in {manifest['build_seconds']} s "
-              f"(rebuilt every 30 s while the demo runs)")
-        dash_url = None
-        if dashboard is not None:
-            dash_url = f"http://127.0.0.1:{dash_port}"
-            wait_healthy(f"{dash_url}/_stcore/health", dashboard, "dashboard", timeout=60)
-            _step(f"dashboard on {dash_url}")
+        gw, dash_url, token = _bring_up(root, args.days, ports, children)
         print(f"\nReady in {time.monotonic() - started:.1f} s. Sample token: alice@acme.com (tenant acme, "
               "role engineering).", file=sys.stderr)
-        print(snippets(gw, tokens["alice"], dash_url), file=sys.stderr, flush=True)
-        print(exports(gw, tokens["alice"]), flush=True)
+        print(snippets(gw, token, dash_url), file=sys.stderr, flush=True)
+        print(exports(gw, token), flush=True)
         print(f"\nFiles: {root}. Press Ctrl-C to stop.", file=sys.stderr, flush=True)
         _wait_for_stop(children)
     except KeyboardInterrupt:
@@ -159,6 +124,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\nerror: {exc}", file=sys.stderr)
         return _stopped(children, root, 1)
     return _stopped(children, root, 0)
+
+
+def _demo_root(args: argparse.Namespace) -> Path:
+    """--keep DIR (or --data-dir), which must not hold a deployment yet; else a temporary directory."""
+    keep = args.keep or args.data_dir
+    root = Path(keep).expanduser().resolve() if keep else Path(tempfile.mkdtemp(prefix="tollway-demo-"))
+    if keep and (root / "control.db").exists():
+        from proxy.cli import CommandError
+
+        raise CommandError(f"{root} already holds a deployment; pick a new directory for --keep")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _bring_up(root: Path, days: int, ports: dict, children: Children) -> tuple[str, str | None, str]:
+    """Deployment, simulator, history, gateway, live traffic, reports, dashboard: the gateway URL,
+    the dashboard URL (None without one) and the sample token."""
+    sim_url, gw = f"http://127.0.0.1:{ports['simulator']}", f"http://127.0.0.1:{ports['gateway']}"
+    tokens, keys = demo_setup.prepare(root, sim_url, ports["gateway"])
+    _step(f"deployment: tenants acme (BYOK Anthropic) and globex (unified billing, "
+          f"{demo_setup.GLOBEX_CREDITS} USD credits); 4 keys, {len(tokens)} tokens")
+    sim = children.start([sys.executable, "-m", "proxy.simulator", "--port", str(ports["simulator"]), "--lifelike",
+                          "--no-record", *(f"--key={p}={k}" for p, k in keys.items())], root / "simulator.log")
+    count = write_history(root, demo_setup.WORKLOADS, days,
+                          progress=lambda done: _step(f"history: {done:,} events written…"))
+    budget = demo_setup.write_limits(root)
+    _step(f"history: {count:,} demo events over {days} days (marked demo = true); "
+          f"globex's monthly budget set to {budget} USD, near its limit")
+    wait_healthy(f"{sim_url}/_sim/health", sim, "simulated provider")
+    _step(f"simulated OpenAI, Anthropic and Gemini on {sim_url} (lifelike latency, occasional 429/503)")
+    tollway = [sys.executable, "-m", "proxy.cli", "--data-dir", str(root)]
+    gateway = children.start([*tollway, "serve"], root / "gateway.log")
+    dashboard = None if ports["dashboard"] is None else children.start(
+        [*tollway, "dashboard", "--port", str(ports["dashboard"])], root / "dashboard.log")
+    wait_healthy(f"{gw}/healthz", gateway, "gateway")
+    _step(f"gateway on {gw}")
+    for line in demo_setup.live_traffic(gw, tokens):
+        _step(line)
+    manifest, _ = run_now(root, root / "events.duckdb", root / "reports")
+    _step(f"reports built from {manifest['source_rows']:,} events in {manifest['build_seconds']} s "
+          "(rebuilt every 30 s while the demo runs)")
+    if dashboard is None:
+        return gw, None, tokens["alice"]
+    dash_url = f"http://127.0.0.1:{ports['dashboard']}"
+    wait_healthy(f"{dash_url}/_stcore/health", dashboard, "dashboard", timeout=60)
+    _step(f"dashboard on {dash_url}")
+    return gw, dash_url, tokens["alice"]
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 class DemoError(Exception):

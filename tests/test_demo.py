@@ -132,3 +132,16 @@ def test_demo_refuses_an_existing_deployment_for_keep(demo_dir):
                             capture_output=True, text=True, timeout=60, env={**os.environ})
     assert result.returncode == 1
     assert "already holds a deployment" in result.stderr
+
+
+def test_sigterm_while_preparing_stops_the_children_it_started(demo_dir):
+    demo = Demo("--no-dashboard", "--days", "60", "--port", str(free_port()), "--keep", str(demo_dir))
+    deadline = time.monotonic() + 60
+    while not demo.children():  # the simulated provider starts first, then the history is written
+        assert demo.proc.poll() is None and time.monotonic() < deadline, demo.stderr
+        time.sleep(0.02)
+    children = demo.children()
+    demo.proc.send_signal(signal.SIGTERM)
+    assert demo.proc.wait(timeout=60) == 0
+    assert not [pid for pid in children if alive(pid)], "no process is left behind"
+    assert "Stopped. The demo's files are in" in demo.stderr and "Ready in" not in demo.stderr
