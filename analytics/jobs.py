@@ -31,6 +31,7 @@ import polars as pl
 from analytics.billing import Credit, PeriodUsage, statements
 from analytics.reports import budget_status, denials, period_usage, tenant_costs, user_costs
 from policy.files import LimitRule, Tenant, load_policy_files
+from proxy.recorder import DUCKDB_CONFIG
 
 REPORTS: dict[str, Callable[[pl.LazyFrame], pl.LazyFrame]] = {
     "tenant_costs": tenant_costs,
@@ -47,7 +48,6 @@ STATEMENT_SCHEMA = {
 MANIFEST = "manifest.json"
 TRIGGER = ".run-requested"
 SNAPSHOT = ".events-snapshot.parquet"
-DUCKDB_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 EVENT_COLUMNS = ("ts", "tenant", "user_pseudonym", "provider", "model", "billing_mode", "outcome", "status_code",
                  "input_tokens", "output_tokens", "cached_input_tokens", "usage_source", "cost_usd", "latency_ms")
 

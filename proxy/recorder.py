@@ -27,6 +27,8 @@ import duckdb
 from proxy.events import COLUMNS, CREATE_TABLE, Event
 
 log = logging.getLogger("tollway.recorder")
+#: Nothing is ever downloaded: the extensions Tollway needs are built in.
+DUCKDB_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 #: Errors that are about a row's values: retrying cannot help, the row is set aside. Anything else
 #: (I/O errors, failed commits, a full disk) is the store's and is retried with every row kept.
 ROW_ERRORS = (duckdb.DataError, duckdb.IntegrityError, duckdb.ProgrammingError, TypeError, ValueError)
@@ -35,7 +37,7 @@ ROW_ERRORS = (duckdb.DataError, duckdb.IntegrityError, duckdb.ProgrammingError, 
 def open_events_db(path: Path, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
     """Open (and create if needed) `events.duckdb` with its `events` table; nothing is downloaded.
     `memory_limit` caps DuckDB's buffer pool (it spills to disk beyond it), e.g. "256MB"."""
-    config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+    config = dict(DUCKDB_CONFIG)
     if memory_limit:
         config["memory_limit"] = memory_limit
     con = duckdb.connect(str(path), config=config)
@@ -85,23 +87,19 @@ class EventRecorder:
         """Write everything pending now; return how many rows were written."""
         with self._lock:
             batch = [self._pending.popleft() for _ in range(len(self._pending))]
+            before = self.written
             if not batch:
                 return 0
             try:
                 self._append(batch)
             except ROW_ERRORS:  # a row DuckDB refuses: find it, set it aside, keep the rest
-                written = self._append_one_by_one(batch)
-                if written < 0:
-                    return 0
-                self.written += written
-                return written
+                self._write_one_by_one(batch)
             except Exception as exc:  # the store is unavailable: keep the rows for the next try
-                self._pending.extendleft(reversed(batch))
-                self._failed(exc, len(batch))
-                return 0
-            self.last_error = None
-            self.written += len(batch)
-            return len(batch)
+                self._keep(batch, exc)
+            else:
+                self.written += len(batch)
+                self.last_error = None
+            return self.written - before
 
     def _append(self, rows: list[tuple]) -> None:
         cursor = self._con.cursor()
@@ -112,26 +110,24 @@ class EventRecorder:
         finally:
             cursor.close()
 
-    def _append_one_by_one(self, batch: list[tuple]) -> int:
-        written = 0
+    def _write_one_by_one(self, batch: list[tuple]) -> None:
         for index, row in enumerate(batch):
             try:
                 self._append([row])
             except ROW_ERRORS as exc:
                 self._reject(row, exc)
             except Exception as exc:
-                self._pending.extendleft(reversed(batch[index:]))
-                self._failed(exc, len(batch) - index)
-                self.written += written
-                return -1
+                self._keep(batch[index:], exc)
+                return
             else:
-                written += 1
+                self.written += 1
         self.last_error = None
-        return written
 
-    def _failed(self, exc: Exception, kept: int) -> None:
+    def _keep(self, rows: list[tuple], exc: Exception) -> None:
+        """Put unwritten rows back at the head of the queue and report the store as failing."""
+        self._pending.extendleft(reversed(rows))
         self.last_error = f"{type(exc).__name__}: {exc}"
-        log.error("event store cannot be written, %d events kept in memory (bound %d): %s", kept,
+        log.error("event store cannot be written, %d events kept in memory (bound %d): %s", len(rows),
                   self._max_buffered, self.last_error)
 
     def _reject(self, row: tuple, exc: Exception) -> None:

@@ -566,12 +566,18 @@ def test_reports_built_from_no_events_say_no_traffic_yet(tmp_path, monkeypatch):
     assert any("No request was refused" in i for i in texts(at, "info"))
 
 
-def test_stale_reports_are_flagged_but_still_shown(history, tmp_path, monkeypatch):
-    data = copy_of(history, tmp_path)
+def backdate_manifest(data: Path, days: int) -> tuple[Path, dict]:
+    """Make the reports look built `days` ago; returns the manifest's path and its new content."""
     manifest_path = data / "reports" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["built_at"] = (datetime.now(UTC) - timedelta(days=2)).isoformat()
+    manifest["built_at"] = (datetime.now(UTC) - timedelta(days=days)).isoformat()
     manifest_path.write_text(json.dumps(manifest))
+    return manifest_path, manifest
+
+
+def test_stale_reports_are_flagged_but_still_shown(history, tmp_path, monkeypatch):
+    data = copy_of(history, tmp_path)
+    manifest_path, manifest = backdate_manifest(data, days=2)
     at = open_app(monkeypatch, data, period=months(data)[0])
     for page in REPORT_PAGES:
         goto(at, page)
@@ -592,10 +598,7 @@ def test_stale_reports_are_flagged_but_still_shown(history, tmp_path, monkeypatc
 
 def test_policy_page_flags_stale_denials(history, tmp_path, monkeypatch):
     data = copy_of(history, tmp_path)
-    manifest_path = data / "reports" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["built_at"] = (datetime.now(UTC) - timedelta(days=2)).isoformat()
-    manifest_path.write_text(json.dumps(manifest))
+    backdate_manifest(data, days=2)
     at = open_app(monkeypatch, data, "policy", period=months(data)[0])
     assert table(at, "outcome", "count").height > 0  # the denials are drawn …
     assert any("stale" in w for w in texts(at, "warning"))  # … and should be flagged as stale
