@@ -120,16 +120,18 @@ def write_history(data_dir: Path, workloads: list[Workload], days: int, now: dat
 
     `progress(done)` is called every 10,000 events when given."""
     today = (now or datetime.now(UTC)).astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    world, written = World.of(data_dir), 0
     con = open_events_db(data_dir / "events.duckdb")
-    recorder = EventRecorder(con, flush_interval_ms=200, batch_size=10_000)
-    written = 0
-    try:
-        for event in events(World.of(data_dir), workloads, today - timedelta(days=days), days, seed):
-            recorder.record(event)
-            written += 1
-            if progress and written % 10_000 == 0:
-                progress(written)
+    try:  # nested, so that an interruption at any point closes exactly what was opened
+        recorder = EventRecorder(con, flush_interval_ms=200, batch_size=10_000)
+        try:
+            for event in events(world, workloads, today - timedelta(days=days), days, seed):
+                recorder.record(event)
+                written += 1
+                if progress and written % 10_000 == 0:
+                    progress(written)
+        finally:
+            recorder.close()
     finally:
-        recorder.close()
         con.close()
     return written

@@ -25,8 +25,8 @@ class Demo:
     """`tollway demo` in a subprocess, its stdout and stderr collected as they come."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "demo", *args], cwd=REPO, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "proxy.cli", "demo", *args],
+                                     cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.out: list[str] = []
         self.err: list[str] = []
         for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
@@ -40,6 +40,16 @@ class Demo:
             assert time.monotonic() < deadline, f"demo not ready in {timeout} s:\n{self.stderr}"
             time.sleep(0.1)
         return dict(re.match(r"export (\w+)=(\S+)", line).groups() for line in self.out if line.startswith("export"))
+
+    def wait(self, timeout: float = 60) -> int:
+        """The exit status; if the demo hangs, its threads' tracebacks (SIGABRT + faulthandler) fail the test."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(timeout=10)
+            time.sleep(0.5)
+            raise AssertionError(f"demo did not exit in {timeout} s:\n{self.stderr[-6000:]}") from None
 
     @property
     def stderr(self) -> str:
@@ -89,7 +99,7 @@ def test_demo_serves_the_printed_endpoint_and_ctrl_c_stops_everything(demo_dir):
         assert "from anthropic import Anthropic" in demo.stderr and "Ready in" in demo.stderr
     finally:
         demo.proc.send_signal(signal.SIGINT)
-        code = demo.proc.wait(timeout=60)
+        code = demo.wait()
     assert code == 0
     assert not [pid for pid in children if alive(pid)], "every child process is gone"
     assert f"The demo's files are in {demo_dir}" in demo.stderr
@@ -109,7 +119,7 @@ def test_demo_prepares_history_refusals_reports_and_the_dashboard(demo_dir):
             assert line in demo.stderr, f"the live traffic shows {line}"
     finally:
         demo.proc.send_signal(signal.SIGINT)
-        code = demo.proc.wait(timeout=60)
+        code = demo.wait()
     assert code == 0 and not [pid for pid in children if alive(pid)]
     con = duckdb.connect(str(demo_dir / "events.duckdb"), read_only=True)
     try:
@@ -142,6 +152,6 @@ def test_sigterm_while_preparing_stops_the_children_it_started(demo_dir):
         time.sleep(0.02)
     children = demo.children()
     demo.proc.send_signal(signal.SIGTERM)
-    assert demo.proc.wait(timeout=60) == 0
+    assert demo.wait() == 0
     assert not [pid for pid in children if alive(pid)], "no process is left behind"
     assert "Stopped. The demo's files are in" in demo.stderr and "Ready in" not in demo.stderr
