@@ -9,11 +9,13 @@ on stdout, everything else on stderr), and on Ctrl-C stops every child and says 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -50,8 +52,32 @@ def wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout: float = 3
     raise RuntimeError(f"the {what} did not start within {timeout:.0f} s")
 
 
+#: Set by SIGINT/SIGTERM. The handler only sets it: an exception raised from a signal handler can
+#: land inside a C extension that swallows it (DuckDB checks for signals during queries), which once
+#: left a demo running after its SIGTERM. Preparation checks the flag at every step instead.
+_STOP = threading.Event()
+
+
+def _request_stop(signum, frame) -> None:
+    _STOP.set()
+
+
+def _say(text: str, stream=None) -> None:
+    """Print, ignoring a terminal or pipe that has gone away (the stop path must still run)."""
+    with contextlib.suppress(OSError):
+        print(text, file=stream or sys.stderr, flush=True)
+
+
+def _stop_point() -> None:
+    """Where a requested stop takes effect during preparation."""
+    if _STOP.is_set():
+        raise KeyboardInterrupt
+
+
 def _step(message: str) -> None:
-    print(f"  • {message}", file=sys.stderr, flush=True)
+    """One line of progress (and a stop point)."""
+    _stop_point()
+    _say(f"  • {message}")
 
 
 def snippets(gw: str, token: str, dashboard: str | None) -> str:
@@ -107,22 +133,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     root = _demo_root(args)
     ports = {"simulator": _port(9090), "gateway": _port(args.port or 8080),
              "dashboard": None if args.no_dashboard else _port(8501)}
-    print(f"Tollway demo: preparing a deployment in {root}", file=sys.stderr, flush=True)
+    _say(f"Tollway demo: preparing a deployment in {root}")
     children = Children()
-    signal.signal(signal.SIGTERM, _interrupt)  # stop the children on SIGTERM too, even while preparing
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, _request_stop)
     try:
         gw, dash_url, token = _bring_up(root, args.days, ports, children)
-        print(f"\nReady in {time.monotonic() - started:.1f} s. Sample token: alice@acme.com (tenant acme, "
-              "role engineering).", file=sys.stderr)
-        print(snippets(gw, token, dash_url), file=sys.stderr, flush=True)
-        print(exports(gw, token), flush=True)
-        print(f"\nFiles: {root}. Press Ctrl-C to stop.", file=sys.stderr, flush=True)
+        _stop_point()
+        _say(f"\nReady in {time.monotonic() - started:.1f} s. Sample token: alice@acme.com (tenant acme, "
+             f"role engineering).{snippets(gw, token, dash_url)}")
+        _say(exports(gw, token), sys.stdout)
+        _say(f"\nFiles: {root}. Press Ctrl-C to stop.")
         _wait_for_stop(children)
     except KeyboardInterrupt:
         pass
     except (DemoError, RuntimeError, OSError, httpx.HTTPError) as exc:
-        print(f"\nerror: {exc}", file=sys.stderr)
-        return _stopped(children, root, 1)
+        if not _STOP.is_set():  # Ctrl-C in a terminal also stops the children, which then fail a step
+            _say(f"\nerror: {exc}")
+            return _stopped(children, root, 1)
     return _stopped(children, root, 0)
 
 
@@ -173,10 +201,6 @@ def _bring_up(root: Path, days: int, ports: dict, children: Children) -> tuple[s
     return gw, dash_url, tokens["alice"]
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 class DemoError(Exception):
     pass
 
@@ -184,7 +208,9 @@ class DemoError(Exception):
 def _wait_for_stop(children: Children) -> None:
     """Until SIGINT or SIGTERM, or until a child dies (then say which)."""
     stop = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # from here on, a stop signal waits for sigtimedwait
+    if _STOP.is_set():  # one that came before the block
+        return
     while signal.sigtimedwait(stop, 1.0) is None:
         for proc in children.procs:
             if proc.poll() is not None:
@@ -192,9 +218,9 @@ def _wait_for_stop(children: Children) -> None:
 
 
 def _stopped(children: Children, root: Path, code: int) -> int:
-    print("\nStopping the dashboard, gateway and simulator…", file=sys.stderr, flush=True)
+    _say("\nStopping the dashboard, gateway and simulator…")
     children.stop()
-    print(f"Stopped. The demo's files are in {root}", file=sys.stderr, flush=True)
+    _say(f"Stopped. The demo's files are in {root}")
     return code
 
 
