@@ -172,6 +172,17 @@ def _weighted(rows: pl.DataFrame, column: str) -> float | None:
     return float((known[column].cast(pl.Float64) * known["requests"]).sum() / weight)
 
 
+def unpriced_models(costs: pl.DataFrame, period: str, tenant: str | None) -> pl.DataFrame:
+    """The models used without a price in a month (`provider/model`, as in the report): their unpriced
+    requests, the tenants that sent them (joined, sorted) and the last day seen; most requests first."""
+    return (scoped(costs, period, tenant).filter(pl.col("unpriced_requests") > 0)
+            .group_by("model")
+            .agg(unpriced_requests=pl.col("unpriced_requests").sum(),
+                 tenants=pl.col("tenant").drop_nulls().unique().sort().str.join(", "),
+                 last_seen=pl.col("day").max())
+            .sort("unpriced_requests", "model", descending=[True, False]))
+
+
 # --- spend over time -------------------------------------------------------------------------------
 def spend_by(costs: pl.DataFrame, dimension: str) -> pl.DataFrame:
     """Daily spend per value of `dimension` (model, provider, billing_mode, tenant), with requests;

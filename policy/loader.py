@@ -16,7 +16,8 @@ from pathlib import Path
 from policy.engine import Policy
 from policy.files import PolicyFiles, Problem, glob_regex, load_policy_files
 from proxy.control import ProviderKey
-from proxy.metering import PriceBook, load_pricebook
+from proxy.metering import Prices, load_prices
+from proxy.pricebook import book_provider
 
 
 class PolicyInvalid(ValueError):
@@ -30,7 +31,7 @@ class PolicyInvalid(ValueError):
 @dataclass(frozen=True)
 class PolicySet:
     policy: Policy
-    prices: PriceBook
+    prices: Prices
     files: PolicyFiles
     warnings: list[Problem]
     version: str  # short digest of every file's hash
@@ -38,10 +39,10 @@ class PolicySet:
 
 
 def check_policy_set(data_dir: Path, keys: Mapping[str, ProviderKey] | None
-                     ) -> tuple[PolicyFiles, PriceBook, list[Problem]]:
+                     ) -> tuple[PolicyFiles, Prices, list[Problem]]:
     """Parse every file and run the cross-file checks; `keys=None` skips the key checks."""
     files = load_policy_files(data_dir)
-    prices, price_problems = load_pricebook(data_dir / "pricing.csv")
+    prices, price_problems = load_prices(data_dir / "pricing.csv")
     problems = files.problems + price_problems
     if keys is not None:
         problems += route_key_problems(files, keys)
@@ -89,13 +90,24 @@ def route_key_problems(files: PolicyFiles, keys: Mapping[str, ProviderKey]) -> l
     return problems
 
 
-def unpriced_glob_warnings(files: PolicyFiles, prices: PriceBook) -> list[Problem]:
-    models = prices.models()
+def unpriced_glob_warnings(files: PolicyFiles, prices: Prices) -> list[Problem]:
+    """Access and route rules whose model (or glob) has no price in the overrides or the price book."""
     problems = []
     for name, rules in (("policy/access.csv", files.access), ("policy/routes.csv", files.routes)):
         for rule in rules:
-            pattern = glob_regex(rule.model_glob)
-            if not any(pattern.match(m) for m in models):
+            if not _priced(rule.model_glob, prices):
                 problems.append(Problem(name, rule.line, f"model glob {rule.model_glob!r} matches no priced model "
-                                        "in pricing.csv (its usage would be unpriced)", "warning"))
+                                        "(not in the price book nor in pricing.csv): its usage would be unpriced",
+                                        "warning"))
     return problems
+
+
+def _priced(glob: str, prices: Prices) -> bool:
+    provider, _, model = glob.partition("/")
+    if not model or any(c in provider for c in "*?"):
+        return True  # any provider: nothing to check against
+    known = book_provider(provider, "")
+    if not any(c in model for c in "*?"):
+        return prices.resolve(provider, model, known) is not None
+    pattern = glob_regex(model)
+    return any(pattern.match(m) for m in prices.models(provider, known))

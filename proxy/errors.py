@@ -4,7 +4,8 @@
     ├── Unauthenticated          401  unauthenticated
     ├── Forbidden                403  denied
     │   ├── PolicyDenied
-    │   └── NoRoute
+    │   ├── NoRoute
+    │   └── ModelUnpriced             (code model_unpriced: no price, and a usd limit applies)
     ├── UnknownProvider          404  bad_request
     ├── BadRequest               400  bad_request
     │   ├── BodyTooLarge         413
@@ -26,6 +27,7 @@ class TollwayError(Exception):
     status = 500
     outcome = "upstream_error"
     kind = "upstream"  # generic kind; adapters map it to their own error type
+    code: str | None = None  # a specific machine-readable code, where the wire format has a slot for one
     recorded = True  # False: no event is written for this refusal
 
     def __init__(self, message: str, *, retry_after: int | None = None) -> None:
@@ -48,6 +50,10 @@ class PolicyDenied(Forbidden):
 
 class NoRoute(Forbidden):
     pass
+
+
+class ModelUnpriced(Forbidden):
+    code = "model_unpriced"
 
 
 class UnknownProvider(TollwayError):

@@ -43,12 +43,27 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("upstream_ms", "DOUBLE"),
     ("attempts", "INTEGER NOT NULL"),
     ("demo", "BOOLEAN NOT NULL"),
+    # added with the price book; an older events.duckdb gains them at start-up (see `upgrade_columns`)
+    ("cache_write_1h_tokens", "BIGINT"),
+    ("input_audio_tokens", "BIGINT"),
+    ("output_audio_tokens", "BIGINT"),
+    ("web_search_calls", "BIGINT"),
+    ("service_tier", "VARCHAR"),
+    ("priced_model", "VARCHAR"),
+    ("price_source", "VARCHAR"),
 )
 OUTCOMES = ("ok", "denied", "rate_limited", "budget_exceeded", "unauthenticated", "bad_request",
             "upstream_error", "timeout", "cancelled")
 
 CREATE_TABLE = "CREATE TABLE IF NOT EXISTS events (\n    " + ",\n    ".join(
     f"{name} {kind}" for name, kind in COLUMNS) + "\n)"
+
+
+def missing_columns(existing: list[str]) -> list[str]:
+    """`ALTER TABLE` statements that bring a table with these columns up to `COLUMNS` (new ones are
+    nullable and come last, so the table's column order stays that of `COLUMNS`)."""
+    have = set(existing)
+    return [f"ALTER TABLE events ADD COLUMN {name} {kind}" for name, kind in COLUMNS if name not in have]
 
 
 @dataclass(slots=True)
@@ -78,6 +93,13 @@ class Event:
     upstream_ms: float | None = None
     attempts: int = 0
     demo: bool = field(default=False)
+    cache_write_1h_tokens: int | None = None
+    input_audio_tokens: int | None = None
+    output_audio_tokens: int | None = None
+    web_search_calls: int | None = None
+    service_tier: str | None = None  # as the provider reported it
+    priced_model: str | None = None  # the model id the price was found for (book id, or as in pricing.csv)
+    price_source: str | None = None  # "override" or "genai-prices X.Y.Z"
 
     def row(self) -> tuple:
         """The values in `COLUMNS` order."""

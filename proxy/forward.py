@@ -12,7 +12,7 @@ import asyncio
 import random
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
@@ -31,15 +31,8 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.events import Event
-from proxy.providers.base import (
-    Adapter,
-    CallInfo,
-    Usage,
-    estimate_tokens,
-    json_decode,
-    json_encode,
-    text_chars,
-)
+from proxy.meter import meter, pricing_model, refuse_unpriced
+from proxy.providers.base import Adapter, CallInfo, Usage, json_decode, json_encode
 from proxy.providers.registry import CREDENTIAL_HEADERS, CREDENTIAL_QUERY_PARAMS
 from proxy.sse import SseParser
 
@@ -49,6 +42,7 @@ if TYPE_CHECKING:
     from proxy.limits import Reservation
 
 REQUEST_ID_HEADER = b"x-tollway-request-id"
+COST_HEADER = b"x-tollway-cost-usd"
 #: Never forwarded upstream: hop-by-hop, routing and client-identity headers, and what aiohttp sets.
 _DROP_REQUEST_HEADERS = CREDENTIAL_HEADERS | {
     "host", "content-length", "connection", "keep-alive", "proxy-authorization", "proxy-authenticate",
@@ -92,6 +86,8 @@ class Call:
     reservation: Reservation | None = None
     limits: list = field(default_factory=list)
     recorded: bool = True
+    metered: bool = False  # usage and cost written onto the event (it happens once)
+    draining: bool = False  # the client left; the provider's stream is read on for its usage
 
     def elapsed_ms(self) -> float:
         return round((time.perf_counter() - self.started) * 1000, 3)
@@ -115,7 +111,7 @@ async def handle(gw: Gateway, route: ProviderRoute, scope: dict, receive, send) 
             raise
     finally:
         call.done = True
-        await _finish(gw, call)
+        await _finish(gw, route, call)
 
 
 async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, receive, send) -> None:
@@ -152,14 +148,23 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
                            "Ask your governance lead to allow it in policy/access.csv.")
     keys = gw.key_pool(decision.route, identity.tenant, route.name, model)
     limits = gw.limiter.applicable(policies, identity.tenant, identity.user, identity.subjects, event.user_pseudonym)
-    amounts = gw.limiter.estimate(policies, adapter, info, route.name, call.body, event.ts)
+    priced = None
+    if info.metered:
+        priced = policies.prices.price(route.name, pricing_model(route, info.model), route.book_provider, event.ts,
+                                       info.service_tier)
+        if priced is None and gw.settings.metering.unpriced == "refuse" and gw.limiter.has_budget(limits):
+            raise refuse_unpriced(model)
+    amounts = gw.limiter.estimate(priced.price if priced else None, adapter, info, call.body)
     call.reservation = await gw.limiter.reserve(limits, identity.tenant, event.user_pseudonym, amounts, event.ts)
     call.limits = limits
 
     url = upstream_url(route.base_url, path, [(k, v) for k, v in query if k not in CREDENTIAL_QUERY_PARAMS])
-    _watch_for_disconnect(call, receive)
+    metering = gw.settings.metering
+    _watch_for_disconnect(call, receive, metering.drain_timeout_s if metering.on_client_disconnect == "drain" else None)
     body = info.body if info.body is not None else raw
-    await _forward_with_failover(gw, route, call, keys, scope["method"], url, headers, body, send)
+    await _forward_with_failover(gw, route, call, keys, scope["method"], url, headers, body, _unless_draining(call, send))
+    if call.draining:  # the provider's response was read to its end for its usage; the client had left
+        event.outcome, event.status_code = "cancelled", _CLIENT_GONE_STATUS
 
 
 async def _forward_with_failover(gw: Gateway, route: ProviderRoute, call: Call, keys: list, method: str,
@@ -188,7 +193,7 @@ async def _forward_with_failover(gw: Gateway, route: ProviderRoute, call: Call, 
                 if response.content_type == "text/event-stream":
                     await _relay_stream(call, adapter, response, response_headers, send)
                 else:
-                    await _relay_body(call, adapter, response, response_headers, send)
+                    await _relay_body(call, route, response, response_headers, send)
                 event.upstream_ms = round((time.perf_counter() - upstream_started) * 1000, 3)
                 return
         except (UpstreamUnreachable, UpstreamTimeout) as err:
@@ -213,7 +218,7 @@ async def _serve_model_list(gw: Gateway, route: ProviderRoute, call: Call, ident
 
     key = gw.listing_key(call.policies, identity.tenant, route.name)
     if key is None:
-        priced = [m.split("/", 1)[1] for m in call.policies.prices.models() if m.startswith(f"{route.name}/")]
+        priced = call.policies.prices.models(route.name, route.book_provider)
         await _send_json(call, 200, adapter.model_list_body(route.name, [m for m in priced if allowed(m)]), send)
         return
     event.key_id, event.billing_mode, event.attempts = key.key_id, _billing_mode(key), 1
@@ -256,7 +261,7 @@ def _upstream_headers(headers: dict[str, str], adapter: Adapter, key) -> list[tu
     return out + adapter.key_headers(key.secret)
 
 
-async def _relay_body(call: Call, adapter: Adapter, response, headers: list, send) -> None:
+async def _relay_body(call: Call, route: ProviderRoute, response, headers: list, send) -> None:
     body = await response.read()
     if response.status < 400 and body:
         try:
@@ -264,7 +269,10 @@ async def _relay_body(call: Call, adapter: Adapter, response, headers: list, sen
         except (msgspec.DecodeError, RecursionError):
             payload = None
         if payload is not None:
-            call.usage, call.estimate_output_chars = adapter.read_body(payload)
+            call.usage, call.estimate_output_chars = route.adapter.read_body(payload)
+    meter(call, route)  # now, so that the response can say what it cost
+    if call.event.cost_usd is not None:
+        headers.append((COST_HEADER, str(call.event.cost_usd).encode()))
     headers.append((b"content-length", str(len(body)).encode()))
     call.response_started = True
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
@@ -297,41 +305,16 @@ async def _relay_stream(call: Call, adapter: Adapter, response, headers: list, s
     await send({"type": "http.response.body", "body": tail if filtering else b"", "more_body": False})
 
 
-async def _finish(gw: Gateway, call: Call) -> None:
+async def _finish(gw: Gateway, route: ProviderRoute, call: Call) -> None:
     """Meter, settle limits, record: runs once for every request, however it ended."""
     event = call.event
     event.latency_ms = call.elapsed_ms()
-    usage, event.usage_source = metered_usage(call)
-    if event.usage_source != "none":
-        event.input_tokens, event.output_tokens = usage.input_tokens, usage.output_tokens
-        event.cached_input_tokens, event.cache_write_tokens = usage.cached_input_tokens, usage.cache_write_tokens
-        event.reasoning_tokens = usage.reasoning_tokens
-        event.cost_usd = call.policies.prices.cost(event.provider, call.info.model, event.ts, usage)
+    meter(call, route)
     if call.reservation is not None:
         await gw.limiter.settle(call.reservation, call.limits, event)
     if call.recorded:
         gw.recorder.record(event)
     gw.metrics.observe(event)
-
-
-def metered_usage(call: Call) -> tuple[Usage, str]:
-    """The usage to bill and its source: as reported, with any missing side estimated.
-
-    A call that produced a response (even one cut short) is metered; a side the provider did not
-    report (no usage at all, or a stream that ended before its final usage event) is estimated from
-    the request's text and the text relayed, and the whole record is then marked `estimated`.
-    """
-    usage, info = call.usage, call.info
-    if info is None or not info.metered or call.estimate_output_chars is None:
-        return usage, "reported" if usage.reported else "none"
-    if usage.input_tokens is not None and usage.output_tokens is not None:
-        return usage, "reported"
-    filled = replace(usage)
-    if filled.input_tokens is None:
-        filled.input_tokens = estimate_tokens(text_chars(call.body))
-    if filled.output_tokens is None:
-        filled.output_tokens = estimate_tokens(call.estimate_output_chars)
-    return filled, "estimated"
 
 
 async def _send_error(call: Call, adapter: Adapter, err: TollwayError, send) -> None:
@@ -343,18 +326,33 @@ async def _send_error(call: Call, adapter: Adapter, err: TollwayError, send) -> 
     await send({"type": "http.response.body", "body": adapter.error_body(err)})
 
 
-def _watch_for_disconnect(call: Call, receive) -> None:
-    """Cancel the request's task if the client goes away before it is done."""
+def _watch_for_disconnect(call: Call, receive, drain_s: float | None) -> None:
+    """When the client goes away before the request is done: cancel it, or (`drain_s` set) let it read
+    the provider's response on for at most `drain_s` seconds, so that the event gets the provider's usage."""
     task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    timers = []
 
     async def watch() -> None:
         message = await receive()
         if message["type"] == "http.disconnect" and not call.done:
             call.client_gone = True
-            task.cancel()
+            if drain_s is None:
+                task.cancel()
+            else:
+                call.draining = True
+                timers.append(loop.call_later(drain_s, task.cancel))
 
-    watcher = asyncio.get_running_loop().create_task(watch())
-    task.add_done_callback(lambda _: watcher.cancel())
+    watcher = loop.create_task(watch())
+    task.add_done_callback(lambda _: [watcher.cancel(), *(t.cancel() for t in timers)])
+
+
+def _unless_draining(call: Call, send):
+    """`send`, except that nothing more goes to a client that has left."""
+    async def guarded(message: dict) -> None:
+        if not call.draining:
+            await send(message)
+    return guarded
 
 
 async def read_body(receive, limit: int, timeout_s: float, gw: Gateway) -> bytes:

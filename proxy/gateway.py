@@ -33,6 +33,7 @@ from proxy.jwt_auth import JwtVerifier, looks_like_jwt
 from proxy.limiter import Limiter, alert_details, alert_key, log_alert, rebuild_counters
 from proxy.limits import Alert, MemoryLimitStore, Refusal
 from proxy.metrics import Metrics
+from proxy.pricebook import book_provider
 from proxy.providers.base import Adapter
 from proxy.providers.registry import adapter_for
 from proxy.recorder import EventRecorder, open_events_db
@@ -48,6 +49,7 @@ class ProviderRoute:
     settings: ProviderSettings
     adapter: Adapter
     base_url: URL
+    book_provider: str | None  # the price book's id for this provider, None where the book has none
 
     @property
     def credential_hint(self) -> str:
@@ -65,14 +67,15 @@ class Gateway:
         self.policy_error: str | None = None  # the last refused edit, until a valid set loads
         self.pseudonymize = Pseudonymizer(keyring.pseudonym_key())
         self.routes = {
-            name: ProviderRoute(name, p, adapter_for(p.style), URL(p.base_url))
+            name: ProviderRoute(name, p, adapter_for(p.style), URL(p.base_url),
+                                book_provider(name, p.style, p.price_provider))
             for name, p in settings.providers.items()
         }
         self.upstream = Upstream()
         self.metrics = Metrics()
         self.limit_store = MemoryLimitStore()
         self.limiter = Limiter(self.limit_store, settings.limits.default_max_output_tokens, self._budget_alert,
-                               self._limit_refusal)
+                               self._limit_refusal, settings.metering.max_output_tokens)
         self._cooling: dict[str, float] = {}  # key id -> monotonic time its 429 cool-down ends
         self.jwt = JwtVerifier(settings.jwt, settings.data_dir) if settings.jwt.enabled else None
         self.recorder: EventRecorder | None = None

@@ -23,7 +23,8 @@ from policy.files import load_policy_files
 from proxy.control import ControlStore
 from proxy.crypto import Keyring, load_master_key
 from proxy.events import Event, Pseudonymizer
-from proxy.metering import PriceBook, load_pricebook
+from proxy.metering import Prices, load_prices
+from proxy.pricebook import book_provider
 from proxy.providers.base import Usage
 from proxy.recorder import EventRecorder, open_events_db
 
@@ -46,7 +47,7 @@ class World:
 
     policy: Policy
     key_owner: dict[str, str | None]  # key id -> owning tenant (None: the operator)
-    prices: PriceBook
+    prices: Prices
     pseudonymize: Pseudonymizer
 
     @classmethod
@@ -58,7 +59,7 @@ class World:
             owners = {k.key_id: k.owner_tenant for k in store.list_keys() if k.status == "active"}
         finally:
             store.close()
-        prices, _ = load_pricebook(data_dir / "pricing.csv")
+        prices, _ = load_prices(data_dir / "pricing.csv")
         return cls(Policy(files, data_dir / "policy" / "model.conf"), owners, prices,
                    Pseudonymizer(keyring.pseudonym_key()))
 
@@ -101,7 +102,9 @@ def _event(world: World, load: Workload, ts: datetime, rng: random.Random) -> Ev
     event.input_tokens, event.output_tokens = usage.input_tokens, usage.output_tokens
     event.cached_input_tokens = usage.cached_input_tokens
     event.usage_source, event.status_code, event.attempts = "reported", 200, 1
-    event.cost_usd = world.prices.cost(provider, name, ts, usage)
+    event.cost_usd, priced = world.prices.cost(provider, name, book_provider(provider, provider), ts, usage)
+    if priced is not None:
+        event.priced_model, event.price_source = priced.model, priced.source
     event.upstream_ms = round(rng.lognormvariate(7.0, 0.6), 1)
     event.latency_ms = round(event.upstream_ms + rng.uniform(0.3, 2.0), 1)
     event.ttfb_ms = round(event.upstream_ms * rng.uniform(0.05, 0.3), 1) if event.streamed else event.latency_ms

@@ -30,7 +30,7 @@ from proxy.limits import (
     usd_value,
     window_start,
 )
-from proxy.metering import cost_of
+from proxy.price import Price, cost_of
 from proxy.providers.base import Adapter, CallInfo, Usage, estimate_tokens, text_chars
 
 log = logging.getLogger("tollway.limits")
@@ -62,9 +62,11 @@ def as_plan(limits: list[AppliedLimit]) -> LimitPlan:
 
 class Limiter:
     def __init__(self, store: LimitStore, default_max_output_tokens: int,
-                 on_alert: Callable[[Alert], None], on_refusal: Callable[[Refusal], None]) -> None:
+                 on_alert: Callable[[Alert], None], on_refusal: Callable[[Refusal], None],
+                 max_output_tokens: int = 131_072) -> None:
         self.store = store
         self._default_max_output = default_max_output_tokens
+        self._max_output = max_output_tokens
         self._on_alert = on_alert
         self._on_refusal = on_refusal
         self._alerted: set[tuple] = set()
@@ -85,16 +87,25 @@ class Limiter:
                 for rule, per_user in policies.policy.limits_for(tenant, user, subjects)])
         return found
 
-    def estimate(self, policies: PolicySet, adapter: Adapter, info: CallInfo, provider: str, body: dict | None,
-                 at: datetime) -> Amounts:
-        """The worst case: estimated input plus the output cap (the client's, else the configured default)."""
+    @staticmethod
+    def has_budget(limits: list[AppliedLimit]) -> bool:
+        """Whether a `usd` limit applies (an unpriced request cannot be counted against it)."""
+        return any(lim.rule.metric == "usd" for lim in limits)
+
+    def estimate(self, price: Price | None, adapter: Adapter, info: CallInfo, body: dict | None) -> Amounts:
+        """The worst case. Tokens: estimated input plus the output cap (the client's, else the configured
+        default). USD: the same input plus the client's cap or, without one, the longest reply the model
+        can give (its context window or pricing.csv's max_output_tokens, at most [metering]
+        max_output_tokens), so a budget holds even for requests that set no cap."""
         if not info.metered:
             return Amounts(requests=1)
         input_tokens = estimate_tokens(text_chars(body))
-        output_cap = adapter.max_output_tokens(body) or self._default_max_output
-        price = policies.prices.price_at(provider, info.model, at)
-        usd = cost_of(price, Usage(input_tokens=input_tokens, output_tokens=output_cap)) if price else Decimal(0)
-        return Amounts(1, input_tokens + output_cap, usd)
+        client_cap = adapter.max_output_tokens(body)
+        tokens = input_tokens + (client_cap or self._default_max_output)
+        if price is None:
+            return Amounts(1, tokens, Decimal(0))
+        bound = client_cap or min(price.max_output_tokens or self._max_output, self._max_output)
+        return Amounts(1, tokens, cost_of(price, Usage(input_tokens=input_tokens, output_tokens=bound)))
 
     async def reserve(self, limits: list[AppliedLimit], tenant: str, pseudonym: uuid.UUID, amounts: Amounts,
                       at: datetime) -> Reservation:

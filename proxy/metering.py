@@ -1,131 +1,114 @@
-"""Prices from `pricing.csv` and the exact cost of one request.
+"""Every request to a price: the operator's overrides, then the price book, then unpriced.
 
-Prices are USD per million tokens, versioned by `effective_from` (a date, UTC): the row in force
-at the request's start applies. An unpriced model costs `None` (unknown), never zero. A blank
-cached-input or cache-write price falls back to the input price.
-Cost is exact decimal arithmetic, rounded half-up to a nano-dollar (the events' DECIMAL(18,9)).
+Resolution, in order: an override in `pricing.csv` naming the request's model (exactly, else by
+glob) -> the `genai-prices` book by the request's model -> the book by the model the response
+names -> unpriced. An unpriced model costs `None` (unknown), never zero. Resolutions are cached
+per (provider, model), so the request path pays a dict lookup and the arithmetic.
 """
 
 from __future__ import annotations
 
-import bisect
-import csv
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation, localcontext
+from datetime import datetime
+from decimal import Decimal
+from functools import cache
 from pathlib import Path
 
-from policy.files import Problem, csv_lines
+from policy.files import Problem
+from proxy.overrides import HEADER, ModelPrices, Overrides, load_overrides
+from proxy.price import Price, cost_of
+from proxy.pricebook import SOURCE, Book
 from proxy.providers.base import Usage
 
-HEADER = ["provider", "model", "effective_from", "input_usd_per_mtok", "output_usd_per_mtok",
-          "cached_input_usd_per_mtok", "cache_write_usd_per_mtok"]
-MILLION = Decimal(1_000_000)
-NANO = Decimal("0.000000001")
+__all__ = ["HEADER", "Book", "Price", "Prices", "Priced", "Resolution", "cost_of", "load_prices"]
+OVERRIDE = "override"
 
 
 @dataclass(frozen=True, slots=True)
-class Price:
-    effective_from: date
-    input: Decimal
-    output: Decimal
-    cached_input: Decimal | None
-    cache_write: Decimal | None
+class Priced:
+    """What a request was billed at: the price, the model id it was priced as, and where it came from."""
+
+    price: Price
+    model: str
+    source: str
 
 
-class PriceBook:
-    def __init__(self, prices: dict[tuple[str, str], list[Price]]) -> None:
-        self._prices = {k: sorted(v, key=lambda p: p.effective_from) for k, v in prices.items()}
-        self._dates = {k: [p.effective_from for p in v] for k, v in self._prices.items()}
+class Resolution:
+    """One model's prices: an override (falling back to the book where no override row is in force
+    yet) or the book's."""
 
-    def models(self) -> list[str]:
-        """Every priced `provider/model`."""
-        return sorted(f"{provider}/{model}" for provider, model in self._prices)
+    __slots__ = ("model", "source", "_override", "_book", "_info", "_fallback")
 
-    def price_at(self, provider: str, model: str, at: datetime) -> Price | None:
-        key = (provider, model)
-        dates = self._dates.get(key)
-        if not dates:
-            return None
-        index = bisect.bisect_right(dates, at.astimezone(UTC).date()) - 1
-        return self._prices[key][index] if index >= 0 else None
+    def __init__(self, model: str, source: str, book: Book, info=None, override: ModelPrices | None = None,
+                 fallback: Resolution | None = None) -> None:
+        self.model, self.source = model, source
+        self._book, self._info, self._override, self._fallback = book, info, override, fallback
 
-    def cost(self, provider: str, model: str, at: datetime, usage: Usage) -> Decimal | None:
-        price = self.price_at(provider, model, at)
-        if price is None or usage.input_tokens is None and usage.output_tokens is None:
-            return None
-        return cost_of(price, usage)
+    def at(self, when: datetime, tier: str | None = None) -> Priced | None:
+        """The price in force at `when` for a service tier, or None."""
+        if self._override is not None:
+            price = self._override.price_at(when, tier)
+            if price is not None:
+                return Priced(price, self.model, self.source)
+            return self._fallback.at(when, tier) if self._fallback is not None else None
+        price = self._book.price_at(self._info, when, tier)
+        return Priced(price, self.model, self.source) if price is not None else None
 
 
-def cost_of(price: Price, usage: Usage) -> Decimal:
-    """Exact cost of one usage record under one price row.
+class Prices:
+    def __init__(self, overrides: Overrides, book: Book | None = None) -> None:
+        self.overrides = overrides
+        self.book = book or shared_book()
+        self._cache: dict[tuple[str, str, str | None], Resolution | None] = {}
 
-    >>> p = Price(date(2025, 1, 1), Decimal("2.50"), Decimal("10"), Decimal("1.25"), None)
-    >>> cost_of(p, Usage(input_tokens=1000, output_tokens=100, cached_input_tokens=400))
-    Decimal('0.003000000')
-    """
-    with localcontext(prec=60):  # exact for any token count a request can name (10**27 included)
-        return _cost(price, usage)
+    def resolve(self, provider: str, model: str, book_provider: str | None) -> Resolution | None:
+        """The prices of `provider/model` (a gateway route and the provider's model id)."""
+        key = (provider, model, book_provider)
+        if key not in self._cache:
+            if len(self._cache) > 50_000:  # model ids come from clients: bound the cache
+                self._cache.clear()
+            self._cache[key] = self._resolve(provider, model, book_provider)
+        return self._cache[key]
 
+    def _resolve(self, provider: str, model: str, book_provider: str | None) -> Resolution | None:
+        info = self.book.find(book_provider, model) if book_provider else None
+        in_book = Resolution(info.id, SOURCE, self.book, info) if info is not None else None
+        override = self.overrides.find(provider, model)
+        if override is not None:
+            return Resolution(model, OVERRIDE, self.book, override=override[1], fallback=in_book)
+        return in_book
 
-def _cost(price: Price, usage: Usage) -> Decimal:
-    cached = usage.cached_input_tokens or 0
-    written = usage.cache_write_tokens or 0
-    fresh = max((usage.input_tokens or 0) - cached - written, 0)
-    total = (fresh * price.input
-             + cached * (price.cached_input if price.cached_input is not None else price.input)
-             + written * (price.cache_write if price.cache_write is not None else price.input)
-             + (usage.output_tokens or 0) * price.output)
-    return (total / MILLION).quantize(NANO, rounding=ROUND_HALF_UP)
+    def price(self, provider: str, model: str, book_provider: str | None, at: datetime, tier: str | None = None,
+              response_model: str | None = None) -> Priced | None:
+        """The price of one request: by its model, else by the model its response names."""
+        for name in (model, response_model):
+            found = self.resolve(provider, name, book_provider) if name else None
+            priced = found.at(at, tier) if found is not None else None
+            if priced is not None:
+                return priced
+        return None
 
+    def cost(self, provider: str, model: str, book_provider: str | None, at: datetime, usage: Usage
+             ) -> tuple[Decimal | None, Priced | None]:
+        """(exact cost, what it was priced at); (None, None) when unpriced or nothing was used."""
+        priced = self.price(provider, model, book_provider, at, usage.service_tier, usage.response_model)
+        if priced is None or not usage.reported:
+            return None, priced
+        return cost_of(priced.price, usage), priced
 
-def load_pricebook(path: Path) -> tuple[PriceBook, list[Problem]]:
-    """Parse `pricing.csv`; rows with problems are left out and reported."""
-    problems: list[Problem] = []
-    prices: dict[tuple[str, str], list[Price]] = {}
-    if not path.exists():
-        return PriceBook({}), [Problem(path.name, 0, "file is missing: every model will be unpriced", "warning")]
-    try:
-        rows = csv_lines(path)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        return PriceBook({}), [Problem(path.name, 0, f"cannot be read as UTF-8 CSV: {exc}")]
-    if rows and rows[0][1] == HEADER:
-        rows = rows[1:]
-    elif rows:
-        return PriceBook({}), [Problem(path.name, rows[0][0], "header must be " + ",".join(HEADER))]
-    for line, fields in rows:
-        price = _parse_row(fields)
-        if isinstance(price, str):
-            problems.append(Problem(path.name, line, price))
-            continue
-        versions = prices.setdefault((fields[0], fields[1]), [])
-        if any(v.effective_from == price.effective_from for v in versions):
-            problems.append(Problem(path.name, line, f"{fields[0]}/{fields[1]} has two prices from {fields[2]}"))
-            continue
-        versions.append(price)
-    return PriceBook(prices), problems
+    def models(self, provider: str, book_provider: str | None) -> list[str]:
+        """Model ids of this route that have a price (overrides as written, and the book's ids)."""
+        ids = {m.split("/", 1)[1] for m in self.overrides.models() if m.startswith(f"{provider}/")}
+        return sorted(ids | set(self.book.model_ids(book_provider) if book_provider else ()))
 
 
-def _parse_row(fields: list[str]) -> Price | str:
-    if len(fields) != len(HEADER):
-        return f"expected {len(HEADER)} columns, got {len(fields)}"
-    provider, model, start, *amounts = fields
-    if not provider or not model:
-        return "provider and model must not be empty"
-    try:
-        effective = date.fromisoformat(start)
-    except ValueError:
-        return f"effective_from {start!r} is not a date like 2025-01-31"
-    values = []
-    for column, text in zip(HEADER[3:], amounts, strict=True):
-        if not text and column.startswith("cache"):
-            values.append(None)
-            continue
-        try:
-            value = Decimal(text)
-        except InvalidOperation:
-            return f"{column} {text!r} is not a number"
-        if not value.is_finite() or value < 0:
-            return f"{column} must be a number >= 0"
-        values.append(value)
-    return Price(effective, *values)
+@cache
+def shared_book() -> Book:
+    """One book per process: its data is immutable, and its caches serve every policy version."""
+    return Book()
+
+
+def load_prices(path: Path) -> tuple[Prices, list[Problem]]:
+    """The overrides in `pricing.csv` over the price book; problems are reported, not raised."""
+    overrides, problems = load_overrides(path)
+    return Prices(overrides), problems

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import duckdb
 
-from proxy.events import COLUMNS, CREATE_TABLE, Event
+from proxy.events import COLUMNS, CREATE_TABLE, Event, missing_columns
 
 log = logging.getLogger("tollway.recorder")
 #: Nothing is ever downloaded: the extensions Tollway needs are built in.
@@ -42,7 +42,22 @@ def open_events_db(path: Path, memory_limit: str | None = None) -> duckdb.DuckDB
         config["memory_limit"] = memory_limit
     con = duckdb.connect(str(path), config=config)
     con.execute(CREATE_TABLE)
+    upgrade_columns(con)
     return con
+
+
+def upgrade_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Add the columns a newer Tollway records to an older `events` table, in place: every row is kept
+    (new columns are NULL in old rows). Returns the columns added."""
+    existing = [row[0] for row in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'events' "
+        "AND table_schema = current_schema() ORDER BY ordinal_position").fetchall()]
+    statements = missing_columns(existing)
+    for statement in statements:
+        con.execute(statement)
+    if statements:
+        log.info("events.duckdb upgraded in place: %s", ", ".join(s.split()[-2] for s in statements))
+    return [s.split()[-2] for s in statements]
 
 
 class EventRecorder:

@@ -52,6 +52,10 @@ class ProviderSettings:
     """Time allowed to open a connection to the provider."""
     read_timeout_s: float = 600.0
     """Longest silence allowed while waiting for response headers or the next stream chunk."""
+    price_provider: str | None = None
+    """The price book's provider id for this route, when its name is not one (e.g. "groq", "mistral")."""
+    deployments: dict[str, str] = field(default_factory=dict)
+    """Azure: deployment name -> the model it serves, for pricing (e.g. prod-4o = "gpt-4o")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +94,24 @@ class LimitSettings:
     """Pause before trying the next key of a pool (doubles with each further attempt)."""
 
 
+UNPRICED_CHOICES = ("refuse", "allow")
+DISCONNECT_CHOICES = ("close", "drain")
+
+
+@dataclass(frozen=True, slots=True)
+class MeteringSettings:
+    unpriced: str = "refuse"
+    """A model with no price under a usd limit: "refuse" it (403 model_unpriced) or "allow" it unmetered."""
+    on_client_disconnect: str = "close"
+    """A client leaving mid-stream: "close" the provider's stream (usage estimated) or "drain" it (the
+    provider's own usage, read for at most drain_timeout_s)."""
+    drain_timeout_s: float = 30.0
+    """Longest time a stream is read on after its client left, with on_client_disconnect = "drain"."""
+    max_output_tokens: int = 131_072
+    """Output reserved against usd limits for a request that sets no cap, when the model's own bound
+    (its context window, or max_output_tokens in pricing.csv) is larger or unknown."""
+
+
 @dataclass(frozen=True, slots=True)
 class PipelineSettings:
     report_interval_s: int = 60
@@ -106,6 +128,7 @@ class Settings:
     jwt: JwtSettings = field(default_factory=JwtSettings)
     events: EventSettings = field(default_factory=EventSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    metering: MeteringSettings = field(default_factory=MeteringSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
 
     @property
@@ -139,7 +162,7 @@ def load_settings(data_dir: Path) -> Settings:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"{path}: {exc}") from exc
-    unknown = set(raw) - {"server", "providers", "auth", "events", "limits", "pipeline"}
+    unknown = set(raw) - {"server", "providers", "auth", "events", "limits", "metering", "pipeline"}
     if unknown:
         raise SettingsError(f"{path}: unknown section(s) {sorted(unknown)}")
     auth = raw.get("auth", {})
@@ -150,8 +173,17 @@ def load_settings(data_dir: Path) -> Settings:
         jwt=_build(JwtSettings, auth.get("jwt", {}), f"{path} [auth.jwt]"),
         events=_build(EventSettings, raw.get("events", {}), f"{path} [events]"),
         limits=_build(LimitSettings, raw.get("limits", {}), f"{path} [limits]"),
+        metering=_metering(raw.get("metering", {}), f"{path} [metering]"),
         pipeline=_build(PipelineSettings, raw.get("pipeline", {}), f"{path} [pipeline]"),
     )
+
+
+def _metering(raw: dict[str, Any], where: str) -> MeteringSettings:
+    settings = _build(MeteringSettings, raw, where)
+    for name, choices in (("unpriced", UNPRICED_CHOICES), ("on_client_disconnect", DISCONNECT_CHOICES)):
+        if getattr(settings, name) not in choices:
+            raise SettingsError(f"{where}: {name} must be one of {', '.join(choices)}")
+    return settings
 
 
 def _providers(raw: dict[str, Any], path: Path) -> dict[str, ProviderSettings]:
@@ -168,6 +200,8 @@ def _providers(raw: dict[str, Any], path: Path) -> dict[str, ProviderSettings]:
         settings = _build(ProviderSettings, {"name": name, **values}, where)
         if settings.style not in STYLES:
             raise SettingsError(f"{where}: style must be one of {', '.join(STYLES)}")
+        if not all(isinstance(v, str) and v for v in settings.deployments.values()):
+            raise SettingsError(f"{where}.deployments: each deployment names a model, e.g. prod-4o = \"gpt-4o\"")
         out[name] = settings
     return out
 
@@ -187,11 +221,14 @@ def _build(cls: type, values: dict[str, Any], where: str):
         raise SettingsError(f"{where}: {exc}") from exc
 
 
-_TYPE_WORDS = {bool: "true or false", int: "a whole number", (int, float): "a number", str: "a string"}
+_TYPE_WORDS = {bool: "true or false", int: "a whole number", (int, float): "a number", str: "a string",
+               dict: "a table"}
 
 
 def _expected_type(f) -> type | tuple[type, ...] | None:
-    """bool, int, number or string, from the field's default (`None` defaults are strings)."""
+    """bool, int, number, string or table, from the field's default (`None` defaults are strings)."""
+    if f.default_factory is dict:
+        return dict
     default = f.default
     if isinstance(default, bool):
         return bool

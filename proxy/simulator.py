@@ -12,9 +12,19 @@ Bodies (streams included) are shaped like the real APIs so that the official
 SDKs parse them unchanged.  Content and token counts are deterministic:
 input tokens are ``ceil(prompt characters / 4)`` and the reply has one
 token per whitespace-separated word.  Request headers named ``x-sim-*``
-steer the answer (token counts, chunking, delays and faults); see
-``_Controls``.  Every provider request is recorded as a ``SimRequest``
-unless recording is turned off.
+steer the answer; see ``_Controls`` for the details:
+
+* token counts: ``x-sim-input-tokens``, ``x-sim-output-tokens``,
+  ``x-sim-cached-tokens``, ``x-sim-cache-write-tokens``,
+  ``x-sim-cache-write-1h-tokens``, ``x-sim-reasoning-tokens``,
+  ``x-sim-audio-input-tokens``, ``x-sim-audio-output-tokens``
+* other billable dimensions: ``x-sim-web-searches``, ``x-sim-service-tier``,
+  ``x-sim-response-model``
+* stream shape, delays and faults: ``x-sim-chunks``,
+  ``x-sim-chunk-delay-ms``, ``x-sim-latency-ms``, ``x-sim-fault``
+
+Every provider request is recorded as a ``SimRequest`` unless recording is
+turned off.
 
 Run stand-alone with ``python -m proxy.simulator --port 9000``.
 """
@@ -48,6 +58,8 @@ DEFAULT_OUTPUT_TOKENS = 12
 DEFAULT_CHUNKS = 5
 MAX_OUTPUT_TOKENS = 100_000
 MAX_CHUNKS = 10_000
+MAX_USAGE = 10**9
+OPENAI_TIERS = frozenset({"default", "flex", "priority", "scale"})
 STALL_SECONDS = 30.0
 EMBEDDING_DIMENSIONS = 16
 FAULTS = frozenset({"no-usage", "disconnect-mid-stream", "stall", "truncate", "invalid-json"})
@@ -118,13 +130,33 @@ def _int_header(headers: Any, name: str, default: int, upper: int = MAX_OUTPUT_T
         return default
 
 
+def _optional_int_header(headers: Any, name: str) -> int | None:
+    value = _int_header(headers, name, -1, MAX_USAGE)
+    return None if value < 0 else value
+
+
+def _text_header(headers: Any, name: str) -> str | None:
+    value = headers.get(name, "").strip()
+    return value or None
+
+
 @dataclass(slots=True)
 class _Controls:
     """Behaviour requested through ``x-sim-*`` headers.
 
     ``x-sim-output-tokens`` reply length (still capped by the request's own
-    max-token field), ``x-sim-cached-tokens`` / ``x-sim-cache-write-tokens`` /
-    ``x-sim-reasoning-tokens`` extra usage, ``x-sim-chunks`` and
+    max-token field), ``x-sim-input-tokens`` prompt tokens in place of the
+    count from the request text, ``x-sim-cached-tokens`` /
+    ``x-sim-cache-write-tokens`` (5-minute TTL) /
+    ``x-sim-cache-write-1h-tokens`` (1-hour TTL, Anthropic) /
+    ``x-sim-reasoning-tokens`` extra usage, ``x-sim-audio-input-tokens`` /
+    ``x-sim-audio-output-tokens`` the audio part of the prompt / of the
+    visible output (included in those totals and capped at them; OpenAI chat
+    and Gemini), ``x-sim-web-searches`` server-side web searches (Anthropic
+    ``server_tool_use``, OpenAI Responses ``web_search_call`` items, Gemini
+    ``groundingMetadata``), ``x-sim-service-tier`` the tier the response
+    reports (OpenAI and Anthropic), ``x-sim-response-model`` the model the
+    response names instead of the requested one, ``x-sim-chunks`` and
     ``x-sim-chunk-delay-ms`` stream shape, ``x-sim-latency-ms`` delay before
     the response, and ``x-sim-fault`` one of ``status:CODE``, ``no-usage``,
     ``disconnect-mid-stream``, ``stall``, ``truncate``, ``invalid-json``.
@@ -132,9 +164,16 @@ class _Controls:
     """
 
     output_tokens: int | None = None
+    input_tokens: int | None = None
     cached: int = 0
     cache_write: int = 0
+    cache_write_1h: int = 0
     reasoning: int = 0
+    audio_input: int = 0
+    audio_output: int = 0
+    web_searches: int = 0
+    service_tier: str | None = None
+    response_model: str | None = None
     chunks: int = DEFAULT_CHUNKS
     chunk_delay: float = 0.0
     latency: float = 0.0
@@ -145,9 +184,16 @@ class _Controls:
     def parse(cls, headers: Any) -> _Controls:
         ctl = cls(
             output_tokens=_int_header(headers, "x-sim-output-tokens", -1),
-            cached=_int_header(headers, "x-sim-cached-tokens", 0, 10**9),
-            cache_write=_int_header(headers, "x-sim-cache-write-tokens", 0, 10**9),
-            reasoning=_int_header(headers, "x-sim-reasoning-tokens", 0, 10**9),
+            input_tokens=_optional_int_header(headers, "x-sim-input-tokens"),
+            cached=_int_header(headers, "x-sim-cached-tokens", 0, MAX_USAGE),
+            cache_write=_int_header(headers, "x-sim-cache-write-tokens", 0, MAX_USAGE),
+            cache_write_1h=_int_header(headers, "x-sim-cache-write-1h-tokens", 0, MAX_USAGE),
+            reasoning=_int_header(headers, "x-sim-reasoning-tokens", 0, MAX_USAGE),
+            audio_input=_int_header(headers, "x-sim-audio-input-tokens", 0, MAX_USAGE),
+            audio_output=_int_header(headers, "x-sim-audio-output-tokens", 0, MAX_USAGE),
+            web_searches=_int_header(headers, "x-sim-web-searches", 0, MAX_CHUNKS),
+            service_tier=_text_header(headers, "x-sim-service-tier"),
+            response_model=_text_header(headers, "x-sim-response-model"),
             chunks=max(1, _int_header(headers, "x-sim-chunks", DEFAULT_CHUNKS, MAX_CHUNKS)),
             chunk_delay=_int_header(headers, "x-sim-chunk-delay-ms", 0, 10**7) / 1000,
             latency=_int_header(headers, "x-sim-latency-ms", 0, 10**7) / 1000,
@@ -175,11 +221,20 @@ class _Controls:
 class _Usage:
     """Provider-neutral token counts; each provider lays them out its own way."""
 
-    input: int  # prompt tokens from the request text (never cached)
+    input: int  # prompt tokens from the request text or x-sim-input-tokens (never cached)
     output: int  # visible reply tokens
     cached: int = 0  # cached prompt tokens (in addition to ``input``)
-    cache_write: int = 0  # prompt tokens written to the cache (Anthropic)
+    cache_write: int = 0  # prompt tokens written to the cache with a 5-minute TTL (Anthropic)
+    cache_write_1h: int = 0  # prompt tokens written to the cache with a 1-hour TTL (Anthropic)
     reasoning: int = 0  # hidden reasoning tokens (in addition to ``output``)
+    audio_input: int = 0  # audio part of ``input + cached`` (not additional)
+    audio_output: int = 0  # audio part of ``output`` (not additional)
+    web_searches: int = 0  # server-side web searches performed
+
+    @property
+    def prompt(self) -> int:
+        """All prompt tokens, cached ones included."""
+        return self.input + self.cached
 
 
 @dataclass(slots=True)
@@ -190,6 +245,8 @@ class _Gen:
     pieces: list[str]
     usage: _Usage | None  # None when the no-usage fault is active
     hit_limit: bool  # stopped by the request's max-token limit
+    model: str  # the model the response names
+    searches: int = 0  # web searches whose results the reply shows (even without usage)
 
 
 _TEXT_KEYS = ("text", "content", "parts")
@@ -292,11 +349,29 @@ class _Call:
         hit_limit = limit is not None and limit < tokens
         tokens = max(1, min(limit if hit_limit else tokens, MAX_OUTPUT_TOKENS))
         text = reply_text(model, tokens)
-        usage = None
-        if ctl.fault != "no-usage":
-            usage = _Usage(count_tokens(*prompt), tokens, ctl.cached, ctl.cache_write, ctl.reasoning)
+        usage = None if ctl.fault == "no-usage" else self.usage(prompt, tokens)
         pieces = split_text(text, ctl.chunks) if self.stream else [text]
-        return _Gen(text, pieces, usage, hit_limit)
+        return _Gen(text, pieces, usage, hit_limit, ctl.response_model or model, ctl.web_searches)
+
+    def usage(self, prompt: tuple, output: int) -> _Usage:
+        """The usage of a reply of ``output`` tokens, with the header-given extras."""
+        ctl = self.ctl
+        tokens = count_tokens(*prompt) if ctl.input_tokens is None else ctl.input_tokens
+        return _Usage(
+            input=tokens,
+            output=output,
+            cached=ctl.cached,
+            cache_write=ctl.cache_write,
+            cache_write_1h=ctl.cache_write_1h,
+            reasoning=ctl.reasoning,
+            audio_input=min(ctl.audio_input, tokens + ctl.cached),
+            audio_output=min(ctl.audio_output, output),
+            web_searches=ctl.web_searches,
+        )
+
+    def tier(self, default: str) -> str:
+        """The service tier the response reports: the x-sim header's, else ``default``."""
+        return self.ctl.service_tier or default
 
 
 class _BadRequest(Exception):
@@ -379,16 +454,22 @@ class _OpenAI(_Provider):
     # chat completions -----------------------------------------------------
 
     @staticmethod
+    def tier(call: _Call) -> str:
+        """The tier asked for in the body, as the API echoes it ("auto" answers "default")."""
+        asked = call.body.get("service_tier")
+        return call.tier(asked if asked in OPENAI_TIERS else "default")
+
+    @staticmethod
     def chat_usage(u: _Usage) -> dict:
-        prompt, completion = u.input + u.cached, u.output + u.reasoning
+        prompt, completion = u.prompt, u.output + u.reasoning
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": u.cached, "audio_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": u.cached, "audio_tokens": u.audio_input},
             "completion_tokens_details": {
                 "reasoning_tokens": u.reasoning,
-                "audio_tokens": 0,
+                "audio_tokens": u.audio_output,
                 "accepted_prediction_tokens": 0,
                 "rejected_prediction_tokens": 0,
             },
@@ -403,8 +484,8 @@ class _OpenAI(_Provider):
         base = {
             "id": "chatcmpl-sim" + call.new_id(),
             "created": int(time.time()),
-            "model": model,
-            "service_tier": "default",
+            "model": gen.model,
+            "service_tier": self.tier(call),
             "system_fingerprint": "fp_simulator",
         }
         if not call.stream:
@@ -446,7 +527,7 @@ class _OpenAI(_Provider):
     def responses_usage(u: _Usage | None) -> dict | None:
         if u is None:
             return None
-        prompt, output = u.input + u.cached, u.output + u.reasoning
+        prompt, output = u.prompt, u.output + u.reasoning
         return {
             "input_tokens": prompt,
             "input_tokens_details": {"cached_tokens": u.cached},
@@ -455,43 +536,55 @@ class _OpenAI(_Provider):
             "total_tokens": prompt + output,
         }
 
+    def response_base(self, call: _Call, gen: _Gen, limit: Any) -> dict:
+        """Every field of a Responses object; status, output and usage get filled in later."""
+        return {
+            "id": "resp_sim" + call.new_id(),
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "in_progress",
+            "background": False,
+            "error": None,
+            "incomplete_details": None,
+            "instructions": call.body.get("instructions"),
+            "max_output_tokens": _limit(limit),
+            "model": gen.model,
+            "output": [],
+            "parallel_tool_calls": True,
+            "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None},
+            "service_tier": self.tier(call),
+            "store": True,
+            "temperature": 1.0,
+            "text": {"format": {"type": "text"}},
+            "tool_choice": "auto",
+            "tools": [],
+            "top_p": 1.0,
+            "truncation": "disabled",
+            "usage": None,
+            "user": None,
+            "metadata": {},
+        }
+
+    @staticmethod
+    def search_call(item_id: str, index: int) -> dict:
+        """A completed ``web_search_call`` output item, the ``index``-th search (from 1)."""
+        action = {"type": "search", "query": f"simulated query {index}"}
+        return {"id": item_id, "type": "web_search_call", "status": "completed", "action": action}
+
     def responses(self, call: _Call):
         body = call.body
         model = _require_model(body)
         limit = body.get("max_output_tokens")
         gen = call.generate(model, (body.get("instructions"), body.get("input")), limit)
-        rid, mid = "resp_sim" + call.new_id(), "msg_sim" + call.new_id()
-        created = int(time.time())
+        base = self.response_base(call, gen, limit)
+        searches = [self.search_call("ws_sim" + call.new_id(), k) for k in range(1, gen.searches + 1)]
+        mid = "msg_sim" + call.new_id()
 
         def response(status: str, output: list, usage: dict | None) -> dict:
             incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
-            return {
-                "id": rid,
-                "object": "response",
-                "created_at": created,
-                "status": status,
-                "background": False,
-                "error": None,
-                "incomplete_details": incomplete,
-                "instructions": body.get("instructions"),
-                "max_output_tokens": _limit(limit),
-                "model": model,
-                "output": output,
-                "parallel_tool_calls": True,
-                "previous_response_id": None,
-                "reasoning": {"effort": None, "summary": None},
-                "service_tier": "default",
-                "store": True,
-                "temperature": 1.0,
-                "text": {"format": {"type": "text"}},
-                "tool_choice": "auto",
-                "tools": [],
-                "top_p": 1.0,
-                "truncation": "disabled",
-                "usage": usage,
-                "user": None,
-                "metadata": {},
-            }
+            fields = {"status": status, "incomplete_details": incomplete, "output": output, "usage": usage}
+            return {**base, **fields}
 
         def part(text: str) -> dict:
             return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
@@ -501,29 +594,36 @@ class _OpenAI(_Provider):
 
         final_status = "incomplete" if gen.hit_limit else "completed"
         usage = self.responses_usage(gen.usage)
+        done_item = item("completed", [part(gen.text)])
+        final = response(final_status, [*searches, done_item], usage)
         if not call.stream:
-            return response(final_status, [item("completed", [part(gen.text)])], usage)
+            return final
         seq = itertools.count()
 
         def event(kind: str, **fields: Any) -> bytes:
             return _sse({"type": kind, "sequence_number": next(seq), **fields}, event=kind)
 
-        where = {"item_id": mid, "output_index": 0, "content_index": 0}
         head = [
             event("response.created", response=response("in_progress", [], None)),
             event("response.in_progress", response=response("in_progress", [], None)),
-            event("response.output_item.added", output_index=0, item=item("in_progress", [])),
+        ]
+        for index, done in enumerate(searches):
+            added = {**done, "status": "in_progress"}
+            head.append(event("response.output_item.added", output_index=index, item=added))
+            head.append(event("response.output_item.done", output_index=index, item=done))
+        where = {"item_id": mid, "output_index": len(searches), "content_index": 0}
+        head += [
+            event("response.output_item.added", output_index=len(searches), item=item("in_progress", [])),
             event("response.content_part.added", **where, part=part("")),
         ]
         chunks = [
             event("response.output_text.delta", **where, delta=piece, logprobs=[]) for piece in gen.pieces
         ]
-        done_item = item("completed", [part(gen.text)])
         tail = [
             event("response.output_text.done", **where, text=gen.text, logprobs=[]),
             event("response.content_part.done", **where, part=part(gen.text)),
-            event("response.output_item.done", output_index=0, item=done_item),
-            event("response." + final_status, response=response(final_status, [done_item], usage)),
+            event("response.output_item.done", output_index=len(searches), item=done_item),
+            event("response." + final_status, response=final),
         ]
         return _Stream(head, chunks, tail)
 
@@ -593,14 +693,24 @@ class _Anthropic(_Provider):
         return {"type": "error", "error": {"type": kind, "message": message}}
 
     @staticmethod
-    def usage(u: _Usage, output_tokens: int) -> dict:
+    def usage(u: _Usage, output_tokens: int, tier: str) -> dict:
+        """Usage as in ``message`` and ``message_start`` (without the server tool counts)."""
         return {
             "input_tokens": u.input,
-            "cache_creation_input_tokens": u.cache_write,
+            "cache_creation_input_tokens": u.cache_write + u.cache_write_1h,
             "cache_read_input_tokens": u.cached,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": u.cache_write,
+                "ephemeral_1h_input_tokens": u.cache_write_1h,
+            },
             "output_tokens": output_tokens,
-            "service_tier": "standard",
+            "service_tier": tier,
         }
+
+    @staticmethod
+    def server_tools(u: _Usage) -> dict:
+        """The ``server_tool_use`` usage field, when the reply used a server tool."""
+        return {"server_tool_use": {"web_search_requests": u.web_searches}} if u.web_searches else {}
 
     def messages(self, call: _Call):
         body = call.body
@@ -611,21 +721,23 @@ class _Anthropic(_Provider):
             "id": "msg_sim" + call.new_id(),
             "type": "message",
             "role": "assistant",
-            "model": model,
+            "model": gen.model,
             "content": [{"type": "text", "text": gen.text}],
             "stop_reason": stop,
             "stop_sequence": None,
         }
+        tier = call.tier("standard")
         if not call.stream:
             if gen.usage is not None:
-                message["usage"] = self.usage(gen.usage, gen.usage.output)
+                usage = self.usage(gen.usage, gen.usage.output, tier)
+                message["usage"] = {**usage, **self.server_tools(gen.usage)}
             return message
         start = {**message, "content": [], "stop_reason": None}
         if gen.usage is not None:
-            start["usage"] = self.usage(gen.usage, 1)
+            start["usage"] = self.usage(gen.usage, 1, tier)
         delta: dict = {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None}}
         if gen.usage is not None:
-            delta["usage"] = {"output_tokens": gen.usage.output}
+            delta["usage"] = {"output_tokens": gen.usage.output, **self.server_tools(gen.usage)}
 
         def event(payload: dict) -> bytes:
             return _sse(payload, event=payload["type"])
@@ -710,18 +822,36 @@ class _Gemini(_Provider):
         return {"error": {"code": status, "message": message, "status": kind}}
 
     @staticmethod
+    def modalities(total: int, audio: int) -> list[dict]:
+        """Per-modality counts: TEXT always, AUDIO when there is some."""
+        details = [{"modality": "TEXT", "tokenCount": total - audio}]
+        return details + [{"modality": "AUDIO", "tokenCount": audio}] if audio else details
+
+    @staticmethod
     def usage(u: _Usage, prompt_only: bool = False) -> dict:
-        prompt = u.input + u.cached
-        details = [{"modality": "TEXT", "tokenCount": prompt}]
+        prompt = u.prompt
+        details = _Gemini.modalities(prompt, u.audio_input)
         if prompt_only:
             return {"promptTokenCount": prompt, "totalTokenCount": prompt, "promptTokensDetails": details}
-        return {
+        result = {
             "promptTokenCount": prompt,
             "candidatesTokenCount": u.output,
             "totalTokenCount": prompt + u.output + u.reasoning,
             "cachedContentTokenCount": u.cached,
             "thoughtsTokenCount": u.reasoning,
             "promptTokensDetails": details,
+        }
+        if u.audio_output:
+            result["candidatesTokensDetails"] = _Gemini.modalities(u.output, u.audio_output)
+        return result
+
+    @staticmethod
+    def grounding(searches: int) -> dict:
+        """The ``groundingMetadata`` of a candidate after ``searches`` Google searches."""
+        return {
+            "webSearchQueries": [f"simulated query {k}" for k in range(1, searches + 1)],
+            "groundingChunks": [],
+            "searchEntryPoint": {"renderedContent": ""},
         }
 
     def generate(self, call: _Call):
@@ -738,10 +868,12 @@ class _Gemini(_Provider):
             candidate: dict = {"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}
             if last:
                 candidate["finishReason"] = finish
+            if last and gen.searches:
+                candidate["groundingMetadata"] = self.grounding(gen.searches)
             result: dict = {"candidates": [candidate]}
             if gen.usage is not None:
                 result["usageMetadata"] = self.usage(gen.usage, prompt_only=not last)
-            result["modelVersion"] = model
+            result["modelVersion"] = gen.model
             result["responseId"] = rid
             return result
 

@@ -38,6 +38,14 @@ OPENAI, ANTHROPIC, GEMINI, AZURE = OpenAIAdapter(), AnthropicAdapter(), GeminiAd
 
 
 # --- expected numbers, converted to canonical meaning independently of the adapters -----------------
+#: The counts every fixture reports; the other dimensions are tested on their own below.
+CORE = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens")
+
+
+def core(usage: Usage) -> Usage:
+    return Usage(**{name: getattr(usage, name) for name in CORE})
+
+
 def canonical(provider: str, api: str, raw: dict | None) -> Usage:
     if raw is None:
         return Usage()
@@ -111,7 +119,7 @@ def test_fixture_usage_whole(name):
     meta = EXPECTED[name]
     data = (FIXTURES / name).read_bytes()
     usage, chars, passed, held = run_stream(name, [data])
-    assert usage == canonical(meta["provider"], meta["api"], meta["usage"])
+    assert core(usage) == canonical(meta["provider"], meta["api"], meta["usage"])
     assert usage.reported is (meta["usage"] is not None)
     assert chars == len(meta["text"])
     assert held == []
@@ -127,7 +135,7 @@ def test_fixture_usage_split_at_every_byte(name, hide):
     reference = run_stream(name, [data], hide)
     for i in range(len(data) + 1):
         usage, chars, passed, held = run_stream(name, [data[:i], data[i:]], hide)
-        assert usage == expected, f"split at byte {i}"
+        assert core(usage) == expected, f"split at byte {i}"
         assert chars == len(meta["text"]), f"split at byte {i}"
         assert (passed, held) == (reference[2], reference[3]), f"split at byte {i}"
 
@@ -141,7 +149,7 @@ def test_fixture_usage_random_multi_chunk_splits(name, hide, data):
     points = [0, *cuts, len(raw)]
     chunks = [raw[a:b] for a, b in zip(points, points[1:], strict=False)]
     usage, chars, passed, held = run_stream(name, chunks, hide)
-    assert usage == canonical(meta["provider"], meta["api"], meta["usage"])
+    assert core(usage) == canonical(meta["provider"], meta["api"], meta["usage"])
     assert chars == len(meta["text"])
     hides = hide and meta["provider"] == "openai"
     assert held == ([e for e in SseParser().feed(raw) if _is_usage_only(e)] if hides else [])
@@ -153,7 +161,7 @@ def test_fixture_usage_one_byte_chunks():
         meta = EXPECTED[name]
         raw = (FIXTURES / name).read_bytes()
         usage, *_ = run_stream(name, [raw[i:i + 1] for i in range(len(raw))])
-        assert usage == canonical(meta["provider"], meta["api"], meta["usage"]), name
+        assert core(usage) == canonical(meta["provider"], meta["api"], meta["usage"]), name
 
 
 # --- the injected usage chunk -----------------------------------------------------------------------
@@ -231,7 +239,7 @@ def test_anthropic_message_delta_with_every_input_figure():
     usage = _anthropic_usage(_ANTHROPIC_START + (
         b'event: message_delta\ndata: {"type":"message_delta","usage":{"input_tokens":27,'
         b'"cache_creation_input_tokens":1843,"cache_read_input_tokens":6120,"output_tokens":31}}\n\n'))
-    assert usage == Usage(input_tokens=7990, output_tokens=31, cached_input_tokens=6120, cache_write_tokens=1843)
+    assert core(usage) == Usage(input_tokens=7990, output_tokens=31, cached_input_tokens=6120, cache_write_tokens=1843)
 
 
 def test_anthropic_message_delta_repeating_only_input_tokens_keeps_the_cache_figures():
@@ -240,7 +248,7 @@ def test_anthropic_message_delta_repeating_only_input_tokens_keeps_the_cache_fig
     includes the cache reads and writes reported by message_start."""
     usage = _anthropic_usage(_ANTHROPIC_START + (
         b'event: message_delta\ndata: {"type":"message_delta","usage":{"input_tokens":27,"output_tokens":31}}\n\n'))
-    assert usage == Usage(input_tokens=7990, output_tokens=31, cached_input_tokens=6120, cache_write_tokens=1843)
+    assert core(usage) == Usage(input_tokens=7990, output_tokens=31, cached_input_tokens=6120, cache_write_tokens=1843)
     assert usage.input_tokens >= usage.cached_input_tokens + usage.cache_write_tokens
 
 
@@ -259,7 +267,7 @@ def test_gemini_stream_latest_usage_metadata_wins():
               b'"usageMetadata":{"promptTokenCount":10,"candidatesTokenCount":5,"toolUsePromptTokenCount":3}}\r\n\r\n')
     for event in parser.feed(stream):
         tap.feed(event)
-    assert tap.usage == Usage(input_tokens=13, output_tokens=5)
+    assert core(tap.usage) == Usage(input_tokens=13, output_tokens=5)
     assert tap.text_chars == 4
 
 
@@ -514,20 +522,20 @@ def test_usage_from_chat_completion_body():
                "usage": {"prompt_tokens": 1311, "completion_tokens": 214, "total_tokens": 1525,
                          "prompt_tokens_details": {"cached_tokens": 1152, "audio_tokens": 0},
                          "completion_tokens_details": {"reasoning_tokens": 192}}}
-    assert OPENAI.usage_from_body(payload) == Usage(input_tokens=1311, output_tokens=214, cached_input_tokens=1152,
+    assert core(OPENAI.usage_from_body(payload)) == Usage(input_tokens=1311, output_tokens=214, cached_input_tokens=1152,
                                                     reasoning_tokens=192)
 
 
 def test_usage_from_chat_completion_body_without_details():
     payload = {"usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}}
-    assert OPENAI.usage_from_body(payload) == Usage(input_tokens=9, output_tokens=12)
+    assert core(OPENAI.usage_from_body(payload)) == Usage(input_tokens=9, output_tokens=12)
 
 
 def test_usage_from_responses_body():
     payload = {"object": "response", "usage": {"input_tokens": 2093, "input_tokens_details": {"cached_tokens": 1920},
                                                "output_tokens": 358, "output_tokens_details": {"reasoning_tokens": 320},
                                                "total_tokens": 2451}}
-    assert OPENAI.usage_from_body(payload) == Usage(input_tokens=2093, output_tokens=358, cached_input_tokens=1920,
+    assert core(OPENAI.usage_from_body(payload)) == Usage(input_tokens=2093, output_tokens=358, cached_input_tokens=1920,
                                                     reasoning_tokens=320)
 
 
@@ -535,7 +543,7 @@ def test_usage_from_embeddings_body():
     payload = {"object": "list", "data": [{"embedding": [0.1, 0.2]}], "model": "text-embedding-3-small",
                "usage": {"prompt_tokens": 8, "total_tokens": 8}}
     usage = OPENAI.usage_from_body(payload)
-    assert usage == Usage(input_tokens=8, output_tokens=0)
+    assert core(usage) == Usage(input_tokens=8, output_tokens=0)
     assert usage.reported
 
 
@@ -543,10 +551,10 @@ def test_usage_from_embeddings_body():
 def test_usage_from_body_without_usage_is_unknown_not_zero(payload):
     for adapter in (OPENAI, ANTHROPIC):
         usage = adapter.usage_from_body(payload)
-        assert usage == Usage()
+        assert core(usage) == Usage()
         assert not usage.reported
     if not isinstance(payload, list):
-        assert GEMINI.usage_from_body(payload) == Usage()
+        assert core(GEMINI.usage_from_body(payload)) == Usage()
 
 
 @pytest.mark.parametrize("bad", [-1, True, "12", 1.5])
@@ -560,29 +568,29 @@ def test_usage_from_anthropic_message_body():
     payload = {"id": "msg_1", "type": "message", "role": "assistant", "content": [],
                "usage": {"input_tokens": 27, "cache_creation_input_tokens": 1843, "cache_read_input_tokens": 6120,
                          "output_tokens": 31}}
-    assert ANTHROPIC.usage_from_body(payload) == Usage(input_tokens=7990, output_tokens=31, cached_input_tokens=6120,
+    assert core(ANTHROPIC.usage_from_body(payload)) == Usage(input_tokens=7990, output_tokens=31, cached_input_tokens=6120,
                                                        cache_write_tokens=1843)
 
 
 def test_usage_from_anthropic_message_body_without_cache():
     payload = {"usage": {"input_tokens": 12, "output_tokens": 7}}
-    assert ANTHROPIC.usage_from_body(payload) == Usage(input_tokens=12, output_tokens=7)
+    assert core(ANTHROPIC.usage_from_body(payload)) == Usage(input_tokens=12, output_tokens=7)
     payload = {"usage": {"input_tokens": 12, "cache_creation_input_tokens": None, "cache_read_input_tokens": 0,
                          "output_tokens": 7}}
-    assert ANTHROPIC.usage_from_body(payload) == Usage(input_tokens=12, output_tokens=7, cached_input_tokens=0)
+    assert core(ANTHROPIC.usage_from_body(payload)) == Usage(input_tokens=12, output_tokens=7, cached_input_tokens=0)
 
 
 def test_usage_from_gemini_response_body():
     payload = {"candidates": [], "usageMetadata": {"promptTokenCount": 4521, "candidatesTokenCount": 23,
                                                    "totalTokenCount": 4961, "cachedContentTokenCount": 4096,
                                                    "thoughtsTokenCount": 417}}
-    assert GEMINI.usage_from_body(payload) == Usage(input_tokens=4521, output_tokens=440, cached_input_tokens=4096,
+    assert core(GEMINI.usage_from_body(payload)) == Usage(input_tokens=4521, output_tokens=440, cached_input_tokens=4096,
                                                     reasoning_tokens=417)
 
 
 def test_usage_from_gemini_response_body_without_thoughts():
     payload = {"usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 4, "totalTokenCount": 14}}
-    assert GEMINI.usage_from_body(payload) == Usage(input_tokens=10, output_tokens=4)
+    assert core(GEMINI.usage_from_body(payload)) == Usage(input_tokens=10, output_tokens=4)
 
 
 def test_usage_from_gemini_json_array_stream():
@@ -594,18 +602,18 @@ def test_usage_from_gemini_json_array_stream():
          "usageMetadata": {"promptTokenCount": 4521, "candidatesTokenCount": 23, "totalTokenCount": 4961,
                            "cachedContentTokenCount": 4096, "thoughtsTokenCount": 417}},
     ]
-    assert GEMINI.usage_from_body(payload) == Usage(input_tokens=4521, output_tokens=440, cached_input_tokens=4096,
+    assert core(GEMINI.usage_from_body(payload)) == Usage(input_tokens=4521, output_tokens=440, cached_input_tokens=4096,
                                                     reasoning_tokens=417)
 
 
 def test_usage_from_gemini_json_array_without_usage():
-    assert GEMINI.usage_from_body([{"candidates": []}, "junk", 3]) == Usage()
-    assert GEMINI.usage_from_body([]) == Usage()
+    assert core(GEMINI.usage_from_body([{"candidates": []}, "junk", 3])) == Usage()
+    assert core(GEMINI.usage_from_body([])) == Usage()
 
 
 def test_usage_merge_takes_only_known_figures():
     usage = Usage(input_tokens=10, output_tokens=1, cached_input_tokens=4)
     usage.merge(Usage(output_tokens=20))
-    assert usage == Usage(input_tokens=10, output_tokens=20, cached_input_tokens=4)
+    assert core(usage) == Usage(input_tokens=10, output_tokens=20, cached_input_tokens=4)
     assert not Usage().reported
     assert Usage(output_tokens=0).reported

@@ -278,7 +278,30 @@ def test_overview_counts_and_warns_about_unpriced_requests(tmp_path, monkeypatch
     choose(at, "tenant", "globex")  # globex used priced models only
     assert metric(at, "Unpriced requests") == "0"
     assert not any("no price" in w for w in texts(at, "warning"))
+    assert not [d for d in at.dataframe if "last_seen" in d.value.columns]  # no unpriced-models table
 
+
+
+def test_overview_lists_the_unpriced_models_to_price(tmp_path, monkeypatch):
+    data = init_deployment(tmp_path / "data")
+    first, second = this_month_at(1, hour=0), this_month_at(1, hour=1)
+    record_and_build(data, [
+        usage_event(first, "acme", "openai/gpt-4o-mini", "0.50"),
+        usage_event(first, "acme", "openai/gpt-unpriced-test", None),  # models pricing.csv does not know
+        usage_event(second, "globex", "openai/gpt-unpriced-test", None),
+        usage_event(second, "globex", "openai/gpt-unpriced-test", None),
+        usage_event(second, "globex", "anthropic/claude-unpriced-test", None),
+    ])
+    at = open_app(monkeypatch, data)
+    shown = table(at, "model", "unpriced_requests", "tenants", "last_seen", exact=True)
+    assert shown.select("model", "unpriced_requests", "tenants").rows() == [
+        ("openai/gpt-unpriced-test", 3, "acme, globex"), ("anthropic/claude-unpriced-test", 1, "globex")]
+    assert shown["last_seen"].dt.date().to_list() == [first.date()] * 2
+    assert any("pricing.csv" in c and "tollway pricing check" in c for c in texts(at, "caption"))
+
+    choose(at, "tenant", "acme")
+    assert table(at, "model", "tenants").select("model", "unpriced_requests").rows() == [
+        ("openai/gpt-unpriced-test", 1)]
 
 def all_unpriced_globex(data_dir: Path) -> Path:
     """acme with priced usage; globex whose every request used a model pricing.csv does not know."""

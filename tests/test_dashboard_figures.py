@@ -200,6 +200,22 @@ def test_overview_errors_never_go_negative():
     assert got.errors == 0 and got.refusals == 2
 
 
+
+def test_unpriced_models_lists_what_to_price_most_requests_first():
+    rows = costs((date(2026, 3, 2), "globex", "openai", "openai/new", "unified", 4, 0, None, 4, None, None),
+                 (date(2026, 3, 9), "acme", "openai", "openai/new", "byok", 2, 0, "0.10", 1, 1.0, 1.0),
+                 (date(2026, 3, 4), "acme", "anthropic", "anthropic/beta", "unified", 4, 0, None, 4, None, None),
+                 (date(2026, 3, 5), "acme", "anthropic", "anthropic/zeta", "unified", 4, 0, None, 4, None, None),
+                 (date(2026, 3, 6), "acme", "openai", "openai/gpt", "unified", 9, 0, "1.00", 0, 1.0, 1.0),  # priced
+                 (date(2026, 2, 7), "acme", "openai", "openai/old", "unified", 5, 0, None, 5, None, None))  # February
+    expected = pl.DataFrame({"model": ["openai/new", "anthropic/beta", "anthropic/zeta"],  # ties by model
+                             "unpriced_requests": [5, 4, 4], "tenants": ["acme, globex", "acme", "acme"],
+                             "last_seen": [date(2026, 3, 9), date(2026, 3, 4), date(2026, 3, 5)]})
+    assert_frame_equal(figures.unpriced_models(rows, "2026-03", None), expected)
+    assert_frame_equal(figures.unpriced_models(rows, "2026-03", "globex"), pl.DataFrame(
+        {"model": ["openai/new"], "unpriced_requests": [4], "tenants": ["globex"], "last_seen": [date(2026, 3, 2)]}))
+    assert figures.unpriced_models(rows, "2026-01", None).is_empty()
+
 # --- spend over time -------------------------------------------------------------------------------------
 def test_spend_by_dimension_per_day():
     rows = costs((date(2026, 3, 2), "acme", "openai", "openai/a", "unified", 1, 0, "1.25", 0, 1.0, 1.0),

@@ -30,7 +30,8 @@ from policy.files import LIMITS_HEADER, load_policy_files
 from policy.loader import PolicyInvalid, check_policy_set, load_policy_set
 from proxy.cli import main as cli_main
 from proxy.metering import HEADER as PRICING_HEADER
-from proxy.metering import Price, PriceBook, cost_of, load_pricebook
+from proxy.metering import Price, cost_of
+from tests.pricing_helpers import OverrideBook, load_pricebook
 from proxy.providers.anthropic import AnthropicAdapter
 from proxy.providers.base import CallInfo, Usage
 from proxy.providers.gemini import GeminiAdapter
@@ -708,7 +709,7 @@ def test_cached_and_written_beyond_the_input_never_cost_less_than_zero(price, ca
 def test_zero_tokens_cost_zero(price, empty):
     cost = cost_of(price, empty)
     assert type(cost) is Decimal and cost == 0
-    book = PriceBook({("openai", "m"): [price]})
+    book = OverrideBook.of({("openai", "m"): [price]})
     assert book.cost("openai", "m", datetime(2025, 6, 1, tzinfo=UTC), empty) == 0
 
 

@@ -393,8 +393,9 @@ def _metric(text: str, name: str, **labels: str) -> float | None:
 
 
 def test_budget_alerts_at_50_80_100_percent_are_recorded_once_per_window(deployment, sim):
-    # reservations are tiny (no max_tokens, default cap 1), the replies are long: spend jumps past thresholds
-    _setup(deployment, "acme,tenant,usd,month,0.01\n", toml="[limits]\ndefault_max_output_tokens = 1\n")
+    # reservations are tiny (no max_tokens, output bound 1), the replies are long: spend jumps past thresholds
+    _setup(deployment, "acme,tenant,usd,month,0.01\n",
+           toml="[limits]\ndefault_max_output_tokens = 1\n[metering]\nmax_output_tokens = 1\n")
     _fresh_window("month", 60)
 
     def spend(gw: GatewayProcess, output_tokens: int) -> httpx.Response:

@@ -173,11 +173,11 @@ def test_each_error_names_file_line_and_reason_and_exits_1(deploy, capsys, files
 WARNINGS = [
     # a model glob that matches no priced model, in access and in routes
     ("access-unpriced-glob", {"policy/access.csv": ACCESS + "p, *, globex, openai/gpt-9*, allow\n"},
-     ["policy/access.csv:7: warning: model glob 'openai/gpt-9*' matches no priced model in pricing.csv "
-      "(its usage would be unpriced)"]),
+     ["policy/access.csv:7: warning: model glob 'openai/gpt-9*' matches no priced model (not in the "
+      "price book nor in pricing.csv): its usage would be unpriced"]),
     ("route-unpriced-glob", {"policy/routes.csv": "p, *, openai/gpt-9*, operator-openai\n" + ROUTES},
-     ["policy/routes.csv:1: warning: model glob 'openai/gpt-9*' matches no priced model in pricing.csv "
-      "(its usage would be unpriced)"]),
+     ["policy/routes.csv:1: warning: model glob 'openai/gpt-9*' matches no priced model (not in the "
+      "price book nor in pricing.csv): its usage would be unpriced"]),
     # duplicates
     ("duplicate-access-rule", {"policy/access.csv": ACCESS + "p,*,acme,openai/gpt-4o-mini,allow\n"},
      ["policy/access.csv:7: warning: duplicate of line 3"]),

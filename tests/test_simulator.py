@@ -537,6 +537,276 @@ def test_latency_and_chunk_delay(sim):
 
 
 # --------------------------------------------------------------------------
+# Billing controls
+# --------------------------------------------------------------------------
+
+ANT_AUTH = {"x-api-key": KEYS["anthropic"]}
+GEM_AUTH = {"x-goog-api-key": KEYS["gemini"]}
+GEMINI = "/gemini/v1beta/models/gemini-2.5-flash:"
+GEM_BODY = {"contents": [{"role": "user", "parts": [{"text": PROMPT}]}]}
+
+
+WITH_USAGE = {"include_usage": True}
+
+
+def sse_payloads(raw: str) -> list[dict]:
+    return [json.loads(d) for _, d in sse_events(raw) if d != "[DONE]"]
+
+
+def openai_json(sim, path: str, body: dict, headers: dict) -> dict:
+    return post(sim, "/openai/v1/" + path, body, {**AUTH, **headers}).json()
+
+
+def openai_stream(sim, path: str, body: dict, headers: dict) -> list[dict]:
+    raw = post(sim, "/openai/v1/" + path, {**body, "stream": True}, {**AUTH, **headers}).text
+    return sse_payloads(raw)
+
+
+def ant_body(**extra) -> dict:
+    return {"model": "claude-haiku-4-5", "max_tokens": 100, "messages": USER, **extra}
+
+
+def ant_json(sim, headers: dict, **extra) -> dict:
+    return post(sim, "/anthropic/v1/messages", ant_body(**extra), {**ANT_AUTH, **headers}).json()
+
+
+def ant_events(sim, headers: dict) -> dict[str, dict]:
+    """The events of an Anthropic stream by name (the last of each name)."""
+    raw = post(sim, "/anthropic/v1/messages", ant_body(stream=True), {**ANT_AUTH, **headers}).text
+    return {name: json.loads(data) for name, data in sse_events(raw)}
+
+
+def gem_json(sim, headers: dict) -> dict:
+    return post(sim, GEMINI + "generateContent", GEM_BODY, {**GEM_AUTH, **headers}).json()
+
+
+def gem_streams(sim, headers: dict) -> tuple[list[dict], list[dict]]:
+    """The chunks of a Gemini stream, as SSE and as a JSON array."""
+    url, auth = GEMINI + "streamGenerateContent", {**GEM_AUTH, **headers}
+    sse = sse_payloads(post(sim, url + "?alt=sse", GEM_BODY, auth).text)
+    return sse, post(sim, url, GEM_BODY, auth).json()
+
+
+def test_input_tokens_replace_the_prompt_count_openai(sim):
+    headers = {"x-sim-input-tokens": "250000", "x-sim-cached-tokens": "1000"}
+    result = oai(sim).chat.completions.create(model="gpt-4o", messages=USER, extra_headers=headers)
+    assert result.usage.prompt_tokens == 251_000 and result.usage.prompt_tokens_details.cached_tokens == 1000
+    assert result.usage.total_tokens == 251_000 + 12
+    chunks = openai_stream(sim, "chat/completions", chat_body(stream_options=WITH_USAGE), headers)
+    assert chunks[-1]["usage"]["prompt_tokens"] == 251_000
+    body = {"model": "gpt-4.1", "input": PROMPT}
+    assert openai_json(sim, "responses", body, headers)["usage"]["input_tokens"] == 251_000
+    final = openai_stream(sim, "responses", body, headers)[-1]
+    assert final["type"] == "response.completed" and final["response"]["usage"]["input_tokens"] == 251_000
+    fallback = openai_json(sim, "chat/completions", chat_body(), {"x-sim-input-tokens": "lots"})
+    assert fallback["usage"]["prompt_tokens"] == PROMPT_TOKENS
+
+
+def test_input_tokens_replace_the_prompt_count_anthropic_and_gemini(sim):
+    headers = {"x-sim-input-tokens": "250000", "x-sim-cached-tokens": "1000"}
+    usage = ant_json(sim, headers)["usage"]
+    assert (usage["input_tokens"], usage["cache_read_input_tokens"]) == (250_000, 1000)
+    start = ant_events(sim, headers)["message_start"]["message"]["usage"]
+    assert (start["input_tokens"], start["cache_read_input_tokens"]) == (250_000, 1000)
+    meta = gem_json(sim, headers)["usageMetadata"]
+    assert (meta["promptTokenCount"], meta["cachedContentTokenCount"]) == (251_000, 1000)
+    assert meta["promptTokensDetails"] == [{"modality": "TEXT", "tokenCount": 251_000}]
+    for chunks in gem_streams(sim, headers):
+        assert [c["usageMetadata"]["promptTokenCount"] for c in chunks] == [251_000] * len(chunks)
+    assert gem_json(sim, {"x-sim-input-tokens": "-"})["usageMetadata"]["promptTokenCount"] == PROMPT_TOKENS
+
+
+def test_anthropic_cache_write_1h_tokens(sim):
+    headers = {"x-sim-cache-write-tokens": "7", "x-sim-cache-write-1h-tokens": "30"}
+    expected = {"ephemeral_5m_input_tokens": 7, "ephemeral_1h_input_tokens": 30}
+    usage = ant_json(sim, headers)["usage"]
+    assert usage["cache_creation_input_tokens"] == 37 and usage["cache_creation"] == expected
+    start = ant_events(sim, headers)["message_start"]["message"]["usage"]
+    assert start["cache_creation_input_tokens"] == 37 and start["cache_creation"] == expected
+    with ant(sim).messages.stream(
+        model="claude-haiku-4-5", max_tokens=50, messages=USER, extra_headers=headers
+    ) as stream:
+        final = stream.get_final_message().usage
+    assert final.cache_creation_input_tokens == 37 and final.cache_creation.ephemeral_1h_input_tokens == 30
+    zeros = {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}
+    assert ant_json(sim, {"x-sim-cache-write-1h-tokens": "soon"})["usage"]["cache_creation"] == zeros
+    assert ant_events(sim, {})["message_start"]["message"]["usage"]["cache_creation"] == zeros
+
+
+def test_openai_service_tier(sim):
+    tiers = {None: "default", "auto": "default", "flex": "flex", "priority": "priority", "bogus": "default"}
+    for asked, reported in tiers.items():
+        body = chat_body() if asked is None else chat_body(service_tier=asked)
+        assert openai_json(sim, "chat/completions", body, {})["service_tier"] == reported, asked
+    header = {"x-sim-service-tier": "scale"}
+    overridden = openai_json(sim, "chat/completions", chat_body(service_tier="flex"), header)
+    assert overridden["service_tier"] == "scale"
+    chunks = openai_stream(sim, "chat/completions", chat_body(service_tier="flex"), {})
+    assert {c["service_tier"] for c in chunks} == {"flex"}
+    body = {"model": "gpt-4.1", "input": PROMPT, "service_tier": "priority"}
+    assert openai_json(sim, "responses", body, {})["service_tier"] == "priority"
+    events = {e["type"]: e for e in openai_stream(sim, "responses", body, header)}
+    assert events["response.created"]["response"]["service_tier"] == "scale"
+    assert events["response.completed"]["response"]["service_tier"] == "scale"
+    result = oai(sim).responses.create(model="gpt-4.1", input=PROMPT, service_tier="flex")
+    assert result.service_tier == "flex"
+
+
+def test_anthropic_and_gemini_service_tier(sim):
+    assert ant_json(sim, {})["usage"]["service_tier"] == "standard"
+    header = {"x-sim-service-tier": "priority"}
+    assert ant_json(sim, header)["usage"]["service_tier"] == "priority"
+    assert ant_events(sim, header)["message_start"]["message"]["usage"]["service_tier"] == "priority"
+    message = ant(sim).messages.create(
+        model="claude-haiku-4-5", max_tokens=5, messages=USER, extra_headers=header
+    )
+    assert message.usage.service_tier == "priority"
+    assert "service_tier" not in json.dumps(gem_json(sim, header))
+
+
+def usage_searches(count: int) -> dict:
+    return {"server_tool_use": {"web_search_requests": count}}
+
+
+def test_anthropic_web_searches(sim):
+    header = {"x-sim-web-searches": "3"}
+    usage = ant_json(sim, header)["usage"]
+    assert usage["output_tokens"] == 12 and usage["server_tool_use"] == {"web_search_requests": 3}
+    assert "server_tool_use" not in ant_json(sim, {})["usage"]
+    events = ant_events(sim, header)
+    assert events["message_delta"]["usage"] == {"output_tokens": 12, **usage_searches(3)}
+    assert "server_tool_use" not in events["message_start"]["message"]["usage"]
+    with ant(sim).messages.stream(
+        model="claude-haiku-4-5", max_tokens=50, messages=USER, extra_headers=header
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.usage.server_tool_use.web_search_requests == 3 and final.usage.output_tokens == 12
+
+
+def _search_item(item: dict, index: int, status: str = "completed") -> None:
+    assert item["id"].startswith("ws_") and item["type"] == "web_search_call"
+    assert item["status"] == status
+    assert item["action"] == {"type": "search", "query": f"simulated query {index}"}
+
+
+def test_openai_responses_web_searches(sim):
+    header, body = {"x-sim-web-searches": "2"}, {"model": "gpt-4.1", "input": PROMPT}
+    output = openai_json(sim, "responses", body, header)["output"]
+    assert [o["type"] for o in output] == ["web_search_call", "web_search_call", "message"]
+    _search_item(output[0], 1)
+    _search_item(output[1], 2)
+    events = openai_stream(sim, "responses", body, header)
+    final = events[-1]["response"]["output"]
+    assert [o["type"] for o in final] == ["web_search_call", "web_search_call", "message"]
+    _search_item(final[1], 2)
+    added = [e for e in events if e["type"] == "response.output_item.added"]
+    assert [(e["output_index"], e["item"]["type"]) for e in added] == [
+        (0, "web_search_call"),
+        (1, "web_search_call"),
+        (2, "message"),
+    ]
+    _search_item(added[0]["item"], 1, "in_progress")
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert {e["output_index"] for e in deltas} == {2}
+    with oai(sim).responses.stream(model="gpt-4.1", input=PROMPT, extra_headers=header) as stream:
+        for _ in stream:
+            pass
+        response = stream.get_final_response()
+    assert [o.type for o in response.output] == ["web_search_call", "web_search_call", "message"]
+    assert response.output_text == reply_text("gpt-4.1", 12)
+    assert "web_search" not in json.dumps(openai_json(sim, "chat/completions", chat_body(), header))
+
+
+def test_gemini_web_searches(sim):
+    header = {"x-sim-web-searches": "2"}
+    grounding = {
+        "webSearchQueries": ["simulated query 1", "simulated query 2"],
+        "groundingChunks": [],
+        "searchEntryPoint": {"renderedContent": ""},
+    }
+    assert gem_json(sim, header)["candidates"][-1]["groundingMetadata"] == grounding
+    assert "groundingMetadata" not in gem_json(sim, {})["candidates"][-1]
+    for chunks in gem_streams(sim, header):
+        assert chunks[-1]["candidates"][-1]["groundingMetadata"] == grounding
+        assert all("groundingMetadata" not in c["candidates"][-1] for c in chunks[:-1])
+    result = gem(sim).models.generate_content(
+        model="gemini-2.5-flash", contents=PROMPT, config=gem_config(**header)
+    )
+    assert result.candidates[0].grounding_metadata.web_search_queries == grounding["webSearchQueries"]
+
+
+def test_openai_audio_tokens(sim):
+    headers = {"x-sim-audio-input-tokens": "4", "x-sim-audio-output-tokens": "5", "x-sim-cached-tokens": "2"}
+    usage = openai_json(sim, "chat/completions", chat_body(), headers)["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (PROMPT_TOKENS + 2, 12)
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 2, "audio_tokens": 4}
+    assert usage["completion_tokens_details"]["audio_tokens"] == 5
+    chunks = openai_stream(sim, "chat/completions", chat_body(stream_options=WITH_USAGE), headers)
+    assert chunks[-1]["usage"] == usage
+    result = oai(sim).chat.completions.create(model="gpt-4o", messages=USER, extra_headers=headers)
+    assert result.usage.completion_tokens_details.audio_tokens == 5
+    responses = openai_json(sim, "responses", {"model": "gpt-4.1", "input": PROMPT}, headers)["usage"]
+    assert "audio" not in json.dumps(responses)
+    capped = openai_json(sim, "chat/completions", chat_body(), {"x-sim-audio-input-tokens": "999"})["usage"]
+    assert capped["prompt_tokens_details"]["audio_tokens"] == capped["prompt_tokens"] == PROMPT_TOKENS
+
+
+def test_gemini_audio_tokens(sim):
+    headers = {"x-sim-input-tokens": "100", "x-sim-audio-input-tokens": "60"}
+    headers["x-sim-audio-output-tokens"] = "5"
+    prompt = [{"modality": "TEXT", "tokenCount": 40}, {"modality": "AUDIO", "tokenCount": 60}]
+    output = [{"modality": "TEXT", "tokenCount": 7}, {"modality": "AUDIO", "tokenCount": 5}]
+    meta = gem_json(sim, headers)["usageMetadata"]
+    assert (meta["promptTokenCount"], meta["candidatesTokenCount"]) == (100, 12)
+    assert meta["promptTokensDetails"] == prompt and meta["candidatesTokensDetails"] == output
+    for chunks in gem_streams(sim, headers):
+        assert chunks[0]["usageMetadata"]["promptTokensDetails"] == prompt
+        assert "candidatesTokensDetails" not in chunks[0]["usageMetadata"]
+        assert chunks[-1]["usageMetadata"]["candidatesTokensDetails"] == output
+    text_only = gem_json(sim, {"x-sim-audio-output-tokens": "12"})["usageMetadata"]
+    assert text_only["promptTokensDetails"] == [{"modality": "TEXT", "tokenCount": PROMPT_TOKENS}]
+    assert text_only["candidatesTokensDetails"] == [
+        {"modality": "TEXT", "tokenCount": 0},
+        {"modality": "AUDIO", "tokenCount": 12},
+    ]
+    assert "candidatesTokensDetails" not in gem_json(sim, {})["usageMetadata"]
+    assert "audio" not in json.dumps(ant_json(sim, headers)).lower()
+
+
+def test_response_model(sim):
+    alias, snapshot = "chatgpt-4o-latest", "gpt-4o-2024-11-20"
+    header = {"x-sim-response-model": snapshot}
+    body = chat_body(model=alias)
+    assert openai_json(sim, "chat/completions", body, header)["model"] == snapshot
+    assert {c["model"] for c in openai_stream(sim, "chat/completions", body, header)} == {snapshot}
+    body = {"model": alias, "input": PROMPT}
+    assert openai_json(sim, "responses", body, header)["model"] == snapshot
+    events = {e["type"]: e for e in openai_stream(sim, "responses", body, header)}
+    assert events["response.created"]["response"]["model"] == snapshot
+    assert events["response.completed"]["response"]["model"] == snapshot
+    result = oai(sim).chat.completions.create(model=alias, messages=USER, extra_headers=header)
+    assert result.model == snapshot and result.choices[0].message.content == reply_text(alias, 12)
+    claude = {"x-sim-response-model": "claude-haiku-4-5-20251001"}
+    assert ant_json(sim, claude)["model"] == "claude-haiku-4-5-20251001"
+    assert ant_events(sim, claude)["message_start"]["message"]["model"] == "claude-haiku-4-5-20251001"
+    gemini = {"x-sim-response-model": "gemini-2.5-flash-preview-09-2025"}
+    assert gem_json(sim, gemini)["modelVersion"] == "gemini-2.5-flash-preview-09-2025"
+    for chunks in gem_streams(sim, gemini):
+        assert {c["modelVersion"] for c in chunks} == {"gemini-2.5-flash-preview-09-2025"}
+    assert gem_json(sim, {"x-sim-response-model": ""})["modelVersion"] == "gemini-2.5-flash"
+
+
+def test_billing_controls_without_usage(sim):
+    """The no-usage fault drops the usage, not the search results the reply shows."""
+    headers = {"x-sim-fault": "no-usage", "x-sim-web-searches": "1"}
+    result = openai_json(sim, "responses", {"model": "gpt-4.1", "input": PROMPT}, headers)
+    assert result["usage"] is None and result["output"][0]["type"] == "web_search_call"
+    assert "usage" not in ant_json(sim, headers)
+    gemini = gem_json(sim, headers)
+    assert "usageMetadata" not in gemini and "groundingMetadata" in gemini["candidates"][0]
+
+
+# --------------------------------------------------------------------------
 # Recording and control endpoints
 # --------------------------------------------------------------------------
 

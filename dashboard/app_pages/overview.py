@@ -1,5 +1,6 @@
 """Overview: the month's spend, volume, error and refusal rates, latency, trend and freshness."""
 
+import polars as pl
 import streamlit as st
 
 from dashboard import charts, figures, shell
@@ -15,9 +16,7 @@ def render(ctx: Context) -> None:
     figure = figures.overview(costs, refused, ctx.period, ctx.tenant, ctx.today.date())
     _headline(ctx, figure)
     if figure.unpriced_requests:
-        st.warning(f"**{figures.count(figure.unpriced_requests)} request(s) used a model with no price** in "
-                   "`pricing.csv`: their cost is unknown and left out of every total. Add the model's price "
-                   "to `pricing.csv`; the next report build includes them.", icon=":material/price_change:")
+        _unpriced(ctx, costs, figure)
     rows = figures.scoped(costs, ctx.period, ctx.tenant)
     if rows.is_empty():
         st.info(f"No requests in {ctx.period} for {ctx.tenant or 'any tenant'}. Pick another period or tenant.")
@@ -30,6 +29,18 @@ def render(ctx: Context) -> None:
     st.dataframe(shell.for_display(table), hide_index=True,
                  column_config={**shell.money_columns("cost_usd"),
                                 **shell.count_columns("requests", "errors", "input_tokens", "output_tokens")})
+
+
+def _unpriced(ctx: Context, costs: pl.DataFrame, figure: figures.Overview) -> None:
+    """The warning and the models to price, so an operator knows what to add."""
+    st.warning(f"**{figures.count(figure.unpriced_requests)} request(s) used a model with no price** in "
+               "`pricing.csv`: their cost is unknown and left out of every total. The models are listed "
+               "below.", icon=":material/price_change:")
+    st.dataframe(figures.unpriced_models(costs, ctx.period, ctx.tenant), hide_index=True,
+                 column_config=shell.count_columns("unpriced_requests"))
+    st.caption("To price a model, add a row to `pricing.csv` (the operator's overrides: `provider`, `model` "
+               "without the `provider/` prefix, `effective_from`, `input_usd_per_mtok`, `output_usd_per_mtok`, "
+               "…) or upgrade the price book. `tollway pricing check` lists the same models from the events.")
 
 
 def _headline(ctx: Context, figure: figures.Overview) -> None:

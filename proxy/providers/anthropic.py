@@ -10,7 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.errors import TollwayError
-from proxy.providers.base import Adapter, CallInfo, StreamTap, Usage, dig, int_or_none, json_encode
+from proxy.providers.base import (
+    Adapter,
+    CallInfo,
+    StreamTap,
+    Usage,
+    dig,
+    int_or_none,
+    json_encode,
+    str_or_none,
+)
 
 
 def usage_from_anthropic(usage: Any) -> Usage:
@@ -21,17 +30,21 @@ def usage_from_anthropic(usage: Any) -> Usage:
     write = int_or_none(usage.get("cache_creation_input_tokens"))
     total_in = None if uncached is None else uncached + (read or 0) + (write or 0)
     return Usage(input_tokens=total_in, output_tokens=int_or_none(usage.get("output_tokens")),
-                 cached_input_tokens=read, cache_write_tokens=write)
+                 cached_input_tokens=read, cache_write_tokens=write,
+                 cache_write_1h_tokens=int_or_none(dig(usage, "cache_creation", "ephemeral_1h_input_tokens")),
+                 web_search_calls=int_or_none(dig(usage, "server_tool_use", "web_search_requests")),
+                 service_tier=str_or_none(usage.get("service_tier")))
 
 
 class AnthropicStreamTap(StreamTap):
     """Keeps Anthropic's own figures: a field a `message_delta` leaves out keeps its `message_start` value."""
 
-    _INPUT_FIELDS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+    _INPUT_FIELDS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "cache_creation",
+                     "server_tool_use", "service_tier")
 
     def __init__(self) -> None:
         super().__init__()
-        self._raw: dict[str, int] = {}
+        self._raw: dict[str, Any] = {}
 
     def on_payload(self, event_name: str | None, payload: dict) -> bool:
         kind = payload.get("type") or event_name
@@ -40,6 +53,7 @@ class AnthropicStreamTap(StreamTap):
             self.text_chars += len(delta.get("text") or delta.get("thinking") or delta.get("partial_json") or "")
         elif kind == "message_start":
             self._update(dig(payload, "message", "usage"), self._INPUT_FIELDS)  # its output figure is a placeholder
+            self.usage.merge(Usage(response_model=str_or_none(dig(payload, "message", "model"))))
         elif kind == "message_delta":
             self._update(payload.get("usage"), (*self._INPUT_FIELDS, "output_tokens"))
         return True
@@ -48,10 +62,12 @@ class AnthropicStreamTap(StreamTap):
         if not isinstance(usage, dict):
             return
         for name in names:
-            value = int_or_none(usage.get(name))
+            value = usage.get(name)
             if value is not None:
                 self._raw[name] = value
+        model = self.usage.response_model
         self.usage.assign(usage_from_anthropic(self._raw))  # in place: the forwarder holds this object
+        self.usage.response_model = model
 
 
 class AnthropicAdapter(Adapter):
@@ -72,7 +88,11 @@ class AnthropicAdapter(Adapter):
         return CallInfo(model, body.get("stream") is True, endpoint, metered=endpoint != "messages/count_tokens")
 
     def usage_from_body(self, payload: Any) -> Usage:
-        return usage_from_anthropic(payload.get("usage") if isinstance(payload, dict) else None)
+        if not isinstance(payload, dict):
+            return Usage()
+        usage = usage_from_anthropic(payload.get("usage"))
+        usage.response_model = str_or_none(payload.get("model"))
+        return usage
 
     def stream_tap(self, info: CallInfo) -> StreamTap:
         return AnthropicStreamTap()

@@ -40,10 +40,17 @@ class Usage:
     cached_input_tokens: int | None = None
     cache_write_tokens: int | None = None
     reasoning_tokens: int | None = None
+    cache_write_1h_tokens: int | None = None  # the part of cache_write_tokens kept for an hour
+    input_audio_tokens: int | None = None  # the part of input_tokens that is audio
+    output_audio_tokens: int | None = None  # the part of output_tokens that is audio
+    web_search_calls: int | None = None  # server-side web searches (or grounded prompts) billed per call
+    service_tier: str | None = None  # the tier the provider says it served ("flex", "priority", ...)
+    response_model: str | None = None  # the model the response names (an alias resolves to a snapshot)
 
     @property
     def reported(self) -> bool:
-        return any(getattr(self, f.name) is not None for f in fields(self))
+        """Whether the provider reported any count (a tier or model name alone is not usage)."""
+        return any(getattr(self, name) is not None for name in COUNTS)
 
     def assign(self, other: Usage) -> None:
         """Become `other`, in place (holders of this object see the new figures)."""
@@ -58,6 +65,10 @@ class Usage:
                 setattr(self, f.name, value)
 
 
+#: The counted fields of `Usage` (the rest describe how it was served).
+COUNTS = tuple(f.name for f in fields(Usage) if f.name not in ("service_tier", "response_model"))
+
+
 @dataclass(frozen=True, slots=True)
 class CallInfo:
     """What an adapter learned from the request."""
@@ -68,6 +79,7 @@ class CallInfo:
     body: bytes | None = None  # the body to send upstream when it had to change
     hide_usage_event: bool = False  # the usage chunk was injected: do not hand it to the client
     metered: bool = True  # False for calls that consume no tokens (token counting)
+    service_tier: str | None = None  # the tier the request asks for, where the wire format has one
 
 
 #: What reading a provider payload of an unexpected shape raises (`"choices": 5`, `"delta": "x"`).
@@ -221,6 +233,10 @@ def text_chars(value: Any, skip: frozenset[str] = frozenset({"model", "role", "t
         elif isinstance(item, list):
             pending.extend(item)
     return total
+
+
+def str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def int_or_none(value: Any) -> int | None:

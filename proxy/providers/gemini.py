@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from proxy.errors import BadRequest, TollwayError
-from proxy.providers.base import Adapter, CallInfo, StreamTap, Usage, int_or_none, json_encode
+from proxy.providers.base import Adapter, CallInfo, StreamTap, Usage, int_or_none, json_encode, str_or_none
 
 _MODEL_CALL = re.compile(r"/(?:v1beta|v1|v1alpha)/(?:models|tunedModels)/([^/:]+):([A-Za-z]+)$")
 _STATUS = {
@@ -31,7 +31,29 @@ def usage_from_gemini(meta: Any) -> Usage:
     thoughts = int_or_none(meta.get("thoughtsTokenCount"))
     output = None if candidates is None and thoughts is None else (candidates or 0) + (thoughts or 0)
     return Usage(input_tokens=None if prompt is None else prompt + tool_prompt, output_tokens=output,
-                 cached_input_tokens=int_or_none(meta.get("cachedContentTokenCount")), reasoning_tokens=thoughts)
+                 cached_input_tokens=int_or_none(meta.get("cachedContentTokenCount")), reasoning_tokens=thoughts,
+                 input_audio_tokens=_modality(meta.get("promptTokensDetails"), "AUDIO"),
+                 output_audio_tokens=_modality(meta.get("candidatesTokensDetails"), "AUDIO"))
+
+
+def _modality(details: Any, modality: str) -> int | None:
+    """The token count of one modality in a `…TokensDetails` list, None when not listed."""
+    counts = [int_or_none(d.get("tokenCount")) for d in details or () if isinstance(d, dict)
+              and d.get("modality") == modality]
+    return sum(c or 0 for c in counts) if counts else None
+
+
+def read_chunk(payload: dict) -> Usage:
+    """Usage, model and web searches of one response (or stream chunk). Grounding with Google Search is
+    billed per grounded prompt on Gemini 1.x/2.x and per search query from Gemini 3 on."""
+    usage = usage_from_gemini(payload.get("usageMetadata"))
+    usage.response_model = str_or_none(payload.get("modelVersion"))
+    queries = [q for c in payload.get("candidates") or () if isinstance(c, dict)
+               for q in (c.get("groundingMetadata") or {}).get("webSearchQueries") or ()]
+    if queries:
+        per_prompt = (usage.response_model or "").startswith(("gemini-1", "gemini-2"))
+        usage.web_search_calls = 1 if per_prompt else len(queries)
+    return usage
 
 
 def _text_chars(payload: dict) -> int:
@@ -45,8 +67,7 @@ def _text_chars(payload: dict) -> int:
 class GeminiStreamTap(StreamTap):
     def on_payload(self, event_name: str | None, payload: dict) -> bool:
         self.text_chars += _text_chars(payload)
-        if "usageMetadata" in payload:  # cumulative: the latest one is the total so far
-            self.usage.merge(usage_from_gemini(payload["usageMetadata"]))
+        self.usage.merge(read_chunk(payload))  # usageMetadata is cumulative: the latest one is the total so far
         return True
 
 
@@ -71,10 +92,10 @@ class GeminiAdapter(Adapter):
         if isinstance(payload, list):  # streamGenerateContent without alt=sse: an array of chunks
             usage = Usage()
             for chunk in payload:
-                if isinstance(chunk, dict) and "usageMetadata" in chunk:
-                    usage.merge(usage_from_gemini(chunk["usageMetadata"]))
+                if isinstance(chunk, dict):
+                    usage.merge(read_chunk(chunk))
             return usage
-        return usage_from_gemini(payload.get("usageMetadata") if isinstance(payload, dict) else None)
+        return read_chunk(payload) if isinstance(payload, dict) else Usage()
 
     def stream_tap(self, info: CallInfo) -> StreamTap:
         return GeminiStreamTap()
@@ -87,5 +108,8 @@ class GeminiAdapter(Adapter):
         return {"models": [{"name": f"models/{m}", "displayName": m} for m in model_ids]}
 
     def error_body(self, err: TollwayError) -> bytes:
-        status = _STATUS.get(err.kind, "INTERNAL")
-        return json_encode({"error": {"code": err.status, "message": err.message, "status": status}})
+        error = {"code": err.status, "message": err.message, "status": _STATUS.get(err.kind, "INTERNAL")}
+        if err.code:  # Google's way to name a specific reason
+            error["details"] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": err.code.upper(),
+                                 "domain": "tollway"}]
+        return json_encode({"error": error})

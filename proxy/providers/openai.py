@@ -18,12 +18,17 @@ from proxy.providers.base import (
     dig,
     int_or_none,
     json_encode,
+    str_or_none,
 )
 
 #: Endpoints whose streams need `stream_options.include_usage` to report usage.
 _USAGE_OPT_IN = frozenset({"chat/completions", "completions"})
 #: Responses API events whose `response` holds the final usage.
 _RESPONSE_DONE = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+#: Tiers an OpenAI request may ask for by name (`auto` leaves the choice to OpenAI).
+_TIERS = frozenset({"default", "flex", "priority", "scale"})
 
 
 def usage_from_openai(usage: Any) -> Usage:
@@ -43,14 +48,29 @@ def usage_from_openai(usage: Any) -> Usage:
         output_tokens=completion if completion is not None else (0 if "prompt_tokens" in usage else None),
         cached_input_tokens=int_or_none(dig(usage, "prompt_tokens_details", "cached_tokens")),
         reasoning_tokens=int_or_none(dig(usage, "completion_tokens_details", "reasoning_tokens")),
+        input_audio_tokens=int_or_none(dig(usage, "prompt_tokens_details", "audio_tokens")),
+        output_audio_tokens=int_or_none(dig(usage, "completion_tokens_details", "audio_tokens")),
     )
+
+
+def usage_from_response(payload: dict) -> Usage:
+    """Usage of a whole chat completion or Responses object, with its tier, model and web searches."""
+    usage = usage_from_openai(payload.get("usage"))
+    usage.service_tier = str_or_none(payload.get("service_tier"))
+    usage.response_model = str_or_none(payload.get("model"))
+    output = payload.get("output")
+    if isinstance(output, list):  # Responses API: each web_search_call item is one billed search
+        searches = sum(1 for item in output if isinstance(item, dict) and item.get("type") == "web_search_call")
+        usage.web_search_calls = searches or None
+    return usage
 
 
 class OpenAIStreamTap(StreamTap):
     def on_payload(self, event_name: str | None, payload: dict) -> bool:
         kind = payload.get("type") or event_name
         if kind in _RESPONSE_DONE:
-            self.usage.merge(usage_from_openai(dig(payload, "response", "usage")))
+            response = payload.get("response")
+            self.usage.merge(usage_from_response(response if isinstance(response, dict) else {}))
             return True
         if kind == "response.output_text.delta":
             self.text_chars += len(payload.get("delta") or "")
@@ -60,6 +80,9 @@ class OpenAIStreamTap(StreamTap):
             content = dig(choice, "delta", "content") or dig(choice, "text")
             if isinstance(content, str):
                 self.text_chars += len(content)
+        if "model" in payload or "service_tier" in payload:
+            self.usage.merge(Usage(service_tier=str_or_none(payload.get("service_tier")),
+                                   response_model=str_or_none(payload.get("model"))))
         usage = payload.get("usage")
         if usage:
             self.usage.merge(usage_from_openai(usage))
@@ -91,14 +114,15 @@ class OpenAIAdapter(Adapter):
 
     def _call(self, model: str, endpoint: str, body: dict) -> CallInfo:
         stream = body.get("stream") is True
+        tier = body.get("service_tier") if body.get("service_tier") in _TIERS else None
         if stream and endpoint in _USAGE_OPT_IN and dig(body, "stream_options", "include_usage") is not True:
             options = body.get("stream_options")
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-            return CallInfo(model, True, endpoint, json_encode(body), hide_usage_event=True)
-        return CallInfo(model, stream, endpoint)
+            return CallInfo(model, True, endpoint, json_encode(body), hide_usage_event=True, service_tier=tier)
+        return CallInfo(model, stream, endpoint, service_tier=tier)
 
     def usage_from_body(self, payload: Any) -> Usage:
-        return usage_from_openai(payload.get("usage") if isinstance(payload, dict) else None)
+        return usage_from_response(payload) if isinstance(payload, dict) else Usage()
 
     def output_text_chars(self, payload: Any) -> int:
         if not isinstance(payload, dict):
@@ -121,7 +145,7 @@ class OpenAIAdapter(Adapter):
 
     def error_body(self, err: TollwayError) -> bytes:
         return json_encode({"error": {"message": err.message, "type": self.error_types.get(err.kind, "api_error"),
-                                      "param": None, "code": self.error_codes.get(err.kind)}})
+                                      "param": None, "code": err.code or self.error_codes.get(err.kind)}})
 
 
 class AzureAdapter(OpenAIAdapter):
