@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     from policy.cli import register as register_policy
     from proxy.audit import register as register_audit
     from proxy.demo import register as register_demo
+    from proxy.pricing_cli import register as register_pricing
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", default=argparse.SUPPRESS,
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_policy(commands, common, as_json)
     register_credits(commands, common, as_json)
+    register_pricing(commands, common, as_json)
     register_audit(commands, common, as_json)
     register_dashboard(commands, common)
     register_demo(commands, common)

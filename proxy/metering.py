@@ -1,8 +1,9 @@
 """Every request to a price: the operator's overrides, then the price book, then unpriced.
 
 Resolution, in order: an override in `pricing.csv` naming the request's model (exactly, else by
-glob) -> the `genai-prices` book by the request's model -> the book by the model the response
-names -> unpriced. An unpriced model costs `None` (unknown), never zero. Resolutions are cached
+glob, else the book's id for it, so that an override of `claude-sonnet-4-5` covers its dated
+snapshots) -> the `genai-prices` book by the request's model -> the book by the model the
+response names -> unpriced. An unpriced model costs `None` (unknown), never zero. Resolutions are cached
 per (provider, model), so the request path pays a dict lookup and the arithmetic.
 """
 
@@ -74,8 +75,11 @@ class Prices:
         info = self.book.find(book_provider, model) if book_provider else None
         in_book = Resolution(info.id, SOURCE, self.book, info) if info is not None else None
         override = self.overrides.find(provider, model)
+        name = model
+        if override is None and info is not None and info.id != model:  # a snapshot or alias of an overridden id
+            override, name = self.overrides.find(provider, info.id), info.id
         if override is not None:
-            return Resolution(model, OVERRIDE, self.book, override=override[1], fallback=in_book)
+            return Resolution(name, OVERRIDE, self.book, override=override[1], fallback=in_book)
         return in_book
 
     def price(self, provider: str, model: str, book_provider: str | None, at: datetime, tier: str | None = None,

@@ -64,21 +64,21 @@ def cost_of(price: Price, usage: Usage) -> Decimal:
 def _cost(p: Price, u: Usage) -> Decimal:
     cached = u.cached_input_tokens or 0
     written = u.cache_write_tokens or 0
-    written_1h = min(u.cache_write_1h_tokens or 0, written)
     fresh = max((u.input_tokens or 0) - cached - written, 0)
-    audio_in = min(u.input_audio_tokens or 0, fresh)
     output = u.output_tokens or 0
-    audio_out = min(u.output_audio_tokens or 0, output)
-    tokens = ((fresh - audio_in) * p.input
-              + audio_in * _first(p.input_audio, p.input)
-              + cached * _first(p.cached_input, p.input)
-              + (written - written_1h) * _first(p.cache_write, p.input)
-              + written_1h * _first(p.cache_write_1h, p.cache_write, p.input)
-              + (output - audio_out) * p.output
-              + audio_out * _first(p.output_audio, p.output))
-    fees = (u.web_search_calls or 0) * (p.web_search_per_k or 0) / THOUSAND + (p.request_fee or 0)
-    return (tokens / MILLION + fees).quantize(NANO, rounding=ROUND_HALF_UP)
-
-
-def _first(*rates: Decimal | None) -> Decimal:
-    return next(r for r in rates if r is not None)
+    cached_rate = p.input if p.cached_input is None else p.cached_input
+    write_rate = p.input if p.cache_write is None else p.cache_write
+    tokens = fresh * p.input + cached * cached_rate + written * write_rate + output * p.output
+    if u.cache_write_1h_tokens:  # the 1-hour part of the writes, at its own rate
+        tokens += min(u.cache_write_1h_tokens, written) * ((write_rate if p.cache_write_1h is None
+                                                            else p.cache_write_1h) - write_rate)
+    if u.input_audio_tokens and p.input_audio is not None:
+        tokens += min(u.input_audio_tokens, fresh) * (p.input_audio - p.input)
+    if u.output_audio_tokens and p.output_audio is not None:
+        tokens += min(u.output_audio_tokens, output) * (p.output_audio - p.output)
+    total = tokens / MILLION
+    if u.web_search_calls and p.web_search_per_k is not None:
+        total += u.web_search_calls * p.web_search_per_k / THOUSAND
+    if p.request_fee is not None:
+        total += p.request_fee
+    return total.quantize(NANO, rounding=ROUND_HALF_UP)

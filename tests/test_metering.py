@@ -309,3 +309,165 @@ def test_pricebook_cost_uses_the_row_in_force(price, usage, days):
     assert book.cost("p", "m", when, usage) == cost_of(price, usage)
     assert book.cost("p", "m", datetime(2024, 12, 31, 23, 59, tzinfo=UTC), usage) is None
     assert book.cost("p", "m", datetime(2025, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=1))), usage) is None
+
+
+# --- every billable dimension, by hand ---------------------------------------------------------------------
+TIERED = Price(date(2025, 1, 1), Decimal(3), Decimal(15), Decimal("0.30"), Decimal("3.75"), Decimal(6),
+               long_context=((200_000, Price(date(2025, 1, 1), Decimal(6), Decimal("22.5"), Decimal("0.60"),
+                                             Decimal("7.50"), Decimal(12))),))
+FULL = Price(date(2025, 1, 1), Decimal(1), Decimal(4), Decimal("0.10"), Decimal("1.25"), Decimal(2),
+             input_audio=Decimal(8), output_audio=Decimal(16), web_search_per_k=Decimal(10), request_fee=Decimal("0.001"))
+
+
+@pytest.mark.parametrize("price, usage, expected", [
+    # 1-hour writes at their own rate: 500 fresh*3 + 1000 read*0.3 + 1000 5m*3.75 + 2000 1h*6 + 100 out*15
+    # = 1500 + 300 + 3750 + 12000 + 1500 = 19050
+    (TIERED, Usage(input_tokens=4500, output_tokens=100, cached_input_tokens=1000, cache_write_tokens=3000,
+                   cache_write_1h_tokens=2000), "0.019050000"),
+    # exactly 200,000 prompt tokens: the base rates. 200000*3 + 1000*15 = 615000
+    (TIERED, Usage(input_tokens=200_000, output_tokens=1000), "0.615000000"),
+    # one token more: every token at the long-context rates. 200001*6 + 1000*22.5 = 1222506
+    (TIERED, Usage(input_tokens=200_001, output_tokens=1000), "1.222506000"),
+    # the tier counts cached tokens too: 150000 fresh*6 + 60000 read*0.6 + 10*22.5 = 900000+36000+225
+    (TIERED, Usage(input_tokens=210_000, output_tokens=10, cached_input_tokens=60_000), "0.936225000"),
+    # audio in and out, searches and a per-request fee:
+    # (700-100 read-200 audio)=400*1 + 200*8 + 100*0.1 + (50-20)*4 + 20*16 = 400+1600+10+120+320 = 2450
+    # + 3 searches * 10/1000 = 0.03 + fee 0.001
+    (FULL, Usage(input_tokens=700, output_tokens=50, cached_input_tokens=100, input_audio_tokens=200,
+                 output_audio_tokens=20, web_search_calls=3), "0.033450000"),
+    # no rate for audio or 1-hour writes: the general rates. 1000 in*3 + 10 out*15 (audio) ; 400 1h writes at 3.75
+    (Price(date(2025, 1, 1), Decimal(3), Decimal(15), None, Decimal("3.75")),
+     Usage(input_tokens=1400, output_tokens=10, cache_write_tokens=400, cache_write_1h_tokens=400,
+           input_audio_tokens=1000, output_audio_tokens=10), "0.004650000"),
+    # a per-request fee alone is billed even with no tokens
+    (FULL, Usage(input_tokens=0, output_tokens=0), "0.001000000"),
+])
+def test_every_dimension_by_hand(price, usage, expected):
+    assert f"{cost_of(price, usage):f}" == expected
+
+
+# --- override columns ------------------------------------------------------------------------------------------
+FULL_HEADER = (HEADER_LINE + ",cache_write_1h_usd_per_mtok,input_audio_usd_per_mtok,output_audio_usd_per_mtok,"
+               "web_search_usd_per_kcall,request_usd,service_tier,prompt_tokens_above,max_output_tokens")
+
+
+def test_optional_columns_say_everything_the_book_can(tmp_path):
+    path = write_prices(tmp_path, "anthropic,claude-x,2025-01-01,3,15,0.3,3.75,6,,,10,,,,64000",
+                        "anthropic,claude-x,2025-01-01,6,22.5,0.6,7.5,12,,,10,,,200000,",
+                        "openai,gpt-y,2025-01-01,2,8,0.5,,,40,80,,0.002,,,",
+                        "openai,gpt-y,2025-01-01,1,4,0.25,,,,,,,flex,,", header=FULL_HEADER)
+    book, problems = load_pricebook(path)
+    assert problems == []
+    when = at("2025-06-01T00:00:00+00:00")
+    claude = book.price_at("anthropic", "claude-x", when)
+    assert (claude.input, claude.cache_write_1h, claude.web_search_per_k, claude.max_output_tokens) == (
+        Decimal(3), Decimal(6), Decimal(10), 64000)
+    assert [(t, p.input, p.output, p.cache_write_1h) for t, p in claude.long_context] == [
+        (200_000, Decimal(6), Decimal("22.5"), Decimal(12))]
+    gpt = book.price_at("openai", "gpt-y", when)
+    assert (gpt.input, gpt.input_audio, gpt.output_audio, gpt.request_fee) == (Decimal(2), Decimal(40), Decimal(80),
+                                                                              Decimal("0.002"))
+    assert book.price_at("openai", "gpt-y", when, "flex").input == Decimal(1)
+    assert book.price_at("openai", "gpt-y", when, "priority").input == Decimal(2)  # no row of its own: the base row
+
+
+def test_optional_columns_may_come_in_any_order_and_old_files_keep_working(tmp_path):
+    header = HEADER_LINE + ",service_tier,cache_write_1h_usd_per_mtok"
+    book, problems = load_pricebook(write_prices(tmp_path, "anthropic,m,2025-01-01,3,15,,,batch,1.5",
+                                                 header=header))
+    assert problems == [] and book.price_at("anthropic", "m", at("2025-02-01T00:00:00+00:00")) is None
+    assert book.price_at("anthropic", "m", at("2025-02-01T00:00:00+00:00"), "batch").cache_write_1h == Decimal("1.5")
+
+
+@pytest.mark.parametrize("header, rows, words", [
+    (HEADER_LINE + ",colour", ["openai,m,2025-01-01,1,2,,,red"], "unknown column(s) colour"),
+    (HEADER_LINE + ",service_tier,service_tier", ["openai,m,2025-01-01,1,2,,,a,b"], "named twice"),
+    (FULL_HEADER, ["openai,m,2025-01-01,1,2,,,,,,,,,,lots"], "whole number"),
+    (FULL_HEADER, ["openai,m,2025-01-01,1,2,,,,,,,,,1e5,"], "whole number"),
+    (FULL_HEADER, ["openai,m,2025-01-01,1,2,,,,,,-1,,,,"], ">= 0"),
+    (FULL_HEADER, ["openai,m,2025-01-01,6,22,,,,,,,,,200000,"], "needs a row for the same"),
+    (FULL_HEADER, ["openai,m,2025-01-01,1,2,,,,,,,,flex,,", "openai,m,2025-01-01,3,4,,,,,,,,flex,,"], "for tier flex"),
+])
+def test_bad_optional_columns_are_problems(tmp_path, header, rows, words):
+    _, problems = load_pricebook(write_prices(tmp_path, *rows, header=header))
+    assert problems and words in problems[-1].message, problems
+
+
+def test_exact_names_win_over_globs_and_the_first_glob_wins(tmp_path):
+    path = write_prices(tmp_path, "vllm,llama-*,2025-01-01,1,1,,", "vllm,llama-3*,2025-01-01,2,2,,",
+                        "vllm,llama-3.3-70b,2025-01-01,3,3,,")
+    book, problems = load_pricebook(path)
+    assert problems == []
+    when = at("2025-06-01T00:00:00+00:00")
+    assert book.price_at("vllm", "llama-3.3-70b", when).input == Decimal(3)
+    assert book.price_at("vllm", "llama-3.1-8b", when).input == Decimal(1)
+    assert book.price_at("openai", "llama-3.1-8b", when) is None
+
+
+# --- resolution: overrides, then the book by the request's model, then by the response's ------------------------
+NOW = at("2026-12-01T12:00:00+00:00")
+
+
+def prices_with(tmp_path, *rows: str):
+    from proxy.metering import load_prices
+    found, problems = load_prices(write_prices(tmp_path, *rows))
+    assert problems == []
+    return found
+
+
+@pytest.mark.parametrize("provider, book, model, resolved, rates", [
+    # list prices per million tokens (input, output, cached input), as published by each provider
+    ("anthropic", "anthropic", "claude-sonnet-4-5-20250929", "claude-sonnet-4-5", ("3", "15", "0.3")),
+    ("openai", "openai", "gpt-4o-2024-08-06", "gpt-4o", ("2.5", "10", "1.25")),
+    ("openai", "openai", "gpt-5-2025-08-07", "gpt-5", ("1.25", "10", "0.125")),
+    ("openai", "openai", "chatgpt-4o-latest", "chatgpt-4o-latest", ("5", "15", None)),
+    ("openai", "openai", "ft:gpt-4o-mini-2024-07-18:acme::abc123", "ft:gpt-4o-mini", ("0.3", "1.2", None)),
+    ("gemini", "google", "gemini-2.5-flash", "gemini-2.5-flash", ("0.3", "2.5", "0.03")),
+    ("azure", "azure", "gpt-4o", "gpt-4o", ("2.5", "10", "1.25")),
+])
+def test_the_book_prices_the_ids_real_clients_send(tmp_path, provider, book, model, resolved, rates):
+    priced = prices_with(tmp_path).price(provider, model, book, NOW)
+    assert (priced.model, priced.source) == (resolved, "genai-prices 0.2.5")
+    expected = tuple(None if r is None else Decimal(r) for r in rates)
+    assert (priced.price.input, priced.price.output, priced.price.cached_input) == expected
+
+
+@pytest.mark.parametrize("model", ["ft:gpt-4.1-nano-2025-04-14:acme::x1", "gpt-99", "my-house-alias"])
+def test_an_unknown_model_or_a_fine_tune_without_its_own_rate_is_unpriced(tmp_path, model):
+    prices = prices_with(tmp_path)
+    assert prices.price("openai", model, "openai", NOW) is None
+    assert prices.cost("openai", model, "openai", NOW, Usage(input_tokens=10, output_tokens=10)) == (None, None)
+
+
+def test_the_response_model_prices_what_the_request_model_cannot(tmp_path):
+    usage = Usage(input_tokens=1000, output_tokens=100, response_model="gpt-4o-2024-11-20")
+    cost, priced = prices_with(tmp_path).cost("openai", "my-house-alias", "openai", NOW, usage)
+    assert (priced.model, cost) == ("gpt-4o", Decimal("0.003500000"))  # 1000*2.5 + 100*10
+
+
+def test_an_override_wins_and_covers_the_snapshots_of_the_id_it_names(tmp_path):
+    prices = prices_with(tmp_path, "anthropic,claude-sonnet-4-5,2026-01-01,2.70,13.50,0.27,3.375")
+    for model in ("claude-sonnet-4-5", "claude-sonnet-4-5-20250929"):
+        priced = prices.price("anthropic", model, "anthropic", NOW)
+        assert (priced.model, priced.source, priced.price.input) == ("claude-sonnet-4-5", "override", Decimal("2.70"))
+    # before the override's first date the book's price applies
+    before = prices.price("anthropic", "claude-sonnet-4-5-20250929", "anthropic", at("2025-12-31T23:00:00+00:00"))
+    assert (before.source, before.price.input) == ("genai-prices 0.2.5", Decimal(3))
+
+
+def test_an_override_prices_a_model_the_book_does_not_know(tmp_path):
+    prices = prices_with(tmp_path, "vllm,llama-3.3-*,2025-01-01,0.20,0.20,,")
+    priced = prices.price("vllm", "llama-3.3-70b-instruct", None, NOW)
+    assert (priced.model, priced.source) == ("llama-3.3-70b-instruct", "override")  # a glob prices the id sent
+    assert prices.price("vllm", "mistral-7b", None, NOW) is None
+
+
+def test_service_tiers_and_batch_come_from_the_book(tmp_path):
+    prices = prices_with(tmp_path)
+    rates = {tier: prices.price("openai", "gpt-5", "openai", NOW, tier).price for tier in (None, "flex", "priority",
+                                                                                           "batch", "default")}
+    assert (rates[None].input, rates[None].output) == (Decimal("1.25"), Decimal(10))
+    assert (rates["flex"].input, rates["flex"].output) == (Decimal("0.625"), Decimal(5))
+    assert (rates["priority"].input, rates["priority"].output) == (Decimal("2.5"), Decimal(20))
+    assert (rates["batch"].input, rates["batch"].output) == (Decimal("0.625"), Decimal(5))
+    assert rates["default"] == rates[None]

@@ -80,9 +80,9 @@ class OpenAIStreamTap(StreamTap):
             content = dig(choice, "delta", "content") or dig(choice, "text")
             if isinstance(content, str):
                 self.text_chars += len(content)
-        if "model" in payload or "service_tier" in payload:
-            self.usage.merge(Usage(service_tier=str_or_none(payload.get("service_tier")),
-                                   response_model=str_or_none(payload.get("model"))))
+        if self.usage.response_model is None:  # every chunk repeats them: read them once
+            self.usage.response_model = str_or_none(payload.get("model"))
+            self.usage.service_tier = str_or_none(payload.get("service_tier"))
         usage = payload.get("usage")
         if usage:
             self.usage.merge(usage_from_openai(usage))

@@ -6,7 +6,9 @@ Starts the simulated provider and `tollway serve` (the gateway pinned to core 0,
 this load generator to core 1), then prints, in the same run: added p50/p99 at concurrency 1;
 requests/s and p50/p99 at concurrency 16 and 64 (non-streaming); the gateway's CPU time per
 request; streaming time-to-first-byte and streams/s at concurrency 16 (20 chunks); RSS after
-warm-up; and the event writer's sustained rows/s. Every loop is bounded in count and time.
+warm-up; the event writer's sustained rows/s; and, in process, what metering a request costs (the
+price lookup through the overrides and the price book, and the exact cost). Every loop is bounded
+in count and time.
 """
 
 from __future__ import annotations
@@ -94,6 +96,40 @@ def bench_event_writer(rows: int = 200_000) -> float:
     return rows / elapsed
 
 
+def bench_price_lookup(requests: int = 20_000) -> dict:
+    """µs per request for metering: resolving the model to a price (overrides, then the book, cached per
+    model) and the exact cost, as the gateway does twice per request (admission and settlement)."""
+    import statistics
+    from datetime import UTC, datetime
+
+    from proxy.metering import load_prices
+    from proxy.providers.base import Usage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "pricing.csv").write_text("provider,model,effective_from,input_usd_per_mtok,output_usd_per_mtok,"
+                                               "cached_input_usd_per_mtok,cache_write_usd_per_mtok\n"
+                                               "openai,my-house-model-*,2025-01-01,1,2,,\n")
+        prices, _ = load_prices(Path(tmp) / "pricing.csv")
+    models = [("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4-5-20250929"), ("google", "gemini-2.5-pro"),
+              ("openai", "my-house-model-7")]
+    usage = Usage(input_tokens=1200, output_tokens=300, cached_input_tokens=800, service_tier="default")
+    started = time.perf_counter()
+    for provider, model in models:  # the first request of each model resolves it through the book
+        prices.cost(provider, model, provider, datetime.now(UTC), usage)
+    first_ms = (time.perf_counter() - started) * 1000 / len(models)
+    samples = []
+    for i in range(requests):
+        provider, model = models[i % len(models)]
+        at = datetime.now(UTC)
+        begin = time.perf_counter()
+        prices.price(provider, model, provider, at, None)
+        prices.cost(provider, model, provider, at, usage)
+        samples.append((time.perf_counter() - begin) * 1e6)
+    samples.sort()
+    return {"first_lookup_ms": round(first_ms, 2), "p50_us": round(statistics.median(samples), 1),
+            "p99_us": round(samples[int(len(samples) * 0.99)], 1)}
+
+
 async def scenario(port: int, path: str, body: bytes, headers: dict, concurrency: int, requests: int,
                    seconds: float):
     request = build_request("127.0.0.1", port, path, body, headers)
@@ -125,6 +161,7 @@ def main() -> int:
                 proc.terminate()
                 proc.wait(timeout=30)
     report["event_writer_rows_per_s"] = round(bench_event_writer(int(200_000 * scale)))
+    report["price_lookup"] = bench_price_lookup(int(20_000 * scale))
     print_report(report)
     return 0
 
@@ -175,6 +212,9 @@ def print_report(report: dict) -> None:
               f"(added {streaming['tollway']['ttfb_p50_ms'] - streaming['direct']['ttfb_p50_ms']:.3f} ms)")
     print(f"Tollway RSS after warm-up: {report['tollway_rss_mib']} MiB")
     print(f"event writer: {report['event_writer_rows_per_s']:,} events/s into DuckDB")
+    lookup = report["price_lookup"]
+    print(f"metering a request (price lookup at admission and settlement + exact cost): {lookup['p50_us']} µs p50, "
+          f"{lookup['p99_us']} µs p99; a model's first lookup through the price book: {lookup['first_lookup_ms']} ms")
 
 
 if __name__ == "__main__":
