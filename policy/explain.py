@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from policy.files import LimitRule, RouteRule
 from policy.loader import PolicySet
 from proxy.control import ProviderKey
+from proxy.metering import Priced
+from proxy.pricebook import book_provider
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,12 @@ class Explanation:
     route: RouteRule | None
     keys: list[KeyChoice]
     limits: list[LimitRule]
+    price: Priced | None = None  # the price in force now; None: unpriced
+
+    @property
+    def unpriced_refused(self) -> bool:
+        """An unpriced model under a usd limit is refused (with the default `[metering] unpriced`)."""
+        return self.price is None and any(lim.metric == "usd" for lim in self.limits)
 
     @property
     def key_used(self) -> KeyChoice | None:
@@ -46,6 +55,9 @@ class Explanation:
             "key": used.key_id if used else None, "billing_mode": used.billing_mode if used else None,
             "limits": [{"line": f"policy/limits.csv:{lim.line}", "tenant": lim.tenant, "subject": lim.subject,
                         "metric": lim.metric, "window": lim.window, "limit": str(lim.limit)} for lim in self.limits],
+            "price": None if self.price is None else {
+                "priced_model": self.price.model, "source": self.price.source,
+                "input_usd_per_mtok": str(self.price.price.input), "output_usd_per_mtok": str(self.price.price.output)},
         }
 
 
@@ -61,8 +73,10 @@ def explain(policies: PolicySet, keys: Mapping[str, ProviderKey] | None, tenant:
     provider = model.split("/", 1)[0]
     choices = [_key_choice(k, keys, tenant, provider) for k in decision.route.key_ids] if decision.route else []
     limits = [rule for rule, _ in policy.limits_for(tenant, user, subjects)]
+    name = model.split("/", 1)[1] if "/" in model else model
+    price = policies.prices.price(provider, name, book_provider(provider, provider), datetime.now(UTC))
     return Explanation(tenant, user, roles, model, decision.allowed,
-                       decided.line if decided else None, matching, decision.route, choices, limits)
+                       decided.line if decided else None, matching, decision.route, choices, limits, price)
 
 
 def _key_choice(key_id: str, keys: Mapping[str, ProviderKey] | None, tenant: str, provider: str) -> KeyChoice:
@@ -95,4 +109,10 @@ def render(x: Explanation) -> str:
     lines.append("  limits:" if x.limits else "  limits: none")
     for lim in x.limits:
         lines.append(f"    policy/limits.csv:{lim.line}: {lim.tenant}, {lim.subject}: {lim.limit} {lim.metric} per {lim.window}")
+    if x.price is not None:
+        lines.append(f"  price: {x.price.model} ({x.price.source}): ${x.price.price.input} in / "
+                     f"${x.price.price.output} out per million tokens")
+    else:
+        lines.append("  price: none (" + ("refused under the usd limit above: price it in pricing.csv" if
+                                          x.unpriced_refused else "served and recorded with no cost") + ")")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from policy.files import glob_regex, load_policy_files
 from proxy.metering import HEADER, OVERRIDE, Price, Prices, load_prices
+from proxy.overrides import Row
 from proxy.pricebook import SOURCE, book_provider
 from proxy.settings import Settings, load_settings, resolve_data_dir
 
@@ -47,13 +48,17 @@ def target(settings: Settings, name: str, strict: bool = True) -> Target:
     if not provider or not model:
         raise CommandError(f"{name!r}: name the model provider/model, e.g. openai/gpt-4o-mini")
     route = settings.providers.get(provider)
-    if route is None:
-        if strict:
-            raise CommandError(f"unknown provider {provider!r}; configured: {', '.join(sorted(settings.providers))} "
-                               "(declare others in tollway.toml [providers.NAME])")
-        return Target(provider, model, model, book_provider(provider, ""))
-    return Target(provider, model, route.deployments.get(model, model),
-                  book_provider(provider, route.style, route.price_provider))
+    if route is None and strict:
+        raise CommandError(f"unknown provider {provider!r}; configured: {', '.join(sorted(settings.providers))} "
+                           "(declare others in tollway.toml [providers.NAME])")
+    deployed = route.deployments.get(model, model) if route is not None else model
+    return Target(provider, model, deployed, _book_provider(settings, provider))
+
+
+def _book_provider(settings: Settings, provider: str) -> str | None:
+    """The book's id for a route (a provider no longer configured: its own name, where the book has it)."""
+    route = settings.providers.get(provider)
+    return book_provider(provider, route.style, route.price_provider) if route else book_provider(provider, "")
 
 
 # --- show ---------------------------------------------------------------------------------------
@@ -71,8 +76,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     resolution = prices.resolve(wanted.provider, wanted.priced_name, wanted.book_provider)
     priced = resolution.at(when) if resolution is not None else None
     written, lines = _override(prices, wanted)
-    document = {"model": args.model, "deployment_model": _deployment_of(wanted), "book_provider": wanted.book_provider,
-                "at": when.date().isoformat(), "priced_as": None, "source": None,
+    document = {"model": args.model, "deployment_model": _deployment_of(wanted),
+                "book_provider": wanted.book_provider, "at": when.date().isoformat(), "priced_as": None, "source": None,
                 "override": f"{wanted.provider}/{written}" if lines else None, "override_lines": lines,
                 "price": None, "variants": {}, "shadowed_book_price": None}
     if priced is None:
@@ -116,7 +121,8 @@ def _override(prices: Prices, wanted: Target) -> tuple[str, list[int]]:
         found = prices.overrides.find(wanted.provider, info.id)
     if found is None:
         return wanted.priced_name, []
-    return found[0], [r.line for r in prices.overrides.rows if r.provider == wanted.provider and r.model == found[0]]
+    rows = prices.overrides.rows
+    return found[0], [r.line for r in rows if r.provider == wanted.provider and r.model == found[0]]
 
 
 def _book_price(prices: Prices, wanted: Target, when: datetime) -> tuple[str, Price] | None:
@@ -259,27 +265,38 @@ def shadowing_overrides(settings: Settings, prices: Prices, now: datetime) -> li
     """Each pricing.csv row naming a model the book prices: (its JSON, its line of text)."""
     out = []
     for row in prices.overrides.rows:
-        bp = target(settings, f"{row.provider}/{row.model}", strict=False).book_provider
-        if bp is None:
-            continue
-        ids = ([m for m in prices.book.model_ids(bp) if glob_regex(row.model).match(m)] if _is_glob(row.model)
-               else [info.id] if (info := prices.book.find(bp, row.model)) is not None else [])
-        book = [(m, p) for m in ids if (p := prices.book.price_at(prices.book.find(bp, m), now, row.tier or None))]
-        if not book:
-            continue
-        where = f"pricing.csv:{row.line} {row.provider}/{row.model}" + (f" (service_tier {row.tier})" if row.tier else "") \
-            + (f" (prompts above {row.above})" if row.above else "")
-        document = {"line": row.line, "model": f"{row.provider}/{row.model}", "service_tier": row.tier or None,
-                    "prompt_tokens_above": row.above or None, "book_source": SOURCE,
-                    "book": [{"model": m, "price": price_json(p)} for m, p in book]}
-        if len(book) == 1:
-            model, price = book[0]
-            named = "" if model == row.model else f" as {model}"
-            text = f"{where} overrides {SOURCE} (book{named}: {_usd(price.input)} in / {_usd(price.output)} out per Mtok)"
-        else:
-            text = f"{where} overrides {SOURCE} for {len(book)} book models: {', '.join(m for m, _ in book)}"
-        out.append((document, text))
+        book = _book_prices(prices, _book_provider(settings, row.provider), row, now)
+        if book:
+            out.append(_shadowing(row, book))
     return out
+
+
+def _book_prices(prices: Prices, provider: str | None, row: Row, now: datetime) -> list[tuple[str, Price]]:
+    """(book model id, its price at the row's service tier) for each model a pricing.csv row names."""
+    if provider is None:
+        return []
+    if _is_glob(row.model):
+        pattern = glob_regex(row.model)
+        infos = [prices.book.find(provider, m) for m in prices.book.model_ids(provider) if pattern.match(m)]
+    else:
+        infos = [prices.book.find(provider, row.model)]
+    found = [(info.id, prices.book.price_at(info, now, row.tier or None)) for info in infos if info is not None]
+    return [(model, price) for model, price in found if price is not None]
+
+
+def _shadowing(row: Row, book: list[tuple[str, Price]]) -> tuple[dict, str]:
+    name = f"{row.provider}/{row.model}"
+    where = (f"pricing.csv:{row.line} {name}" + (f" (service_tier {row.tier})" if row.tier else "")
+             + (f" (prompts above {row.above})" if row.above else ""))
+    document = {"line": row.line, "model": name, "service_tier": row.tier or None,
+                "prompt_tokens_above": row.above or None, "book_source": SOURCE,
+                "book": [{"model": m, "price": price_json(p)} for m, p in book]}
+    if len(book) > 1:
+        return document, f"{where} overrides {SOURCE} for {len(book)} book models: {', '.join(m for m, _ in book)}"
+    model, price = book[0]
+    named = "" if model == row.model else f" as {model}"
+    return document, (f"{where} overrides {SOURCE} "
+                      f"(book{named}: {_usd(price.input)} in / {_usd(price.output)} out per Mtok)")
 
 
 def _check_text(days: int, unpriced: list[dict], shadowing: list[str], problems) -> list[str]:
@@ -291,7 +308,8 @@ def _check_text(days: int, unpriced: list[dict], shadowing: list[str], problems)
     else:
         text.append(f"every model used in the last {days} day(s) or named in the policy has a price")
     if shadowing:
-        text.append("overrides of models the price book prices (informational: drop a row to bill at the book's price):")
+        text.append("overrides of models the price book prices "
+                    "(informational: drop a row to bill at the book's price):")
         text += [f"  {line}" for line in shadowing]
     return text
 
@@ -302,12 +320,14 @@ def price_json(price: Price) -> dict:
     document = {field: _text(getattr(price, field)) for field, _, _ in RATES}
     document["effective_from"] = price.effective_from.isoformat() if price.effective_from != date.min else None
     document["max_output_tokens"] = price.max_output_tokens
-    document["long_context"] = [{"prompt_tokens_above": above, **price_json(tier)} for above, tier in price.long_context]
+    document["long_context"] = [{"prompt_tokens_above": above, **price_json(tier)}
+                                for above, tier in price.long_context]
     return document
 
 
 def _rates(price: Price) -> list[tuple[str, Decimal, str]]:
-    return [(label, getattr(price, field), unit) for field, label, unit in RATES if getattr(price, field) is not None]
+    return [(label, getattr(price, field), unit) for field, label, unit in RATES
+            if getattr(price, field) is not None]
 
 
 def _rates_line(price: Price) -> str:

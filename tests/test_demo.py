@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO, free_port, run_cli
 
 
 class Demo:
@@ -127,8 +127,14 @@ def test_demo_prepares_history_refusals_reports_and_the_dashboard(demo_dir):
             "SELECT count(DISTINCT CAST(ts AS DATE)), count(*) FILTER (demo), count(*) FILTER (NOT demo) "
             "FROM events").fetchone()
         outcomes = {row[0] for row in con.execute("SELECT DISTINCT outcome FROM events WHERE NOT demo").fetchall()}
+        unpriced, sources = con.execute(
+            "SELECT count(*) FILTER (cost_usd IS NULL AND usage_source <> 'none'), "
+            "list(DISTINCT price_source) FILTER (usage_source <> 'none') FROM events").fetchone()
     finally:
         con.close()
+    assert unpriced == 0 and sources == ["genai-prices 0.2.5"], "every demo model is priced by the price book"
+    check = run_cli(demo_dir, "pricing", "check")
+    assert check.returncode == 0, check.stdout + check.stderr
     assert days >= 5 and demo_rows > 500, "history over the requested days, marked demo"
     assert live >= 8 and {"ok", "denied", "rate_limited"} <= outcomes, "live traffic went through the gateway"
     assert "globex,tenant,usd,month," in (demo_dir / "policy" / "limits.csv").read_text()

@@ -31,13 +31,13 @@ from policy.loader import PolicyInvalid, check_policy_set, load_policy_set
 from proxy.cli import main as cli_main
 from proxy.metering import HEADER as PRICING_HEADER
 from proxy.metering import Price, cost_of
-from tests.pricing_helpers import OverrideBook, load_pricebook
 from proxy.providers.anthropic import AnthropicAdapter
 from proxy.providers.base import CallInfo, Usage
 from proxy.providers.gemini import GeminiAdapter
 from proxy.providers.openai import OpenAIAdapter
 from proxy.sse import SseParser
 from tests.helpers import GatewayProcess
+from tests.pricing_helpers import OverrideBook, load_pricebook
 
 # The suite runs the same examples every time (a red CI is then a real, reproducible regression);
 # `HYPOTHESIS_PROFILE=explore python3 -m pytest tests/test_fuzz.py` searches new ones.

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from policy.files import Problem
 from proxy.metering import HEADER, Price, cost_of
-from tests.pricing_helpers import OverrideBook, load_pricebook
 from proxy.providers.base import Usage
+from tests.pricing_helpers import OverrideBook, load_pricebook
 
 HEADER_LINE = ",".join(HEADER)
 

@@ -87,7 +87,8 @@ house,house-llm-*,2025-01-01,0.50,1.00,0.05,,,,,,,flex,
 anthropic,claude-house-*,2025-01-01,2.00,10.00,0.20,2.50,4.00,,,5,,,
 gemini,gemini-house-*,2025-01-01,0.20,0.60,0.02,,,0.70,,,,,
 """
-PRICING_OLD_FORMAT = """provider,model,effective_from,input_usd_per_mtok,output_usd_per_mtok,cached_input_usd_per_mtok,cache_write_usd_per_mtok
+PRICING_OLD_FORMAT = ("provider,model,effective_from,input_usd_per_mtok,output_usd_per_mtok,"
+                      "cached_input_usd_per_mtok,cache_write_usd_per_mtok") + """
 openai,gpt-4o-mini,2025-01-01,0.10,0.40,0.05,
 openai,ft:gpt-4o-mini-2024-07-18:*,2025-01-01,0.2,0.8,,
 """
@@ -365,15 +366,15 @@ def sdk_refusals(gw: GatewayProcess) -> dict[str, Exception | None]:
     """The official SDKs asking for an unpriced model under a usd limit: each must raise its 403."""
     token, found = gw.deployment.tokens["alice"], {}
     messages = [{"role": "user", "content": "hi"}]
+    gemini = genai.Client(api_key=token, http_options=genai_types.HttpOptions(  # held: it closes when collected
+        base_url=gw.url + "/gemini", api_version="v1beta", headers={TAG: "sdk-gemini"}))
     attempts = {
         "openai": lambda: openai.OpenAI(base_url=gw.url + "/openai/v1", api_key=token, max_retries=0)
         .chat.completions.create(model="gpt-unknown-9", messages=messages, extra_headers={TAG: "sdk-openai"}),
         "anthropic": lambda: anthropic.Anthropic(base_url=gw.url + "/anthropic", api_key=token, max_retries=0)
         .messages.create(model="claude-unknown-9", max_tokens=64, messages=messages,
                          extra_headers={TAG: "sdk-anthropic"}),
-        "gemini": lambda: genai.Client(api_key=token, http_options=genai_types.HttpOptions(
-            base_url=gw.url + "/gemini", api_version="v1beta", headers={TAG: "sdk-gemini"}))
-        .models.generate_content(model="gemini-unknown-9", contents="hi"),
+        "gemini": lambda: gemini.models.generate_content(model="gemini-unknown-9", contents="hi"),
     }
     for name, attempt in attempts.items():
         try:
@@ -417,7 +418,8 @@ def check_served(run: Run, case: Case, stream: bool) -> None:
         want["cost_header"] = None if expected_cost is None else str(expected_cost)
     assert got == want
     if not stream and expected_cost is not None:
-        assert re.fullmatch(r"\d+\.\d{9}", response.headers[COST]) and response.headers[COST] == str(event["cost_usd"])
+        header = response.headers[COST]
+        assert re.fullmatch(r"\d+\.\d{9}", header) and header == str(event["cost_usd"])
     assert tag_of(case.id, stream) in run.reached
 
 
@@ -465,7 +467,7 @@ def test_unpriced_under_a_usd_limit_is_refused_before_the_provider(refusing, cas
     provider = "openai" if api in ("chat", "responses") else {"messages": "anthropic"}.get(api, api)
     assert (event["outcome"], event["status_code"], event["model"], event["streamed"]) == (
         "denied", 403, f"{provider}/{model}", stream)
-    assert (event["cost_usd"], event["priced_model"], event["input_tokens"], event["key_id"]) == (None, None, None, None)
+    assert (event["cost_usd"], event["priced_model"], event["input_tokens"], event["key_id"]) == (None,) * 4
 
 
 def test_the_official_sdks_see_the_refusal_in_their_own_error_types(refusing):

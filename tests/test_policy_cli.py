@@ -85,6 +85,7 @@ def test_explain_deny_overrides_allow_with_every_matching_rule_human(deploy):
         "    policy/limits.csv:3: acme, *: 60 requests per minute",
         "    policy/limits.csv:5: acme, dana@acme.com: 10 requests per hour",
         "    policy/limits.csv:7: *, *: 200000 tokens per minute",
+        "  price: claude-opus-4-1 (genai-prices 0.2.5): $15 in / $75 out per million tokens",
     ]
 
 
@@ -115,6 +116,8 @@ def test_explain_json_has_decision_rules_route_key_billing_and_limits(deploy):
             {"line": "policy/limits.csv:7", "tenant": "*", "subject": "*", "metric": "tokens",
              "window": "minute", "limit": "200000"},
         ],
+        "price": {"priced_model": "claude-opus-4-1", "source": "genai-prices 0.2.5", "input_usd_per_mtok": "15",
+                  "output_usd_per_mtok": "75"},
     }
 
 
@@ -156,7 +159,10 @@ def test_explain_default_deny_and_unified_billing(deploy):
         "  limits:",
         "    policy/limits.csv:6: globex, tenant: 100 usd per month",
         "    policy/limits.csv:7: *, *: 200000 tokens per minute",
+        "  price: claude-haiku-4-5 (genai-prices 0.2.5): $1 in / $5 out per million tokens",
     ]
+    unpriced = explain(deploy, "globex", "carol@globex.com", "openai/gpt-unreleased-9")
+    assert unpriced[-1] == "  price: none (refused under the usd limit above: price it in pricing.csv)"
     doc = explain(deploy, "globex", "carol@globex.com", "openai/gpt-4o", as_json=True)
     assert (doc["decision"], doc["deciding_rule"], doc["key"], doc["billing_mode"]) == (
         "allow", "policy/access.csv:6", "operator-openai", "unified")
