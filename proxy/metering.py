@@ -10,7 +10,7 @@ per (provider, model), so the request path pays a dict lookup and the arithmetic
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from functools import cache
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 from policy.files import Problem
 from proxy.overrides import HEADER, ModelPrices, Overrides, load_overrides
 from proxy.price import Price, cost_of
-from proxy.pricebook import SOURCE, Book
+from proxy.pricebook import SOURCE, Book, has_time_of_day
 from proxy.providers.base import Usage
 
 __all__ = ["HEADER", "Book", "Price", "Prices", "Priced", "Resolution", "cost_of", "load_prices"]
@@ -36,17 +36,27 @@ class Priced:
 
 class Resolution:
     """One model's prices: an override (falling back to the book where no override row is in force
-    yet) or the book's."""
+    yet) or the book's. Prices are kept per (UTC day, tier): the request path pays a dict lookup."""
 
-    __slots__ = ("model", "source", "_override", "_book", "_info", "_fallback")
+    __slots__ = ("model", "source", "_override", "_book", "_info", "_fallback", "_days", "_timed")
 
     def __init__(self, model: str, source: str, book: Book, info=None, override: ModelPrices | None = None,
                  fallback: Resolution | None = None) -> None:
         self.model, self.source = model, source
         self._book, self._info, self._override, self._fallback = book, info, override, fallback
+        self._days: dict[tuple, Priced | None] = {}
+        self._timed = info is not None and has_time_of_day(info)  # off-peak prices: by the minute, not the day
 
     def at(self, when: datetime, tier: str | None = None) -> Priced | None:
         """The price in force at `when` for a service tier, or None."""
+        key = (when.astimezone(UTC).date(), tier)
+        if self._timed or key not in self._days:
+            if len(self._days) > 1000:
+                self._days.clear()
+            self._days[key] = self._lookup(when, tier)
+        return self._days[key]
+
+    def _lookup(self, when: datetime, tier: str | None) -> Priced | None:
         if self._override is not None:
             price = self._override.price_at(when, tier)
             if price is not None:
@@ -74,13 +84,25 @@ class Prices:
     def _resolve(self, provider: str, model: str, book_provider: str | None) -> Resolution | None:
         info = self.book.find(book_provider, model) if book_provider else None
         in_book = Resolution(info.id, SOURCE, self.book, info) if info is not None else None
-        override = self.overrides.find(provider, model)
-        name = model
-        if override is None and info is not None and info.id != model:  # a snapshot or alias of an overridden id
-            override, name = self.overrides.find(provider, info.id), info.id
+        override = self.find_override(provider, model, book_provider)
         if override is not None:
-            return Resolution(name, OVERRIDE, self.book, override=override[1], fallback=in_book)
+            name, _, versions = override
+            return Resolution(name, OVERRIDE, self.book, override=versions, fallback=in_book)
         return in_book
+
+    def find_override(self, provider: str, model: str, book_provider: str | None
+                      ) -> tuple[str, str, ModelPrices] | None:
+        """The override rows for a model, by its own id (exactly, else by glob), else by the book's id for
+        it (a snapshot or alias of an overridden id): (the id priced, the model or glob as written, rows)."""
+        found = self.overrides.find(provider, model)
+        if found is not None:
+            return model, *found
+        info = self.book.find(book_provider, model) if book_provider else None
+        if info is not None and info.id != model:
+            found = self.overrides.find(provider, info.id)
+            if found is not None:
+                return info.id, *found
+        return None
 
     def price(self, provider: str, model: str, book_provider: str | None, at: datetime, tier: str | None = None,
               response_model: str | None = None) -> Priced | None:

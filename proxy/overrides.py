@@ -86,8 +86,8 @@ class Overrides:
         grouped: dict[tuple[str, str], list[Row]] = {}
         for row in rows:
             grouped.setdefault((row.provider, row.model), []).append(row)
-        self._exact = {k: ModelPrices(v) for k, v in grouped.items() if not _is_glob(k[1])}
-        self._globs = [(k[0], glob_regex(k[1]), k[1], ModelPrices(v)) for k, v in grouped.items() if _is_glob(k[1])]
+        self._exact = {k: ModelPrices(v) for k, v in grouped.items() if not is_glob(k[1])}
+        self._globs = [(k[0], glob_regex(k[1]), k[1], ModelPrices(v)) for k, v in grouped.items() if is_glob(k[1])]
         self.rows = rows
 
     def find(self, provider: str, model: str) -> tuple[str, ModelPrices] | None:
@@ -105,7 +105,7 @@ class Overrides:
         return sorted({f"{r.provider}/{r.model}" for r in self.rows})
 
 
-def _is_glob(model: str) -> bool:
+def is_glob(model: str) -> bool:
     return "*" in model or "?" in model
 
 

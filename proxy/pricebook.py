@@ -61,7 +61,7 @@ class Book:
 
     def price_at(self, info: ModelInfo, at: datetime, tier: str | None) -> Price | None:
         """The model's price in force at `at`, for a service tier (`batch`: batch processing)."""
-        timed = _has_time_of_day(info)
+        timed = has_time_of_day(info)
         key = (info.id, at if timed else at.astimezone(UTC).date(), tier)
         if key not in self._prices:
             context = {"processing": "batch"} if tier == "batch" else {"service_tier": tier} if tier else None
@@ -107,6 +107,6 @@ def _at_tier(value: Any, above: int) -> Decimal | None:
     return chosen
 
 
-def _has_time_of_day(info: ModelInfo) -> bool:
+def has_time_of_day(info: ModelInfo) -> bool:
     prices = info.prices if isinstance(info.prices, list) else []
     return any(isinstance(p.constraint, TimeOfDateConstraint) for p in prices)

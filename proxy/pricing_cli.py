@@ -17,7 +17,7 @@ from pathlib import Path
 
 from policy.files import glob_regex, load_policy_files
 from proxy.metering import HEADER, OVERRIDE, Price, Prices, load_prices
-from proxy.overrides import Row
+from proxy.overrides import Row, is_glob
 from proxy.pricebook import SOURCE, book_provider
 from proxy.settings import Settings, load_settings, resolve_data_dir
 
@@ -113,16 +113,13 @@ def _deployment_of(wanted: Target) -> str | None:
 
 
 def _override(prices: Prices, wanted: Target) -> tuple[str, list[int]]:
-    """The override that names this model, as the gateway finds it (its name, exactly or by glob, else
-    the book's id for it): (the model or glob as pricing.csv writes it, its lines); lines empty if none."""
-    found = prices.overrides.find(wanted.provider, wanted.priced_name)
-    info = prices.book.find(wanted.book_provider, wanted.priced_name) if wanted.book_provider else None
-    if found is None and info is not None and info.id != wanted.priced_name:
-        found = prices.overrides.find(wanted.provider, info.id)
+    """The override that names this model, as the gateway finds it: (the model or glob as pricing.csv
+    writes it, its lines); lines empty if none."""
+    found = prices.find_override(wanted.provider, wanted.priced_name, wanted.book_provider)
     if found is None:
         return wanted.priced_name, []
-    rows = prices.overrides.rows
-    return found[0], [r.line for r in rows if r.provider == wanted.provider and r.model == found[0]]
+    written = found[1]
+    return written, [r.line for r in prices.overrides.rows if r.provider == wanted.provider and r.model == written]
 
 
 def _book_price(prices: Prices, wanted: Target, when: datetime) -> tuple[str, Price] | None:
@@ -192,7 +189,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     files = load_policy_files(data_dir)
     for where, rules in (("policy/access.csv", files.access), ("policy/routes.csv", files.routes)):
         for rule in rules:
-            if "/" in rule.model_glob and not _is_glob(rule.model_glob):
+            if "/" in rule.model_glob and not is_glob(rule.model_glob):
                 entry = seen.setdefault(rule.model_glob, {"model": rule.model_glob, "requests": 0, "seen_in": []})
                 entry["seen_in"].append(f"{where}:{rule.line}")
     unpriced = [entry for model, entry in sorted(seen.items()) if not _has_price(settings, prices, model, now)]
@@ -275,7 +272,7 @@ def _book_prices(prices: Prices, provider: str | None, row: Row, now: datetime) 
     """(book model id, its price at the row's service tier) for each model a pricing.csv row names."""
     if provider is None:
         return []
-    if _is_glob(row.model):
+    if is_glob(row.model):
         pattern = glob_regex(row.model)
         infos = [prices.book.find(provider, m) for m in prices.book.model_ids(provider) if pattern.match(m)]
     else:
@@ -351,10 +348,6 @@ def _text(value: Decimal | None) -> str | None:
 
 def _join(lines: list[int]) -> str:
     return ", ".join(map(str, lines))
-
-
-def _is_glob(model: str) -> bool:
-    return "*" in model or "?" in model
 
 
 def register(commands, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:

@@ -54,19 +54,20 @@ class Usage:
 
     def assign(self, other: Usage) -> None:
         """Become `other`, in place (holders of this object see the new figures)."""
-        for f in fields(self):
-            setattr(self, f.name, getattr(other, f.name))
+        for name in FIELDS:
+            setattr(self, name, getattr(other, name))
 
     def merge(self, other: Usage) -> None:
         """Take every figure `other` knows (later stream events refine earlier ones)."""
-        for f in fields(self):
-            value = getattr(other, f.name)
+        for name in FIELDS:
+            value = getattr(other, name)
             if value is not None:
-                setattr(self, f.name, value)
+                setattr(self, name, value)
 
 
+FIELDS = tuple(f.name for f in fields(Usage))
 #: The counted fields of `Usage` (the rest describe how it was served).
-COUNTS = tuple(f.name for f in fields(Usage) if f.name not in ("service_tier", "response_model"))
+COUNTS = tuple(name for name in FIELDS if name not in ("service_tier", "response_model"))
 
 
 @dataclass(frozen=True, slots=True)
