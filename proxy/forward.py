@@ -160,9 +160,11 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
 
     url = upstream_url(route.base_url, path, [(k, v) for k, v in query if k not in CREDENTIAL_QUERY_PARAMS])
     metering = gw.settings.metering
-    _watch_for_disconnect(call, receive, metering.drain_timeout_s if metering.on_client_disconnect == "drain" else None)
+    drain_s = metering.drain_timeout_s if metering.on_client_disconnect == "drain" else None
+    _watch_for_disconnect(call, receive, drain_s)
     body = info.body if info.body is not None else raw
-    await _forward_with_failover(gw, route, call, keys, scope["method"], url, headers, body, _unless_draining(call, send))
+    await _forward_with_failover(gw, route, call, keys, scope["method"], url, headers, body,
+                                 send if drain_s is None else _unless_draining(call, send))
     if call.draining:  # the provider's response was read to its end for its usage; the client had left
         event.outcome, event.status_code = "cancelled", _CLIENT_GONE_STATUS
 

@@ -526,3 +526,21 @@ def test_serve_refuses_a_broken_tollway_toml(cli):
     result = cli("serve")
     assert result.returncode == 1
     assert "tollway.toml" in result.stderr
+
+
+@pytest.mark.parametrize("section, words", [
+    ('[metering]\nunpriced = "ignore"\n', "unpriced must be one of refuse, allow"),
+    ('[metering]\non_client_disconnect = "wait"\n', "on_client_disconnect must be one of close, drain"),
+    ('[metering]\nmax_output_tokens = "lots"\n', "max_output_tokens must be a whole number"),
+    ('[metering]\nunpriced_models = "allow"\n', "unknown key(s) ['unpriced_models']"),
+    ('[providers.azure]\nbase_url = "http://127.0.0.1:9"\nstyle = "azure"\ndeployments = "prod-4o"\n',
+     "deployments must be a table"),
+    ('[providers.azure]\nbase_url = "http://127.0.0.1:9"\nstyle = "azure"\n[providers.azure.deployments]\nprod = 4\n',
+     "each deployment names a model"),
+])
+def test_serve_refuses_bad_metering_settings_naming_the_key(cli, section, words):
+    toml = cli.data_dir / "tollway.toml"
+    toml.write_text(toml.read_text() + "\n" + section)
+    result = cli("serve")
+    assert result.returncode == 1 and words in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -30,6 +30,7 @@ from proxy.limits import (
     window_end,
     window_start,
 )
+from proxy.pricebook import book_provider
 from proxy.providers.registry import adapter_for
 from proxy.recorder import EventRecorder, open_events_db
 
@@ -391,15 +392,16 @@ def test_star_tenant_limits_apply_to_every_tenant_each_on_its_own_counters(polic
 
 
 # --- the worst-case estimate ----------------------------------------------------------------------
-PRICED_AT = datetime(2025, 12, 1, tzinfo=UTC)  # every model used below has a price in force
+PRICED_AT = datetime(2026, 11, 2, tzinfo=UTC)  # every model and tier used below has a price in force
 
 
 def _estimate(policies: PolicySet, style: str, path: str, body: dict, default_max_output: int = 4096,
-              provider: str | None = None) -> Amounts:
+              max_output: int = 131_072) -> Amounts:
     adapter = adapter_for(style)
-    limiter = Limiter(MemoryLimitStore(), default_max_output, lambda alert: None, lambda refusal: None)
+    limiter = Limiter(MemoryLimitStore(), default_max_output, lambda alert: None, lambda refusal: None, max_output)
     info = adapter.inspect("POST", path, body, b"")
-    return limiter.estimate(policies, adapter, info, provider or style, body, PRICED_AT)
+    priced = policies.prices.price(style, info.model, book_provider(style, style), PRICED_AT, info.service_tier)
+    return limiter.estimate(priced.price if priced else None, adapter, info, body)
 
 
 def _usd(input_tokens: int, output_tokens: int, in_per_mtok: str, out_per_mtok: str) -> Decimal:
@@ -427,11 +429,25 @@ def test_estimate_reserves_estimated_input_plus_the_clients_output_cap(policies)
     assert gemini == Amounts(1, 40, _usd(20, 20, "0.30", "2.50"))
 
 
-def test_estimate_without_a_client_cap_reserves_the_configured_default(policies):
+def test_estimate_without_a_client_cap_reserves_the_longest_reply_for_money(policies):
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 400}]}
     assert _estimate(policies, "openai", "/v1/chat/completions", body).tokens == 100 + 4096
+    # tokens: the configured default; money: the model's context window (128,000 for gpt-4o-mini)
     small = _estimate(policies, "openai", "/v1/chat/completions", body, default_max_output=16)
-    assert small == Amounts(1, 116, _usd(100, 16, "0.15", "0.60"))
+    assert small == Amounts(1, 116, _usd(100, 128_000, "0.15", "0.60"))
+    # at most [metering] max_output_tokens
+    bounded = _estimate(policies, "openai", "/v1/chat/completions", body, default_max_output=16, max_output=1000)
+    assert bounded == Amounts(1, 116, _usd(100, 1000, "0.15", "0.60"))
+
+
+def test_estimate_uses_the_requested_tier_and_the_long_context_rates(policies):
+    flex = {"model": "gpt-5", "service_tier": "flex", "max_completion_tokens": 100,
+            "messages": [{"role": "user", "content": "x" * 400}]}
+    # 404 characters of text ("flex" counts too): 101 estimated input tokens, at the flex rates
+    assert _estimate(policies, "openai", "/v1/chat/completions", flex).usd == _usd(101, 100, "0.625", "5")
+    long = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "x" * 800_008}]}
+    # 200,002 estimated prompt tokens: every token at the long-context rates (6 in, 22.5 out)
+    assert _estimate(policies, "anthropic", "/v1/messages", long).usd == _usd(200_002, 100, "6", "22.5")
 
 
 def test_estimate_of_an_unpriced_model_reserves_tokens_but_no_money(policies):
