@@ -149,10 +149,10 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
     keys = gw.key_pool(decision.route, identity.tenant, route.name, model)
     limits = gw.limiter.applicable(policies, identity.tenant, identity.user, identity.subjects, event.user_pseudonym)
     priced = None
-    if info.metered:
+    if info.metered and gw.limiter.has_budget(limits):  # only money limits need the price before the call
         priced = policies.prices.price(route.name, pricing_model(route, info.model), route.book_provider, event.ts,
                                        info.service_tier)
-        if priced is None and gw.settings.metering.unpriced == "refuse" and gw.limiter.has_budget(limits):
+        if priced is None and gw.settings.metering.unpriced == "refuse":
             raise refuse_unpriced(model)
     amounts = gw.limiter.estimate(priced.price if priced else None, adapter, info, call.body)
     call.reservation = await gw.limiter.reserve(limits, identity.tenant, event.user_pseudonym, amounts, event.ts)
@@ -274,7 +274,7 @@ async def _relay_body(call: Call, route: ProviderRoute, response, headers: list,
             call.usage, call.estimate_output_chars = route.adapter.read_body(payload)
     meter(call, route)  # now, so that the response can say what it cost
     if call.event.cost_usd is not None:
-        headers.append((COST_HEADER, str(call.event.cost_usd).encode()))
+        headers.append((COST_HEADER, f"{call.event.cost_usd:f}".encode()))  # never 1.2E-8
     headers.append((b"content-length", str(len(body)).encode()))
     call.response_started = True
     await send({"type": "http.response.start", "status": response.status, "headers": headers})

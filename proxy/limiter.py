@@ -54,6 +54,7 @@ class LimitPlan(list):
                 groups.setdefault((lim.scope, lim.rule.window), []).append(lim)
         self.checks = list(tightest.values())
         self.budget_groups = list(groups.items())
+        self.has_budget = bool(groups)  # a usd limit applies
 
 
 def as_plan(limits: list[AppliedLimit]) -> LimitPlan:
@@ -90,7 +91,7 @@ class Limiter:
     @staticmethod
     def has_budget(limits: list[AppliedLimit]) -> bool:
         """Whether a `usd` limit applies (an unpriced request cannot be counted against it)."""
-        return any(lim.rule.metric == "usd" for lim in limits)
+        return as_plan(limits).has_budget
 
     def estimate(self, price: Price | None, adapter: Adapter, info: CallInfo, body: dict | None) -> Amounts:
         """The worst case. Tokens: estimated input plus the output cap (the client's, else the configured

@@ -49,7 +49,7 @@ class Resolution:
 
     def at(self, when: datetime, tier: str | None = None) -> Priced | None:
         """The price in force at `when` for a service tier, or None."""
-        key = (when.astimezone(UTC).date(), tier)
+        key = (when.date() if when.tzinfo is UTC else when.astimezone(UTC).date(), tier)
         if self._timed or key not in self._days:
             if len(self._days) > 1000:
                 self._days.clear()

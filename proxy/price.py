@@ -5,12 +5,15 @@ per call, and the long-context tiers that replace it when a prompt is longer tha
 (providers bill every token of such a request at the tier's rates, not just the excess). A blank
 (None) rate falls back to the nearest general one: cached input, cache writes and audio input to
 the input rate, 1-hour cache writes to the cache-write rate, audio output to the output rate.
-Cost is exact decimal arithmetic, rounded half-up to a nano-dollar (the events' DECIMAL(18,9)).
+Cost is exact, rounded half-up to a nano-dollar (the events' DECIMAL(18,9)): in integers of
+1e-15 USD when every rate has at most nine decimal places per million tokens (it is so for every
+published price; that path costs a fraction of Decimal arithmetic on the request path), else in
+Decimal arithmetic at 60 digits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from decimal import ROUND_HALF_UP, Decimal, localcontext
 
@@ -35,6 +38,10 @@ class Price:
     request_fee: Decimal | None = None  # USD per request
     max_output_tokens: int | None = None  # the model's longest reply, reserved for requests with no cap
     long_context: tuple[tuple[int, Price], ...] = ()  # (prompt tokens above which it applies, price), ascending
+    units: tuple[int, ...] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "units", _integer_rates(self))
 
     def for_prompt(self, input_tokens: int) -> Price:
         """The price in force for a prompt of this many tokens (cached and cache writes included).
@@ -57,28 +64,56 @@ def cost_of(price: Price, usage: Usage) -> Decimal:
     >>> cost_of(p, Usage(input_tokens=1000, output_tokens=100, cached_input_tokens=400))
     Decimal('0.003000000')
     """
+    if price.long_context:
+        price = price.for_prompt(usage.input_tokens or 0)
+    if price.units is not None:
+        return _integer_cost(price.units, usage)
     with localcontext(prec=60):  # exact for any token count a request can name (10**27 included)
-        return _cost(price.for_prompt(usage.input_tokens or 0), usage)
+        return _cost(price, usage)
+
+
+def _parts(u: Usage) -> tuple[int, int, int, int, int, int, int]:
+    """(fresh text input, fresh audio input, cached, 5-minute writes, 1-hour writes, text output, audio output)."""
+    cached = u.cached_input_tokens or 0
+    written = u.cache_write_tokens or 0
+    written_1h = min(u.cache_write_1h_tokens or 0, written)
+    fresh = max((u.input_tokens or 0) - cached - written, 0)
+    audio_in = min(u.input_audio_tokens or 0, fresh)
+    output = u.output_tokens or 0
+    audio_out = min(u.output_audio_tokens or 0, output)
+    return fresh - audio_in, audio_in, cached, written - written_1h, written_1h, output - audio_out, audio_out
+
+
+def _integer_cost(units: tuple[int, ...], u: Usage) -> Decimal:
+    """Σ tokens × rate in 1e-15 USD, rounded half-up to 1e-9 USD (written out: this is the request path)."""
+    text_in, audio_in, cached, written_5m, written_1h, text_out, audio_out = _parts(u)
+    total = (text_in * units[0] + audio_in * units[1] + cached * units[2] + written_5m * units[3]
+             + written_1h * units[4] + text_out * units[5] + audio_out * units[6]
+             + (u.web_search_calls or 0) * units[7] + units[8])
+    nanos = (total + 500_000) // 1_000_000
+    # a product keeps all its digits below the context's 28; beyond, the exact text form
+    return Decimal(nanos) * NANO if nanos < 10**27 else Decimal(f"{nanos}E-9")
+
+
+def _rates(p: Price) -> tuple[Decimal, ...]:
+    """The rate of each of `_parts` (blank rates fall back to the general ones)."""
+    write = p.input if p.cache_write is None else p.cache_write
+    return (p.input, p.input if p.input_audio is None else p.input_audio,
+            p.input if p.cached_input is None else p.cached_input, write,
+            write if p.cache_write_1h is None else p.cache_write_1h,
+            p.output, p.output if p.output_audio is None else p.output_audio)
+
+
+def _integer_rates(p: Price) -> tuple[int, ...] | None:
+    """Rates per token in 1e-15 USD, per-search and per-request fees likewise; None unless all are whole."""
+    scaled = [r * 10**9 for r in _rates(p)]
+    scaled += [(p.web_search_per_k or 0) * 10**12, (p.request_fee or 0) * 10**15]
+    if not all(v.is_finite() and v == v.to_integral_value() for v in map(Decimal, scaled)):
+        return None
+    return tuple(int(v) for v in scaled)
 
 
 def _cost(p: Price, u: Usage) -> Decimal:
-    cached = u.cached_input_tokens or 0
-    written = u.cache_write_tokens or 0
-    fresh = max((u.input_tokens or 0) - cached - written, 0)
-    output = u.output_tokens or 0
-    cached_rate = p.input if p.cached_input is None else p.cached_input
-    write_rate = p.input if p.cache_write is None else p.cache_write
-    tokens = fresh * p.input + cached * cached_rate + written * write_rate + output * p.output
-    if u.cache_write_1h_tokens:  # the 1-hour part of the writes, at its own rate
-        tokens += min(u.cache_write_1h_tokens, written) * ((write_rate if p.cache_write_1h is None
-                                                            else p.cache_write_1h) - write_rate)
-    if u.input_audio_tokens and p.input_audio is not None:
-        tokens += min(u.input_audio_tokens, fresh) * (p.input_audio - p.input)
-    if u.output_audio_tokens and p.output_audio is not None:
-        tokens += min(u.output_audio_tokens, output) * (p.output_audio - p.output)
-    total = tokens / MILLION
-    if u.web_search_calls and p.web_search_per_k is not None:
-        total += u.web_search_calls * p.web_search_per_k / THOUSAND
-    if p.request_fee is not None:
-        total += p.request_fee
+    tokens = sum(count * rate for count, rate in zip(_parts(u), _rates(p), strict=False))
+    total = tokens / MILLION + (u.web_search_calls or 0) * (p.web_search_per_k or 0) / THOUSAND + (p.request_fee or 0)
     return total.quantize(NANO, rounding=ROUND_HALF_UP)

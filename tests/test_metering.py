@@ -471,3 +471,18 @@ def test_service_tiers_and_batch_come_from_the_book(tmp_path):
     assert (rates["priority"].input, rates["priority"].output) == (Decimal("2.5"), Decimal(20))
     assert (rates["batch"].input, rates["batch"].output) == (Decimal("0.625"), Decimal(5))
     assert rates["default"] == rates[None]
+
+
+def test_rates_finer_than_nine_decimals_are_still_exact():
+    # 0.0000000015 USD per million tokens has ten decimals: computed in Decimal, not in integer units
+    fine = Price(date(2025, 1, 1), Decimal("0.0000000015"), Decimal("1"))
+    assert fine.units is None and Price(date(2025, 1, 1), Decimal("0.15"), Decimal("1")).units is not None
+    # 10**12 tokens * 0.0000000015 / 1e6 = 0.0015 ; + 1 output token * 1 / 1e6 = 0.000001
+    assert f"{cost_of(fine, Usage(input_tokens=10**12, output_tokens=1)):f}" == "0.001501000"
+    # and a rate whose exact share is below half a nano-dollar rounds away: 1 token at it is 1.5e-15
+    assert f"{cost_of(fine, Usage(input_tokens=1, output_tokens=0)):f}" == "0.000000000"
+
+
+def test_a_tiny_cost_is_written_without_an_exponent():
+    tiny = cost_of(Price(date(2025, 1, 1), Decimal("0.15"), Decimal("0.6")), Usage(input_tokens=1, output_tokens=0))
+    assert tiny == Decimal("0.00000015") and f"{tiny:f}" == "0.000000150"
