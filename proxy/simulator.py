@@ -3,7 +3,8 @@
 One aiohttp application answers in the real wire formats of three providers,
 each under its own path prefix so that they never collide:
 
-* ``/openai/...``    chat completions, responses, embeddings, models
+* ``/openai/...``    chat completions, responses, embeddings, models, and Azure OpenAI's
+  ``deployments/{deployment}/chat/completions`` (``api-key`` header)
 * ``/anthropic/...`` messages, count_tokens, models
 * ``/gemini/...``    generateContent, streamGenerateContent, embedContent,
   batchEmbedContents, countTokens, models
@@ -439,11 +440,19 @@ class _OpenAI(_Provider):
             ("POST", "/v1/responses", self.responses),
             ("POST", "/v1/embeddings", self.embeddings),
             ("GET", "/v1/models", self.list_models),
+            ("POST", "/deployments/{deployment}/chat/completions", self.azure_chat),
         ]
 
     def credential(self, request):
         auth = request.headers.get("authorization", "")
-        return auth[7:] if auth[:7].lower() == "bearer " else None
+        if auth[:7].lower() == "bearer ":
+            return auth[7:]
+        return request.headers.get("api-key")  # Azure OpenAI's header
+
+    def azure_chat(self, call: _Call):
+        """Azure OpenAI: the deployment in the path names the model; the body need not."""
+        call.body.setdefault("model", call.request.match_info["deployment"])
+        return self.chat(call)
 
     def error_body(self, status, message):
         kind, code = self.error_kinds.get(

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from proxy.simulator import count_tokens
-from tests.helpers import GatewayProcess
+from tests.helpers import ROUTES, SIM_KEYS, GatewayProcess
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -143,3 +143,29 @@ def _columns_before_the_price_book() -> list[str]:
             "reasoning_tokens BIGINT", "usage_source VARCHAR NOT NULL", "cost_usd DECIMAL(18,9)",
             "latency_ms DOUBLE", "ttfb_ms DOUBLE", "upstream_ms DOUBLE", "attempts INTEGER NOT NULL",
             "demo BOOLEAN NOT NULL"]
+
+
+def test_an_azure_deployment_is_priced_as_the_model_tollway_toml_says_it_serves(deployment, sim):
+    deployment.write_toml(providers={"azure": sim.url}, extra='[providers.azure.deployments]\nprod-4o = "gpt-4o"\n')
+    toml = deployment.path / "tollway.toml"
+    toml.write_text(toml.read_text().replace(f'base_url = "{sim.url}"\n', f'base_url = "{sim.url}"\nstyle = "azure"\n'))
+    deployment.add_key("operator-azure", "azure", SIM_KEYS["openai"])
+    (deployment.path / "policy" / "routes.csv").write_text(ROUTES + "p, *, azure/*, operator-azure\n")
+    with (deployment.path / "policy" / "access.csv").open("a") as access:
+        access.write("p, *, globex, azure/*, allow\n")
+    (deployment.path / "policy" / "limits.csv").write_text("tenant,subject,metric,window,limit\nglobex,tenant,usd,month,10\n")
+    gw = GatewayProcess(deployment).start()
+    try:
+        client = openai.AzureOpenAI(azure_endpoint=gw.url + "/azure", api_key=deployment.tokens["carol"],
+                                    api_version="2024-10-21", max_retries=0)
+        reply = client.chat.completions.with_raw_response.create(model="prod-4o", messages=MESSAGES)
+        with pytest.raises(openai.PermissionDeniedError) as unmapped:  # a deployment tollway.toml does not name
+            client.chat.completions.create(model="prod-mystery", messages=MESSAGES)
+    finally:
+        assert gw.stop() == 0, gw.log()
+    assert unmapped.value.code == "model_unpriced" and "azure/prod-mystery" in unmapped.value.message
+    served = next(e for e in deployment.events() if str(e["event_id"]) == reply.headers["x-tollway-request-id"])
+    assert (served["model"], served["priced_model"], served["price_source"]) == ("azure/prod-4o", "gpt-4o",
+                                                                                  "genai-prices 0.2.5")
+    # gpt-4o: $2.50 input, $10 output per million tokens; 10 prompt tokens, a 12-token reply
+    assert served["cost_usd"] == Decimal(reply.headers["x-tollway-cost-usd"]) == Decimal("0.000145000")
