@@ -48,6 +48,8 @@ _DROP_REQUEST_HEADERS = CREDENTIAL_HEADERS | {
     "host", "content-length", "connection", "keep-alive", "proxy-authorization", "proxy-authenticate",
     "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "forwarded", "x-real-ip",
     "accept-encoding", "cookie", "expect",
+    # method-override and URL-rewrite headers: an upstream that honours them would run another call
+    "x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url",
 }
 #: Never passed back to the client: framing is redone here, uvicorn adds its own date/server.
 _DROP_RESPONSE_HEADERS = frozenset({
@@ -191,7 +193,7 @@ async def _forward_with_failover(gw: Gateway, route: ProviderRoute, call: Call, 
                     continue
                 event.status_code = status
                 event.outcome = "ok" if status < 400 else "upstream_error"
-                response_headers = _response_headers(response.raw_headers, event.event_id)
+                response_headers = _response_headers(response.raw_headers, event.event_id, key)
                 if response.content_type == "text/event-stream":
                     await _relay_stream(call, adapter, response, response_headers, send)
                 else:
@@ -234,7 +236,7 @@ async def _serve_model_list(gw: Gateway, route: ProviderRoute, call: Call, ident
         except msgspec.DecodeError:
             payload = None
         if payload is None:
-            headers_out = _response_headers(response.raw_headers, event.event_id)
+            headers_out = _response_headers(response.raw_headers, event.event_id, key)
             headers_out.append((b"content-length", str(len(body)).encode()))
             call.response_started = True
             await send({"type": "http.response.start", "status": response.status, "headers": headers_out})
@@ -435,8 +437,12 @@ def upstream_url(base_url: URL, path: str, query: list[tuple[str, str]]) -> URL:
     return url
 
 
-def _response_headers(raw_headers: Any, event_id: uuid.UUID) -> list[tuple[bytes, bytes]]:
-    headers = [(k.lower(), v) for k, v in raw_headers if k.lower().decode("latin-1") not in _DROP_RESPONSE_HEADERS]
+def _response_headers(raw_headers: Any, event_id: uuid.UUID, key) -> list[tuple[bytes, bytes]]:
+    """The provider's response headers minus framing ones, and minus any that echo the injected key
+    (a provider, or a proxy before it, that reflects request headers must not hand the key out)."""
+    secret = key.secret.reveal().encode()
+    headers = [(k.lower(), v) for k, v in raw_headers
+               if k.lower().decode("latin-1") not in _DROP_RESPONSE_HEADERS and secret not in v]
     headers.append((REQUEST_ID_HEADER, str(event_id).encode()))
     return headers
 

@@ -149,7 +149,8 @@ class FaultServer:
     second word, then silence), `slow-stream` (one event every 100 ms, 200 of them), `no-final-event` (a stream that ends
     cleanly without its closing events), `invalid-json` and `error-200` (200 with a broken or an error
     body), `huge` (50 MB: a JSON body, or SSE events when streaming), `close-mid-body` (Content-Length
-    announced, a tenth sent, then the socket is reset), `status:CODE`. Without a fault: a well-formed
+    announced, a tenth sent, then the socket is reset), `status:CODE`, `echo-headers` (every request
+    header reflected as an `X-Echo-*` response header). Without a fault: a well-formed
     answer in the style of the path (OpenAI, Anthropic or Gemini), streamed when asked. A TLS
     ClientHello is answered with a plain-text 400, as a plain HTTP server would.
     """
@@ -303,6 +304,13 @@ class FaultServer:
         style = _style(target)
         model = parsed.get("model") or target.rsplit("/", 1)[-1].split(":")[0]
         stream = parsed.get("stream") is True or ":streamGenerateContent" in target
+        if headers.get("x-fault") == "echo-headers":  # a provider (or proxy) reflecting every request header
+            body = json.dumps(_answer(style, model, "echoed")).encode()
+            echoed = [(f"X-Echo-{name.decode('latin-1')}", value.decode("latin-1")) for name, value in raw_headers]
+            writer.write(_head(200, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                                     *echoed]) + body)
+            await writer.drain()
+            return True
         return await self._respond(headers.get("x-fault", ""), style, model, stream, reader, writer)
 
     async def _respond(self, fault: str, style: str, model: str, stream: bool,

@@ -233,7 +233,8 @@ DECOYS = {"x-api-key": "tw_decoy_x_api_key_123456", "x-goog-api-key": "tw_decoy_
 HOP_AND_ROUTING = {"x-forwarded-for": "6.6.6.6", "x-forwarded-host": "evil.example", "x-forwarded-proto": "http",
                    "x-forwarded-port": "6666", "forwarded": "for=6.6.6.6;host=evil.example", "x-real-ip": "6.6.6.6",
                    "keep-alive": "timeout=99", "te": "trailers", "upgrade": "h2c", "proxy-connection": "keep-alive",
-                   "trailer": "x-late"}
+                   "trailer": "x-late", "x-http-method-override": "DELETE", "x-http-method": "DELETE",
+                   "x-method-override": "DELETE", "x-original-url": "/v1/files", "x-rewrite-url": "/v1/files"}
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
@@ -274,6 +275,17 @@ def test_client_credentials_and_hop_by_hop_headers_are_not_forwarded(armed, capt
     assert request.header("x-keep-me") == "kept", "ordinary headers pass through"
     assert urllib.parse.parse_qs(request.target.split("?", 1)[1]) == {"keep": ["1"]}, request.target
     assert json.loads(request.body) == body, "the body is forwarded untouched"
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
+def test_a_provider_echoing_request_headers_never_hands_the_injected_key_to_the_client(armed, provider):
+    path, _ = BODIES[provider]
+    raw = _exchange(armed.deployment.port, _raw_request(armed, path.encode(), provider,
+                                                        extra=b"x-fault: echo-headers\r\nx-keep-me: kept\r\n"))
+    head = raw.split(b"\r\n\r\n", 1)[0].lower()
+    assert raw.startswith(b"HTTP/1.1 200 "), raw[:300]
+    assert b"x-echo-x-keep-me: kept" in head, "the provider's other headers pass through"
+    assert SIM_KEYS[provider].encode().lower() not in raw.lower(), "the injected key came back to the client"
 
 
 def test_headers_named_in_connection_are_not_forwarded(armed, capture):
