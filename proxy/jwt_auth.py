@@ -64,10 +64,16 @@ class JwtVerifier:
     def _decode(self, token: str, key: Any, alg: str) -> dict:
         s = self._settings
         try:
-            return jwt.decode(token, key, algorithms=[alg], issuer=s.issuer, audience=s.audience, leeway=_LEEWAY_S,
-                              options={"require": ["exp", "iss"], "verify_aud": s.audience is not None})
+            claims = jwt.decode(token, key, algorithms=[alg], issuer=s.issuer, audience=s.audience, leeway=_LEEWAY_S,
+                                options={"require": ["exp", "iss"], "verify_aud": s.audience is not None})
         except jwt.PyJWTError as exc:
             raise Unauthenticated(self._reason(exc)) from exc
+        except (TypeError, ValueError, AttributeError) as exc:  # e.g. RS256 on an EC key: the crypto library's errors
+            raise Unauthenticated(f"JWT algorithm {alg!r} does not match the key its kid names.") from exc
+        for name in ("exp", "nbf", "iat"):  # PyJWT accepts numeric strings here; RFC 7519 says NumericDate
+            if name in claims and (not isinstance(claims[name], int | float) or isinstance(claims[name], bool)):
+                raise Unauthenticated(f"JWT claim {name!r} must be a number (seconds since the epoch).")
+        return claims
 
     def _reason(self, exc: jwt.PyJWTError) -> str:
         """A 401 message that says what was wrong with the token (never what the key is)."""

@@ -256,12 +256,19 @@ def forged_tokens(idp: Idp) -> list[tuple[str, str, str]]:
         ("no-user-claim", idp.mint("rsa-1", email=None), "JWT has no 'email' claim to identify the user."),
         ("no-tenant-claim", idp.mint("ec-1", org=None), "JWT has no 'org' claim naming the tenant."),
         ("malformed", "eyJhbGciOiJSUzI1NiJ9.!!!.???", "The credential looks like a JWT but is malformed."),
+        ("rs256-naming-an-ec-key", idp.mint("ec-1", key=rsa_key(), alg="RS256"),
+         "JWT algorithm 'RS256' does not match the key its kid names."),
+        ("es256-naming-an-rsa-key", idp.mint("rsa-1", key=ec_key(), alg="ES256"),
+         "JWT algorithm 'ES256' does not match the key its kid names."),
+        ("string-exp", idp.mint("rsa-1", exp=str(now + 600)), "JWT claim 'exp' must be a number (seconds since the epoch)."),
+        ("string-iat", idp.mint("ec-1", iat=str(now)), "JWT claim 'iat' must be a number (seconds since the epoch)."),
     ]
 
 
 CASES = ["expired", "not-yet-valid", "wrong-audience", "wrong-issuer", "alg-none", "tampered-payload",
          "signed-by-another-key", "hs256-with-public-key", "unknown-kid", "no-exp", "no-user-claim",
-         "no-tenant-claim", "malformed"]
+         "no-tenant-claim", "malformed", "rs256-naming-an-ec-key", "es256-naming-an-rsa-key", "string-exp",
+         "string-iat"]
 
 
 @pytest.mark.parametrize("case", CASES)
