@@ -1,5 +1,6 @@
 """Report jobs: load events from DuckDB into Polars, run the pure report functions, write each
-report as Parquet plus a CSV twin under a temporary name and rename it into place, then the manifest.
+report as Parquet plus a CSV twin (formula-safe text cells, see `csv_safety`) under a temporary name
+and rename it into place, then the manifest.
 
 Readers (the dashboard) therefore only ever see whole files. The DuckDB file allows one writing
 process, so inside `tollway serve` the gateway's own connection streams the columns the reports read
@@ -29,6 +30,7 @@ import duckdb
 import polars as pl
 
 from analytics.billing import Credit, PeriodUsage, statements
+from analytics.csv_safety import csv_safe
 from analytics.reports import budget_status, denials, period_usage, tenant_costs, user_costs
 from policy.files import LimitRule, Tenant, load_policy_files
 from proxy.recorder import DUCKDB_CONFIG
@@ -73,9 +75,10 @@ def load_events(con: duckdb.DuckDBPyConnection, month: str | None = None) -> pl.
 
 
 def write_atomically(frame: pl.DataFrame, directory: Path, name: str) -> list[str]:
-    """`name.parquet` and `name.csv`, each written to a hidden temporary file and renamed into place."""
+    """`name.parquet` (exact) and `name.csv` (formula-safe, `csv_safety`), each written to a hidden
+    temporary file and renamed into place."""
     written = []
-    for suffix, writer in ((".parquet", frame.write_parquet), (".csv", frame.write_csv)):
+    for suffix, writer in ((".parquet", frame.write_parquet), (".csv", csv_safe(frame).write_csv)):
         final = directory / f"{name}{suffix}"
         temporary = directory / f".{name}{suffix}.tmp-{os.getpid()}"
         writer(temporary)

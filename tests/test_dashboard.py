@@ -27,6 +27,7 @@ from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
 import dashboard
+from analytics.csv_safety import write_csv
 from analytics.jobs import build_reports, load_billing_inputs
 from dashboard.figures import money
 from proxy.cli import main as cli_main
@@ -421,7 +422,7 @@ def test_billing_download_is_the_statements_csv(history, monkeypatch, downloads)
 
     name, body = downloaded()
     assert name == f"statements-{newest}-all-tenants.csv"
-    assert body == report(history, "statements").filter(pl.col("period") == newest).write_csv().encode()
+    assert body == write_csv(report(history, "statements").filter(pl.col("period") == newest)).encode()
 
     at.toggle[0].set_value(True).run()  # "Every period", all tenants: the report's own CSV twin, byte for byte
     assert not at.exception
@@ -429,6 +430,24 @@ def test_billing_download_is_the_statements_csv(history, monkeypatch, downloads)
     assert name == "statements-all-all-tenants.csv"
     assert body == (history / "reports" / "statements.csv").read_bytes()
     assert_frame_equal(table(at, "unified_cost_usd"), floats(report(history, "statements")), check_dtypes=False)
+
+
+def test_billing_download_neutralises_formula_tenants_like_the_report_csv(tmp_path, monkeypatch, downloads):
+    """Tenant ids a spreadsheet would run (OWASP CSV injection): quoted in the download, byte for byte as in
+    reports/statements.csv, while the Parquet report and the page keep the exact ids."""
+    data = init_deployment(tmp_path / "data")
+    hostile = ["=cmd|' /C calc'!A0", "+1", "-x", "@SUM(1)", "\tx"]
+    record_and_build(data, [usage_event(this_month_at(1), tenant, "openai/gpt-4o-mini", "0.50") for tenant in hostile])
+    assert sorted(report(data, "statements")["tenant"]) == sorted(hostile)
+
+    at = open_app(monkeypatch, data, "billing")
+    at.toggle[0].set_value(True).run()  # every period, all tenants: the whole report
+    assert not at.exception
+    [button] = at.get("download_button")
+    body = downloads[-1].get_file(button.proto.url.rsplit("/", 1)[-1]).content
+    assert body == (data / "reports" / "statements.csv").read_bytes()
+    assert sorted(pl.read_csv(body, infer_schema=False)["tenant"]) == sorted(f"'{t}" for t in hostile)
+    assert sorted(table(at, "unified_cost_usd")["tenant"]) == sorted(hostile)  # shown as they are
 
 
 def test_billing_credit_balance_reflects_the_top_up(history, monkeypatch):

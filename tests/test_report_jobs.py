@@ -16,7 +16,18 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from analytics.jobs import MANIFEST, REPORTS, build_reports, code_version, load_events, write_atomically
+from analytics.billing import Credit
+from analytics.csv_safety import csv_safe
+from analytics.jobs import (
+    MANIFEST,
+    REPORTS,
+    BillingInputs,
+    build_reports,
+    code_version,
+    load_events,
+    write_atomically,
+)
+from policy.files import Tenant
 from proxy.events import Event
 from proxy.recorder import EventRecorder, open_events_db
 from tests.helpers import run_cli
@@ -105,7 +116,7 @@ def test_build_reports_writes_parquet_csv_and_manifest(events_db, tmp_path):
         parquet = pl.read_parquet(reports_dir / f"{name}.parquet")
         assert_frame_equal(parquet, want, check_exact=True)
         csv_text = (reports_dir / f"{name}.csv").read_text()
-        assert csv_text == want.write_csv()
+        assert csv_text == csv_safe(want).write_csv()
         assert pl.read_csv(reports_dir / f"{name}.csv").height == want.height
         assert csv_text.splitlines()[0].split(",") == want.columns
 
@@ -199,6 +210,65 @@ def test_write_atomically_never_exposes_a_partial_file(tmp_path):
     assert reads > 0
     assert problems == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.csv", "report.parquet"]
+
+
+# --- CSV formula injection (OWASP) -----------------------------------------------------------------------
+#: Tenant ids (from a JWT claim or tenants.csv) that a spreadsheet would run as formulas.
+HOSTILE = ("=cmd|' /C calc'!A0", "+1", "-x", "@SUM(1)", "\tx", "\rx")
+
+
+def hostile_events(now: datetime) -> list[Event]:
+    """For each hostile tenant: one priced answer and one denial, this month."""
+    events = []
+    for i, tenant in enumerate(HOSTILE):
+        common = dict(ts=now - timedelta(seconds=i + 1), tenant=tenant, user_pseudonym=ALICE, auth_method="jwt",
+                      provider="openai", model="openai/gpt-4o-mini", endpoint="chat/completions", attempts=1)
+        events.append(Event(event_id=uuid.UUID(int=100 + 2 * i, version=4), **common, status_code=200, outcome="ok",
+                            billing_mode="unified", input_tokens=10, output_tokens=5, cached_input_tokens=0,
+                            usage_source="reported", cost_usd=Decimal("0.250000000"), latency_ms=12.0))
+        events.append(Event(event_id=uuid.UUID(int=101 + 2 * i, version=4), **common, status_code=403,
+                            outcome="denied", latency_ms=1.0))
+    return events
+
+
+def test_report_csvs_neutralise_formula_cells_and_parquet_stays_exact(tmp_path):
+    now = datetime.now(UTC).replace(microsecond=0)
+    write_events(tmp_path / "events.duckdb", hostile_events(now))
+    tenants = {t: Tenant(t, f"name {t}", Decimal(10), Decimal(0)) for t in HOSTILE}
+    # A negative credit (a correction) makes negative money: a number, never prefixed.
+    billing = BillingInputs(tenants, [Credit("-x", Decimal("-1.50"), now)])
+    con = read_only(tmp_path / "events.duckdb")
+    try:
+        build_reports(con, tmp_path / "reports", billing)
+    finally:
+        con.close()
+
+    for name in ("tenant_costs", "user_costs", "denials", "statements"):
+        parquet = pl.read_parquet(tmp_path / "reports" / f"{name}.parquet")
+        assert sorted(parquet["tenant"].unique()) == sorted(HOSTILE), f"{name}.parquet keeps the exact tenants"
+        csv_bytes = (tmp_path / "reports" / f"{name}.csv").read_bytes()
+        assert csv_bytes == csv_safe(parquet).write_csv().encode(), name
+        as_read = pl.read_csv(io.BytesIO(csv_bytes), infer_schema=False)
+        assert sorted(as_read["tenant"].unique()) == sorted(f"'{t}" for t in HOSTILE), name
+        assert b"'=cmd|' /C calc'!A0" in csv_bytes, name
+        for column in parquet.select(pl.col(pl.String)).columns:  # no text cell may start like a formula
+            assert not as_read[column].str.contains(r"^[=+\-@\t\r]").any(), f"{name}.{column}"
+
+    statements = pl.read_parquet(tmp_path / "reports" / "statements.parquet")
+    corrected = statements.filter(pl.col("tenant") == "-x")
+    assert corrected["credits_added_usd"].to_list() == [Decimal("-1.50")]
+    csv_rows = pl.read_csv(tmp_path / "reports" / "statements.csv", infer_schema=False).filter(
+        pl.col("tenant") == "'-x")
+    assert csv_rows["credits_added_usd"].to_list() == ["-1.50"]  # a money column is never prefixed
+    assert csv_rows["credits_closing_usd"].to_list() == ["-1.50"]
+
+
+def test_write_atomically_prefixes_text_cells_only(tmp_path):
+    frame = pl.DataFrame({"label": ["-1", "ok", None], "amount": [Decimal("-1.50"), Decimal("2.00"), None],
+                          "count": [-3, 4, None]}, schema_overrides={"amount": pl.Decimal(18, 2)})
+    write_atomically(frame, tmp_path, "report")
+    assert (tmp_path / "report.csv").read_text() == "label,amount,count\n'-1,-1.50,-3\nok,2.00,4\n,,\n"
+    assert_frame_equal(pl.read_parquet(tmp_path / "report.parquet"), frame, check_exact=True)
 
 
 # --- `tollway report run` -------------------------------------------------------------------------------

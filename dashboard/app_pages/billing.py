@@ -3,6 +3,7 @@
 import polars as pl
 import streamlit as st
 
+from analytics.csv_safety import write_csv
 from dashboard import figures
 from dashboard.shell import Context, context, for_display, money_columns, require_reports, scope_label
 
@@ -31,7 +32,7 @@ def render(ctx: Context) -> None:
                        "`tollway report close --period YYYY-MM` freezes them; later events then become "
                        "adjustments in the next open period.")
         name = f"statements-{'all' if every_period else ctx.period}-{ctx.tenant or 'all-tenants'}.csv"
-        st.download_button("Download these statements (CSV)", statements.write_csv(), file_name=name,
+        st.download_button("Download these statements (CSV)", write_csv(statements), file_name=name,
                            mime="text/csv", icon=":material/download:")
     _credits(ctx)
 
