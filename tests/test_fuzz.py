@@ -492,7 +492,13 @@ _amount_usd = st.decimals(0, 10**9, places=4).map(str)
 
 
 def _join(fields: list[str], sep: str) -> str:
-    return sep.join(_quote(f) for f in fields)
+    """Fields joined as a spreadsheet would read them: a quote opens a quoted field only at the field's
+    start, and the loader tolerates spaces before it, not tabs (a tab there makes the quote literal)."""
+    quoted = [_quote(f) for f in fields]
+    out = quoted[0]
+    for field in quoted[1:]:
+        out += (sep.replace("\t", " ") if field.startswith('"') else sep) + field
+    return out
 
 
 @st.composite
