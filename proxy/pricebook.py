@@ -39,37 +39,50 @@ def book_provider(name: str, style: str, explicit: str | None = None) -> str | N
     return found.id if found else None
 
 
+#: Entries a cache keeps before it starts again: model ids come from clients, so no cache may grow with them.
+_CACHE_LIMIT = 50_000
+
+
 class Book:
     def __init__(self) -> None:
         self._snapshot = data_snapshot.get_snapshot()
+        self._providers: dict[str, Any] = {}
         self._models: dict[tuple[str, str], ModelInfo | None] = {}
         self._prices: dict[tuple, Price | None] = {}
 
     def find(self, provider: str, model: str) -> ModelInfo | None:
         """The book's model for a provider's model id (snapshot and alias ids included), or None.
-        A fine-tune (`ft:…`) matches only a fine-tune price, never its base model's."""
+        A fine-tune (`ft:…`) matches only a fine-tune price, never its base model's. Matched through the
+        provider's own `find_model` (the snapshot's lookup caches every id it is asked about, unbounded)."""
         key = (provider, model)
         if key not in self._models:
-            try:
-                _, info = self._snapshot.find_provider_model(model, None, provider, None)
-            except LookupError:
-                info = None
+            if len(self._models) > _CACHE_LIMIT:
+                self._models.clear()
+            found = self._provider(provider)
+            info = found.find_model(model, all_providers=self._snapshot.providers) if found else None
             if info is not None and model.lower().startswith("ft:") != info.id.startswith("ft:"):
                 info = None
             self._models[key] = info
         return self._models[key]
+
+    def _provider(self, provider: str):
+        if provider not in self._providers:
+            self._providers[provider] = find_provider_by_id(self._snapshot.providers, provider)
+        return self._providers[provider]
 
     def price_at(self, info: ModelInfo, at: datetime, tier: str | None) -> Price | None:
         """The model's price in force at `at`, for a service tier (`batch`: batch processing)."""
         timed = has_time_of_day(info)
         key = (info.id, at if timed else at.astimezone(UTC).date(), tier)
         if key not in self._prices:
+            if len(self._prices) > _CACHE_LIMIT:
+                self._prices.clear()
             context = {"processing": "batch"} if tier == "batch" else {"service_tier": tier} if tier else None
             self._prices[key] = to_price(info.get_prices(at, context).__dict__, context_window=info.context_window)
         return self._prices[key]
 
     def model_ids(self, provider: str) -> list[str]:
-        found = find_provider_by_id(self._snapshot.providers, provider)
+        found = self._provider(provider)
         return sorted(m.id for m in found.models) if found else []
 
 

@@ -486,3 +486,11 @@ def test_rates_finer_than_nine_decimals_are_still_exact():
 def test_a_tiny_cost_is_written_without_an_exponent():
     tiny = cost_of(Price(date(2025, 1, 1), Decimal("0.15"), Decimal("0.6")), Usage(input_tokens=1, output_tokens=0))
     assert tiny == Decimal("0.00000015") and f"{tiny:f}" == "0.000000150"
+
+
+def test_random_model_names_grow_no_unbounded_cache(tmp_path):
+    prices = prices_with(tmp_path)
+    for i in range(2000):  # a client inventing model ids under an `openai/*` rule
+        assert prices.price("openai", f"gpt-invented-{i}", "openai", NOW) is None
+    book_snapshot = prices.book._snapshot  # the library's own lookup caches are never used
+    assert (len(book_snapshot._lookup_cache), len(book_snapshot._provider_cache)) == (0, 0)
