@@ -75,9 +75,6 @@ class ModelPrices:
                 return self._versions[key][index][1]
         return None
 
-    def rows(self) -> list[Price]:
-        return [price for versions in self._versions.values() for _, price in versions]
-
 
 class Overrides:
     """Exact model names win over globs; among globs the first in file order wins."""
