@@ -12,16 +12,16 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
-
-import genai_prices
-from genai_prices import data_snapshot
-from genai_prices.data_snapshot import find_provider_by_id
-from genai_prices.types import ModelInfo, TieredPrices, TimeOfDateConstraint
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any
 
 from proxy.price import Price
 
-SOURCE = f"genai-prices {genai_prices.__version__}"
+if TYPE_CHECKING:
+    from genai_prices.types import ModelInfo
+
+# The package itself (pydantic, its data) is imported on first use: commands that price nothing stay quick.
+SOURCE = f"genai-prices {version('genai-prices')}"
 #: The book's price keys -> `Price` fields (rates per million tokens; per-thousand fees).
 _FIELDS = {
     "input_mtok": "input", "output_mtok": "output", "cache_read_mtok": "cached_input",
@@ -34,6 +34,9 @@ _NEVER = datetime.min.date()
 def book_provider(name: str, style: str, explicit: str | None = None) -> str | None:
     """The book's provider id for a gateway route: `price_provider` if set, Azure's for the azure
     style, else the route's own name where the book knows it (`gemini` is Google's)."""
+    from genai_prices import data_snapshot
+    from genai_prices.data_snapshot import find_provider_by_id
+
     wanted = explicit or ("azure" if style == "azure" else name)
     found = find_provider_by_id(data_snapshot.get_snapshot().providers, wanted)
     return found.id if found else None
@@ -45,6 +48,8 @@ _CACHE_LIMIT = 50_000
 
 class Book:
     def __init__(self) -> None:
+        from genai_prices import data_snapshot
+
         self._snapshot = data_snapshot.get_snapshot()
         self._providers: dict[str, Any] = {}
         self._models: dict[tuple[str, str], ModelInfo | None] = {}
@@ -66,6 +71,8 @@ class Book:
         return self._models[key]
 
     def _provider(self, provider: str):
+        from genai_prices.data_snapshot import find_provider_by_id
+
         if provider not in self._providers:
             self._providers[provider] = find_provider_by_id(self._snapshot.providers, provider)
         return self._providers[provider]
@@ -90,6 +97,8 @@ def to_price(values: dict[str, Any], context_window: int | None = None) -> Price
     """A book price (flat or with long-context tiers) as a `Price`; None without token prices. A model
     priced for input only (embeddings) bills output at 0; one whose output is priced only in kinds
     Tollway does not count (images, video) is left unpriced rather than half-priced."""
+    from genai_prices.types import TieredPrices
+
     if values.get("input_mtok") is None:
         return None
     rates = {f: values.get(k) for k, f in _FIELDS.items()}
@@ -111,7 +120,7 @@ def _flat(rates: dict[str, Any], fee: Any, above: int, max_output: int | None) -
 
 
 def _at_tier(value: Any, above: int) -> Decimal | None:
-    if not isinstance(value, TieredPrices):
+    if not hasattr(value, "tiers"):  # a flat price (or none): the same at every tier
         return value
     chosen = value.base
     for tier in value.tiers:
@@ -121,5 +130,7 @@ def _at_tier(value: Any, above: int) -> Decimal | None:
 
 
 def has_time_of_day(info: ModelInfo) -> bool:
+    from genai_prices.types import TimeOfDateConstraint
+
     prices = info.prices if isinstance(info.prices, list) else []
     return any(isinstance(p.constraint, TimeOfDateConstraint) for p in prices)

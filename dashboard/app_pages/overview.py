@@ -33,9 +33,9 @@ def render(ctx: Context) -> None:
 
 def _unpriced(ctx: Context, costs: pl.DataFrame, figure: figures.Overview) -> None:
     """The warning and the models to price, so an operator knows what to add."""
-    st.warning(f"**{figures.count(figure.unpriced_requests)} request(s) used a model with no price** in "
-               "`pricing.csv`: their cost is unknown and left out of every total. The models are listed "
-               "below.", icon=":material/price_change:")
+    st.warning(f"**{figures.count(figure.unpriced_requests)} request(s) used a model with no price** (in "
+               "neither the price book nor `pricing.csv`): their cost is unknown and left out of every total. "
+               "The models are listed below.", icon=":material/price_change:")
     st.dataframe(figures.unpriced_models(costs, ctx.period, ctx.tenant), hide_index=True,
                  column_config=shell.count_columns("unpriced_requests"))
     st.caption("To price a model, add a row to `pricing.csv` (the operator's overrides: `provider`, `model` "
