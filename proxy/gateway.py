@@ -33,6 +33,7 @@ from proxy.jwt_auth import JwtVerifier, looks_like_jwt
 from proxy.limiter import Limiter, alert_details, alert_key, log_alert, rebuild_counters
 from proxy.limits import Alert, MemoryLimitStore, Refusal
 from proxy.metrics import Metrics
+from proxy.overrides import is_glob
 from proxy.pricebook import book_provider
 from proxy.providers.base import Adapter
 from proxy.providers.registry import adapter_for
@@ -73,6 +74,7 @@ class Gateway:
         }
         self.upstream = Upstream()
         self.metrics = Metrics()
+        self._configure_metrics(policies)
         self.limit_store = MemoryLimitStore()
         self.limiter = Limiter(self.limit_store, settings.limits.default_max_output_tokens, self._budget_alert,
                                self._limit_refusal, settings.metering.max_output_tokens)
@@ -222,7 +224,14 @@ class Gateway:
         self.control.refresh()
         return self.control.keys
 
+    def _configure_metrics(self, policies: PolicySet) -> None:
+        """Metric labels may name only what configuration names (clients cannot grow /metrics)."""
+        named = {rule.model_glob for rule in (*policies.files.access, *policies.files.routes)}
+        named |= set(policies.prices.overrides.models())
+        self.metrics.configure(set(policies.files.tenants), set(self.routes), {m for m in named if not is_glob(m)})
+
     def _policy_loaded(self, new: PolicySet) -> None:
+        self._configure_metrics(new)
         old, self.policies, self.policy_error = self.policies, new, None
         log.info("policy reloaded: version %s -> %s (%d warnings)", old.version, new.version, len(new.warnings))
         for problem in new.warnings:

@@ -1,7 +1,11 @@
 """Prometheus metrics for `GET /metrics`, in a registry owned by one gateway (no globals).
 
-Labels are bounded by configuration (tenants, providers, models allowed by policy, key ids), never
-by user ids. Money here is a float for Prometheus' sake; the exact figures are in events.duckdb.
+Every label a client can influence is bounded by configuration, never by what requests say: a tenant
+label is a tenant of `tenants.csv`, a provider one of `tollway.toml`, a model one named exactly in the
+policy files or `pricing.csv`, or the price book's id it was billed as; anything else is `other`
+(`-` when the request never named one). So the series count is at most (tenants + 2) × (providers + 2)
+× (named models + book models used + 2) × outcomes, whatever clients send. Never a user id. Money here
+is a float for Prometheus' sake; the exact figures are in events.duckdb.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from proxy.events import Event
 from proxy.limits import Alert
+from proxy.pricebook import SOURCE
 from proxy.recorder import EventRecorder
+
+OTHER = "other"
 
 #: The exposition format's type without its charset: the web framework appends `charset=utf-8` itself.
 CONTENT_TYPE = CONTENT_TYPE_LATEST.split("; charset")[0]
@@ -49,9 +56,29 @@ class Metrics:
         self.event_store_up = Gauge("tollway_event_store_up", "1 when the last write to events.duckdb "
                                     "succeeded", registry=r)
         self._series: dict[tuple, tuple] = {}
+        self._tenants: frozenset[str] = frozenset()
+        self._providers: frozenset[str] = frozenset()
+        self._models: frozenset[str] = frozenset()
+
+    def configure(self, tenants: set[str], providers: set[str], models: set[str]) -> None:
+        """The label values configuration knows (called at start and on every policy reload)."""
+        self._tenants, self._providers, self._models = frozenset(tenants), frozenset(providers), frozenset(models)
+
+    def labels(self, event: Event) -> tuple[str, str, str]:
+        """(tenant, provider, model) as metric labels: known values, else `other`."""
+        tenant, provider, model = event.tenant, event.provider, event.model
+        tenant = "-" if tenant is None else tenant if tenant in self._tenants else OTHER
+        provider = "-" if provider is None else provider if provider in self._providers else OTHER
+        if model is None:
+            return tenant, provider, "-"
+        if model in self._models:
+            return tenant, provider, model
+        if event.price_source == SOURCE and provider != OTHER:  # billed as one of the book's (finite) ids
+            return tenant, provider, f"{provider}/{event.priced_model}"
+        return tenant, provider, OTHER
 
     def observe(self, event: Event) -> None:
-        key = (event.tenant or "-", event.provider or "-", event.model or "-", event.outcome, event.billing_mode or "-")
+        key = (*self.labels(event), event.outcome, event.billing_mode or "-")
         series = self._series.get(key)
         if series is None:  # label lookups once per combination, not per request
             tenant, provider, model, outcome, billing = key

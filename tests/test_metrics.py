@@ -3,6 +3,8 @@ with latency histograms, limit refusals, key failures and the event queue, and n
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from collections import Counter, defaultdict
 
@@ -11,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import SIM_KEYS, GatewayProcess
+from tests.perf.loadgen import build_request, run_load
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,6 +91,21 @@ def test_metrics_is_prometheus_text(traffic):
     assert all(len(v) == 1 for v in values.values()), response.headers["content-type"]
 
 
+#: The only model the sample policy names exactly; the others are labelled as the price book's id they were
+#: billed as, or `other`.
+NAMED_MODELS = {"openai/gpt-4o-mini"}
+
+
+def _model_label(event: dict) -> str:
+    if event["model"] is None:
+        return "-"
+    if event["model"] in NAMED_MODELS:
+        return event["model"]
+    if event["price_source"] == "genai-prices 0.2.5":
+        return f"{event['provider']}/{event['priced_model']}"
+    return "other"
+
+
 def _requests_total(samples) -> dict[tuple, float]:
     return {(s["tenant"], s["provider"], s["model"], s["outcome"]): v for s, v in samples["tollway_requests_total"]}
 
@@ -98,13 +116,14 @@ def test_requests_tokens_and_cost_by_tenant_provider_model_outcome(traffic):
     counted = _requests_total(samples)
     assert counted[("acme", "openai", "openai/gpt-4o-mini", "ok")] == 4.0
     assert counted[("acme", "openai", "openai/gpt-4o-mini", "rate_limited")] == 1.0
-    assert counted[("acme", "openai", "openai/gpt-4o", "denied")] == 1.0
+    # a model the policy does not name exactly, never billed from the price book: `other` (clients cannot add series)
+    assert counted[("acme", "openai", "other", "denied")] == 1.0
     assert counted[("acme", "anthropic", "anthropic/claude-sonnet-4-5", "ok")] == 1.0
     assert counted[("globex", "gemini", "gemini/gemini-2.5-flash", "ok")] == 2.0
     assert counted[("-", "openai", "-", "unauthenticated")] == 1.0
 
-    for tenant, provider, model in {(e["tenant"], e["provider"], e["model"]) for e in events if e["input_tokens"]}:
-        mine = [e for e in events if (e["tenant"], e["provider"], e["model"]) == (tenant, provider, model)]
+    for tenant, provider, model in {(e["tenant"], e["provider"], _model_label(e)) for e in events if e["input_tokens"]}:
+        mine = [e for e in events if (e["tenant"], e["provider"], _model_label(e)) == (tenant, provider, model)]
         labels = {"tenant": tenant, "provider": provider, "model": model}
         assert _value(samples, "tollway_tokens_total", direction="input", **labels) == sum(
             e["input_tokens"] or 0 for e in mine)
@@ -157,8 +176,36 @@ def test_no_user_identity_token_or_key_in_metrics(traffic):
 
 def test_every_request_that_left_an_event_is_counted_once_by_outcome(traffic):
     response, events = traffic
-    by_labels = Counter((e["tenant"] or "-", e["provider"] or "-", e["model"] or "-", e["outcome"]) for e in events)
+    by_labels = Counter((e["tenant"] or "-", e["provider"] or "-", _model_label(e), e["outcome"]) for e in events)
     counted = _requests_total(_samples(response.text))
     missing = {k: v for k, v in by_labels.items() if counted.get(k) != float(v)}
     assert not missing, f"in events.duckdb but not (or not as often) in tollway_requests_total: {missing}"
     assert counted == {k: float(v) for k, v in by_labels.items()}
+
+
+def test_twenty_thousand_invented_model_names_add_no_series(deployment, sim):
+    """Clients choose model names (and, through JWT claims, tenants): none of it may grow /metrics."""
+    gw = GatewayProcess(deployment).start()
+
+    def invented(who: str):
+        token = deployment.tokens[who]
+        return lambda i: build_request("127.0.0.1", deployment.port, "/openai/v1/chat/completions", json.dumps(
+            {"model": f"gpt-invented-{i}", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]}).encode(),
+            {"Authorization": f"Bearer {token}"})
+
+    try:
+        baseline = httpx.get(gw.url + "/metrics", timeout=10).text
+        # bob may not use them (denied); carol's tenant allows openai/* (served by the simulator, unpriced)
+        denied = asyncio.run(run_load("127.0.0.1", deployment.port, invented("bob"), concurrency=16,
+                                      requests=20_000, max_seconds=90))
+        served = asyncio.run(run_load("127.0.0.1", deployment.port, invented("carol"), concurrency=16,
+                                      requests=200, max_seconds=30))
+        after = httpx.get(gw.url + "/metrics", timeout=10).text
+    finally:
+        assert gw.stop() == 0, gw.log()
+    assert (denied.statuses, served.statuses) == ({403: 20_000}, {200: 200})
+    assert "gpt-invented" not in after
+    requests = _requests_total(_samples(after))
+    assert requests[("acme", "openai", "other", "denied")] == 20_000.0
+    assert requests[("globex", "openai", "other", "ok")] == 200.0
+    assert len(after) < len(baseline) + 20_000, "a handful of series, not one per name"

@@ -72,13 +72,13 @@ async def _read_response(reader: asyncio.StreamReader, started: float, result: R
     result.ttfb.append((first_byte or now) - started)
 
 
-async def _worker(host: str, port: int, request: bytes, deadline: float, count: list[int], result: Result) -> None:
+async def _worker(host: str, port: int, request, deadline: float, count: list[int], result: Result) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while time.perf_counter() < deadline and count[0] > 0:
             count[0] -= 1
             started = time.perf_counter()
-            writer.write(request)
+            writer.write(request(count[0]) if callable(request) else request)
             try:
                 await _read_response(reader, started, result)
             except (asyncio.IncompleteReadError, ConnectionError, ValueError):
@@ -89,9 +89,10 @@ async def _worker(host: str, port: int, request: bytes, deadline: float, count: 
         writer.close()
 
 
-async def run_load(host: str, port: int, request: bytes, *, concurrency: int, requests: int,
+async def run_load(host: str, port: int, request, *, concurrency: int, requests: int,
                    max_seconds: float) -> Result:
-    """Send `requests` requests (or stop at `max_seconds`) over `concurrency` connections."""
+    """Send `requests` requests (or stop at `max_seconds`) over `concurrency` connections. `request` is the
+    bytes of one request, or a function of the request's number (counting down) giving them."""
     result = Result()
     count = [requests]
     started = time.perf_counter()
