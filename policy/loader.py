@@ -17,6 +17,7 @@ from policy.engine import Policy
 from policy.files import PolicyFiles, Problem, glob_regex, load_policy_files
 from proxy.control import ProviderKey
 from proxy.metering import Prices, load_prices
+from proxy.overrides import is_glob
 from proxy.pricebook import book_provider
 
 
@@ -104,10 +105,10 @@ def unpriced_glob_warnings(files: PolicyFiles, prices: Prices) -> list[Problem]:
 
 def _priced(glob: str, prices: Prices) -> bool:
     provider, _, model = glob.partition("/")
-    if not model or any(c in provider for c in "*?"):
+    if not model or is_glob(provider):
         return True  # any provider: nothing to check against
     known = book_provider(provider, "")
-    if not any(c in model for c in "*?"):
+    if not is_glob(model):
         return prices.resolve(provider, model, known) is not None
     pattern = glob_regex(model)
     return any(pattern.match(m) for m in prices.models(provider, known))

@@ -98,7 +98,7 @@ class Event:
     output_audio_tokens: int | None = None
     web_search_calls: int | None = None
     service_tier: str | None = None  # as the provider reported it
-    priced_model: str | None = None  # the model id the price was found for (book id, or as in pricing.csv)
+    priced_model: str | None = None  # the model id priced: the book's id, an override's exact name, or the id sent (glob override)
     price_source: str | None = None  # "override" or "genai-prices X.Y.Z"
 
     def row(self) -> tuple:

@@ -27,6 +27,7 @@ from proxy.metering import Prices, load_prices
 from proxy.pricebook import book_provider
 from proxy.providers.base import Usage
 from proxy.recorder import EventRecorder, open_events_db
+from proxy.settings import load_settings
 
 ENDPOINTS = {"openai": "chat/completions", "anthropic": "messages", "gemini": "generateContent"}
 
@@ -49,6 +50,7 @@ class World:
     key_owner: dict[str, str | None]  # key id -> owning tenant (None: the operator)
     prices: Prices
     pseudonymize: Pseudonymizer
+    book_providers: dict[str, str | None]  # gateway route -> the price book's provider id, as the gateway maps it
 
     @classmethod
     def of(cls, data_dir: Path) -> World:
@@ -60,8 +62,10 @@ class World:
         finally:
             store.close()
         prices, _ = load_prices(data_dir / "pricing.csv")
+        routes = {name: book_provider(name, p.style, p.price_provider)
+                  for name, p in load_settings(data_dir).providers.items()}
         return cls(Policy(files, data_dir / "policy" / "model.conf"), owners, prices,
-                   Pseudonymizer(keyring.pseudonym_key()))
+                   Pseudonymizer(keyring.pseudonym_key()), routes)
 
 
 def events(world: World, workloads: list[Workload], start: datetime, days: int, seed: int = 7) -> Iterator[Event]:
@@ -102,7 +106,7 @@ def _event(world: World, load: Workload, ts: datetime, rng: random.Random) -> Ev
     event.input_tokens, event.output_tokens = usage.input_tokens, usage.output_tokens
     event.cached_input_tokens = usage.cached_input_tokens
     event.usage_source, event.status_code, event.attempts = "reported", 200, 1
-    event.cost_usd, priced = world.prices.cost(provider, name, book_provider(provider, provider), ts, usage)
+    event.cost_usd, priced = world.prices.cost(provider, name, world.book_providers.get(provider), ts, usage)
     if priced is not None:
         event.priced_model, event.price_source = priced.model, priced.source
     event.upstream_ms = round(rng.lognormvariate(7.0, 0.6), 1)

@@ -116,7 +116,7 @@ class Prices:
 
     def cost(self, provider: str, model: str, book_provider: str | None, at: datetime, usage: Usage
              ) -> tuple[Decimal | None, Priced | None]:
-        """(exact cost, what it was priced at); (None, None) when unpriced or nothing was used."""
+        """(exact cost, what it was priced at); the cost is None when unpriced or nothing was used."""
         priced = self.price(provider, model, book_provider, at, usage.service_tier, usage.response_model)
         if priced is None or not usage.reported:
             return None, priced

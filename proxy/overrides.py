@@ -35,7 +35,9 @@ RATE_COLUMNS = {
     "output_audio_usd_per_mtok": "output_audio", "web_search_usd_per_kcall": "web_search_per_k",
     "request_usd": "request_fee",
 }
-OPTIONAL = [*list(RATE_COLUMNS)[2:], "service_tier", "prompt_tokens_above", "max_output_tokens"]
+#: Columns a header may add after the seven of `HEADER`, in any order.
+OPTIONAL = [column for column in RATE_COLUMNS if column not in HEADER] + ["service_tier", "prompt_tokens_above",
+                                                                       "max_output_tokens"]
 _NUMBER_COLUMNS = ("prompt_tokens_above", "max_output_tokens")
 
 

@@ -30,6 +30,7 @@ from proxy.limits import (
     window_end,
     window_start,
 )
+from proxy.price import Price
 from proxy.pricebook import book_provider
 from proxy.providers.registry import adapter_for
 from proxy.recorder import EventRecorder, open_events_db
@@ -612,3 +613,15 @@ def test_rebuild_on_an_empty_store_reads_nothing(tmp_path):
     finally:
         con.close()
     assert store.spent(TENANT, "usd", "month", AT) == 0
+
+
+def test_an_uncapped_request_reserves_the_output_bound_pricing_csv_states():
+    adapter = adapter_for("openai")
+    body = {"model": "my-house-model", "messages": [{"role": "user", "content": "x" * 400}]}
+    info = adapter.inspect("POST", "/v1/chat/completions", body, b"")
+    limiter = Limiter(MemoryLimitStore(), 16, lambda alert: None, lambda refusal: None)
+    stated = Price(PRICED_AT.date(), Decimal(1), Decimal(2), max_output_tokens=1000)  # max_output_tokens column
+    # 100 input tokens at $1 + 1,000 output tokens at $2 per million
+    assert limiter.estimate(stated, adapter, info, body) == Amounts(1, 116, _usd(100, 1000, "1", "2"))
+    unstated = Price(PRICED_AT.date(), Decimal(1), Decimal(2))  # no bound known: [metering] max_output_tokens
+    assert limiter.estimate(unstated, adapter, info, body).usd == _usd(100, 131_072, "1", "2")
