@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import argparse
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
-from policy.files import load_policy_files
+from policy.files import Bounds, load_policy_files
 from proxy.settings import resolve_data_dir
+
+#: One top-up, in USD: a billion is far above any real one and well inside the statements' DECIMAL(18,2).
+CREDIT_AMOUNT = Bounds(0, 1_000_000_000, above=True)
 
 
 def cmd_credits_add(args: argparse.Namespace) -> int:
     from proxy.cli import CommandError, emit, open_store, say
 
-    try:
-        amount = Decimal(args.amount)
-    except InvalidOperation as exc:
-        raise CommandError(f"--amount {args.amount!r} is not a number of USD, e.g. 250 or 99.50") from exc
-    if not amount.is_finite() or amount <= 0:
-        raise CommandError("--amount must be a positive number of USD, e.g. 250 or 99.50")
+    amount = CREDIT_AMOUNT.check("--amount", args.amount, "a top-up in USD")
+    if isinstance(amount, str):
+        raise CommandError(f"{amount}, e.g. 250 or 99.50")
     if amount != amount.quantize(Decimal("0.01")):
         raise CommandError("--amount has more than two decimals: credits are whole cents")
     tenants = load_policy_files(resolve_data_dir(args.data_dir)).tenants

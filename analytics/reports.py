@@ -118,7 +118,7 @@ def budget_status(events: pl.LazyFrame, limits: list, now: datetime) -> pl.DataF
                          "percent": float(used * 100 / rule.limit) if rule.limit else None,
                          "forecast_usd": (used * share).quantize(Decimal("0.000000001"))})
     schema = {"line": pl.Int64, "tenant": pl.String, "subject": pl.String, "user_pseudonym": pl.String,
-              "window": pl.String, "window_start": pl.Datetime("us", "UTC"), "limit_usd": pl.Decimal(18, 9),
+              "window": pl.String, "window_start": pl.Datetime("us", "UTC"), "limit_usd": pl.Decimal(38, 9),
               "spent_usd": pl.Decimal(38, 9), "percent": pl.Float64, "forecast_usd": pl.Decimal(38, 9)}
     frame = pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
     return frame.sort(["tenant", "line", "user_pseudonym"], nulls_last=True)

@@ -216,7 +216,7 @@ def budget_burn(status: pl.DataFrame | None, tenant: str | None) -> pl.DataFrame
     if status is None or status.is_empty():
         return pl.DataFrame(schema={"tenant": pl.String, "window": pl.String, "subject": pl.String,
                                     "user_pseudonym": pl.String, "spent_usd": pl.Decimal(38, 9),
-                                    "limit_usd": pl.Decimal(18, 9), "percent": pl.Float64,
+                                    "limit_usd": pl.Decimal(38, 9), "percent": pl.Float64,
                                     "forecast_usd": pl.Decimal(38, 9), "over_forecast": pl.Boolean})
     rows = status if tenant is None else status.filter(pl.col("tenant") == tenant)
     return (rows.select("tenant", "window", "subject", "user_pseudonym", "spent_usd", "limit_usd", "percent",

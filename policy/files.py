@@ -37,6 +37,55 @@ class Problem:
 
 
 @dataclass(frozen=True, slots=True)
+class Bounds:
+    """The numbers a field allows: finite, from `low` (excluded if `above`) to `high`, whole if `whole`.
+
+    >>> Bounds(0, 1000).check("markup_pct", "1e400")
+    'markup_pct 1e400 is out of range: it must be a number >= 0 and at most 1000'
+    """
+
+    low: int
+    high: int
+    whole: bool = False
+    above: bool = False
+
+    def __str__(self) -> str:
+        kind = "a whole number" if self.whole else "a number"
+        return f"{kind} {'above' if self.above else '>='} {self.low} and at most {self.high}"
+
+    def check(self, label: str, text: str, what: str = "it") -> Decimal | str:
+        """`text` as a number within these bounds, else why not: `LABEL TEXT is ...: WHAT must be ...`."""
+        value = finite_number(text)
+        if value is None:
+            return self.refusal(label, repr(text), "is not a number", what)
+        if not self.low <= value <= self.high or (self.above and value == self.low):
+            return self.refusal(label, text, "is out of range", what)
+        if self.whole and value != value.to_integral_value():
+            return self.refusal(label, text, "is not a whole number", what)
+        return value
+
+    def refusal(self, label: str, shown: str, why: str, what: str = "it") -> str:
+        """The problem text for a value these bounds refuse; it says what they allow."""
+        return f"{label} {shown} {why}: {what} must be {self}"
+
+
+def finite_number(text: str) -> Decimal | None:
+    """`text` as a finite Decimal; None for anything else (NaN, sNaN and Infinity included)."""
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        return None
+    return number if number.is_finite() else None
+
+
+#: tenants.csv's markup_pct and byok_fee_pct.
+PERCENT = Bounds(0, 1000)
+#: limits.csv's limit per metric, far above any real one (usd: events and reports hold money as DECIMAL(18,9)).
+LIMIT_BOUNDS = {"requests": Bounds(0, 10**12, whole=True), "tokens": Bounds(0, 10**12, whole=True),
+                "usd": Bounds(0, 10**9)}
+
+
+@dataclass(frozen=True, slots=True)
 class AccessRule:
     line: int
     subject: str
@@ -98,9 +147,13 @@ class PolicyFiles:
 
 
 def csv_lines(path: Path) -> list[tuple[int, list[str]]]:
-    """Non-blank, non-comment lines as (line number, stripped fields)."""
+    """Non-blank, non-comment lines as (line number, stripped fields).
+
+    A UTF-8 byte-order mark opening the file (as Excel writes it) is dropped; one anywhere else is text.
+    Every CSV file of a deployment is read through here.
+    """
     out = []
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
         for number, raw in enumerate(fh, start=1):
             if not raw.strip() or raw.lstrip().startswith("#"):
                 continue
@@ -162,20 +215,20 @@ def _load_tenants(path: Path, problems: list[Problem]) -> dict[str, Tenant]:
         if tenant in tenants:
             problems.append(Problem(name, line, f"tenant {tenant!r} is listed twice"))
             continue
-        pcts = [_percent(value) for value in (markup, fee)]
-        if None in pcts:  # still a known tenant: its rules are not reported as naming an unknown one
-            problems.append(Problem(name, line, "markup_pct and byok_fee_pct must be numbers >= 0, e.g. 10 or 2.5"))
+        pcts = [_percent(column, value) for column, value in (("markup_pct", markup), ("byok_fee_pct", fee))]
+        problem = next((p for p in pcts if isinstance(p, str)), None)
+        if problem:  # still a known tenant: its rules are not reported as naming an unknown one
+            problems.append(Problem(name, line, problem))
             pcts = [Decimal(0), Decimal(0)]
         tenants[tenant] = Tenant(tenant, title, pcts[0], pcts[1])
     return tenants
 
 
-def _percent(value: str) -> Decimal | None:
-    try:
-        number = Decimal(value)
-    except InvalidOperation:
-        return None
-    return number if number.is_finite() and number >= 0 else None
+def _percent(column: str, text: str) -> Decimal | str:
+    """A tenant's percentage, else its problem (a non-number keeps the wording `/readyz` has always shown)."""
+    if finite_number(text) is None:
+        return "markup_pct and byok_fee_pct must be numbers >= 0, e.g. 10 or 2.5"
+    return PERCENT.check(column, text)
 
 
 def _load_access(path: Path, files: PolicyFiles) -> None:
@@ -282,13 +335,9 @@ def _load_limits(path: Path, files: PolicyFiles) -> None:
                    or (None if subject in ("tenant", "*") else _subject_problem(subject))
                    or (None if metric in METRICS else f"unknown metric {metric!r}: use {', '.join(METRICS)}")
                    or (None if window in WINDOWS else f"unknown window {window!r}: use {', '.join(WINDOWS)}"))
-        limit = _percent(amount) if not problem else None
-        if not problem and limit is None:
-            problem = f"limit {amount!r} must be a number >= 0"
-        if not problem and metric != "usd" and limit != limit.to_integral_value():
-            problem = f"a {metric} limit must be a whole number, got {amount}"
-        if problem:
-            files.problems.append(Problem(name, line, problem))
+        limit = problem or LIMIT_BOUNDS[metric].check("limit", amount, f"a {metric} limit")
+        if isinstance(limit, str):
+            files.problems.append(Problem(name, line, limit))
             continue
         files.limits.append(LimitRule(line, tenant, subject, metric, window, limit))
 

@@ -60,7 +60,7 @@ class PolicyWatcher:
 
     async def check(self) -> bool:
         """Reload if the files changed since the last look; True if a new set was swapped in."""
-        signature = self._full_signature()
+        signature = await asyncio.to_thread(self._full_signature)  # stats files, may reload control.db
         if signature == self._signature:
             return False
         keys_changed = signature[1] != self._signature[1]

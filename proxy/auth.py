@@ -7,14 +7,19 @@ whenever SQLite's `data_version` says the CLI committed a change, so a token rev
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
-from dataclasses import dataclass
+import logging
+import threading
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from proxy.control import ClientToken, ControlStore, ProviderKey, utcnow
 from proxy.crypto import Keyring
 from proxy.errors import Unauthenticated
 
+log = logging.getLogger("tollway.control")
 INVALID_CREDENTIAL = ("Invalid, expired or revoked Tollway credential. "
                       "Ask your Tollway operator for a new token (`tollway tokens create`).")
 
@@ -41,35 +46,72 @@ class _TokenEntry:
 
 
 class ControlView:
-    """An in-memory snapshot of tokens and keys, reloaded when `control.db` changes."""
+    """An in-memory snapshot of tokens and keys, reloaded when `control.db` changes.
 
-    def __init__(self, store: ControlStore, keyring: Keyring) -> None:
-        self._store = store
+    Two connections: `probe`, read on the event loop only for `PRAGMA data_version` (a counter in
+    WAL shared memory: no disk read, no lock wait), and `reader`, which reloads the snapshot in a
+    worker thread. Requests that find a reload under way wait for it (so a revoked token fails on
+    the very next request) without blocking the loop."""
+
+    def __init__(self, probe: ControlStore, reader: ControlStore, keyring: Keyring) -> None:
+        self._probe = probe
+        self._reader = reader
         self._keyring = keyring
-        self._version = -1
+        self._lock = threading.Lock()  # one reload at a time on the reader connection
+        self._reader_version = -1
+        self._probe_version = probe.data_version()
+        self._reloading: asyncio.Future | None = None
         self.tokens: dict[str, _TokenEntry] = {}
         self.keys: dict[str, ProviderKey] = {}
         self.refresh()
 
     def refresh(self) -> bool:
-        """Reload if another connection committed since the last look; True if reloaded."""
-        version = self._store.data_version()
-        if version == self._version:
-            return False
-        self._version = version
-        self.tokens = {
-            h: _TokenEntry(h, t, datetime.fromisoformat(t.expires_at) if t.expires_at else None)
-            for h, t in self._store.tokens_by_hash().items() if t.revoked_at is None
-        }
-        self.keys = {k.key_id: k for k in self._store.list_keys(with_secrets=True)}
-        return True
+        """Reload if another connection committed since the last look; True if reloaded. Blocking:
+        call it at start-up or from a thread."""
+        with self._lock:
+            version = self._reader.data_version()
+            if version == self._reader_version:
+                return False
+            tokens = {
+                h: _TokenEntry(h, t, datetime.fromisoformat(t.expires_at) if t.expires_at else None)
+                for h, t in self._reader.tokens_by_hash().items() if t.revoked_at is None
+            }
+            self.tokens, self.keys, self._reader_version = tokens, self._keys(), version
+            return True
 
-    def authenticate(self, credential: str | None, missing_hint: str) -> Identity:
+    def _keys(self) -> dict[str, ProviderKey]:
+        keys = {k.key_id: k for k in self._reader.list_keys(with_secrets=True)}
+        for key_id, known in list(self.keys.items()):  # failing marks not yet written keep their effect
+            if key_id in keys and known.health != "ok" and keys[key_id].updated_at == known.updated_at:
+                keys[key_id] = replace(keys[key_id], health=known.health)
+        return keys
+
+    async def current(self) -> None:
+        """Bring the snapshot up to date with control.db without blocking the event loop (if control.db
+        cannot be read, the snapshot stays as it was)."""
+        version = self._probe.data_version()
+        if version == self._probe_version:
+            return
+        if self._reloading is None:
+            self._reloading = asyncio.ensure_future(asyncio.to_thread(self.refresh))
+            self._reloading.add_done_callback(lambda done: self._reloaded(done, version))
+        with contextlib.suppress(Exception):  # logged by `_reloaded`: the last good snapshot stays in force
+            await asyncio.shield(self._reloading)
+
+    def _reloaded(self, done: asyncio.Future, version: int) -> None:
+        self._reloading = None
+        if done.cancelled() or done.exception() is not None:
+            log.error("control.db could not be read; serving the snapshot loaded before: %s",
+                      None if done.cancelled() else done.exception())
+        else:
+            self._probe_version = version
+
+    async def authenticate(self, credential: str | None, missing_hint: str) -> Identity:
         if not credential:
             raise Unauthenticated(f"No credential sent. {missing_hint}")
         if not credential.startswith("tw_"):
             raise Unauthenticated(INVALID_CREDENTIAL)
-        self.refresh()
+        await self.current()
         token_hash = self._keyring.token_hash(credential)
         entry = self.tokens.get(token_hash)
         if entry is None or not hmac.compare_digest(entry.token_hash, token_hash):

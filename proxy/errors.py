@@ -5,6 +5,7 @@
     ├── Forbidden                403  denied
     │   ├── PolicyDenied
     │   ├── NoRoute
+    │   ├── UnknownTenant             (code unknown_tenant: the credential names no tenant of tenants.csv)
     │   └── ModelUnpriced             (code model_unpriced: no price, and a usd limit applies)
     ├── UnknownProvider          404  bad_request
     ├── BadRequest               400  bad_request
@@ -12,8 +13,10 @@
     │   └── BodyTimeout          408
     ├── RateLimited              429  rate_limited     (carries retry_after)
     │   └── BudgetExceeded            budget_exceeded
+    ├── InternalError            500  internal_error   (a failure nothing else foresaw; logged)
     ├── StoreUnavailable         503  upstream_error   (not recorded: the event store is what failed)
-    ├── UpstreamUnreachable      502  upstream_error
+    ├── UpstreamUnreachable      502  upstream_error   (the next key of a pool is tried)
+    ├── UpstreamTooLarge         502  upstream_error   (a JSON answer past [server] max_response_bytes)
     └── UpstreamTimeout          504  timeout
 
 Third-party exceptions (aiohttp, asyncio timeouts) are translated into this tree in one place,
@@ -52,6 +55,10 @@ class NoRoute(Forbidden):
     pass
 
 
+class UnknownTenant(Forbidden):
+    code = "unknown_tenant"
+
+
 class ModelUnpriced(Forbidden):
     code = "model_unpriced"
 
@@ -80,12 +87,20 @@ class BudgetExceeded(RateLimited):
     outcome, kind = "budget_exceeded", "budget"
 
 
+class InternalError(TollwayError):
+    status, outcome, kind = 500, "internal_error", "internal"
+
+
 class StoreUnavailable(TollwayError):
     status, outcome, kind = 503, "upstream_error", "unavailable"
     recorded = False
 
 
 class UpstreamUnreachable(TollwayError):
+    status, outcome, kind = 502, "upstream_error", "upstream"
+
+
+class UpstreamTooLarge(TollwayError):
     status, outcome, kind = 502, "upstream_error", "upstream"
 
 

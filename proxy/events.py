@@ -53,7 +53,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("price_source", "VARCHAR"),
 )
 OUTCOMES = ("ok", "denied", "rate_limited", "budget_exceeded", "unauthenticated", "bad_request",
-            "upstream_error", "timeout", "cancelled")
+            "upstream_error", "timeout", "cancelled", "internal_error")
 
 CREATE_TABLE = "CREATE TABLE IF NOT EXISTS events (\n    " + ",\n    ".join(
     f"{name} {kind}" for name, kind in COLUMNS) + "\n)"

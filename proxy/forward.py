@@ -9,6 +9,7 @@ Every request, refused ones included, ends as exactly one event.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 import uuid
@@ -24,9 +25,11 @@ from proxy.errors import (
     BadRequest,
     BodyTimeout,
     BodyTooLarge,
+    InternalError,
     PolicyDenied,
     StoreUnavailable,
     TollwayError,
+    UnknownTenant,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
@@ -34,13 +37,16 @@ from proxy.events import Event
 from proxy.meter import meter, pricing_model, refuse_unpriced
 from proxy.providers.base import Adapter, CallInfo, Usage, json_decode, json_encode
 from proxy.providers.registry import CREDENTIAL_HEADERS, CREDENTIAL_QUERY_PARAMS
+from proxy.request_body import parse_json_body
 from proxy.sse import SseParser
 
 if TYPE_CHECKING:
     from policy.loader import PolicySet
     from proxy.gateway import Gateway, ProviderRoute
     from proxy.limits import Reservation
+    from proxy.upstream import UpstreamResponse
 
+log = logging.getLogger("tollway.gateway")
 REQUEST_ID_HEADER = b"x-tollway-request-id"
 COST_HEADER = b"x-tollway-cost-usd"
 #: Never forwarded upstream: hop-by-hop, routing and client-identity headers, and what aiohttp sets.
@@ -60,6 +66,8 @@ _CLIENT_GONE_STATUS = 499  # as nginx logs it: the client closed the request
 STORE_UNAVAILABLE = ("Tollway cannot record usage right now (its event store cannot be written) and refuses "
                      "requests rather than serve unmetered traffic. Retry shortly; operators: see the gateway log "
                      "and /readyz (disk space and permissions of events.duckdb).")
+INTERNAL_ERROR = ("Tollway failed to handle this request (an internal error, logged with its x-tollway-request-id). "
+                  "Retry; if it persists, give the request id to your Tollway operator.")
 
 
 def new_request_id() -> uuid.UUID:
@@ -111,6 +119,12 @@ async def handle(gw: Gateway, route: ProviderRoute, scope: dict, receive, send) 
         call.event.outcome, call.event.status_code = "cancelled", _CLIENT_GONE_STATUS
         if not call.client_gone:  # a server shutdown, not our own cancel: let it propagate
             raise
+    except Exception:  # a failure nothing above foresaw: still a 500 in the route's format, and an event
+        log.exception("request %s failed inside the gateway", call.event.event_id)
+        call.event.outcome = "internal_error"
+        if not call.response_started:
+            call.event.status_code = InternalError.status
+            await _send_error(call, route.adapter, InternalError(INTERNAL_ERROR), send)
     finally:
         call.done = True
         await _finish(gw, route, call)
@@ -130,11 +144,15 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
 
     credential = adapter.client_credential(headers, dict(query)) or headers.get("cf-access-jwt-assertion")
     identity = await gw.identify(credential, route.credential_hint)
-    event.tenant, event.auth_method = identity.tenant, identity.auth_method
+    policies = call.policies = gw.policies  # one policy set for the whole request, even across a reload
+    event.auth_method = identity.auth_method
+    if identity.tenant not in policies.files.tenants:  # recorded with no tenant: it names none of ours
+        raise UnknownTenant(f"The credential names tenant {identity.tenant!r}, which is not a tenant of this gateway. "
+                            "Ask your Tollway operator to add it to tenants.csv, or for a credential of your tenant.")
+    event.tenant = identity.tenant
     event.user_pseudonym = gw.pseudonymize(identity.tenant, identity.user)
 
-    call.body = parse_json_body(raw, scope["method"])
-    policies = call.policies = gw.policies  # one policy set for the whole request, even across a reload
+    call.body = parse_json_body(raw)
     is_models, model_id = adapter.model_path(scope["method"], path)
     if is_models and model_id is None:
         await _serve_model_list(gw, route, call, identity, path, headers, query, send)
@@ -187,7 +205,7 @@ async def _forward_with_failover(gw: Gateway, route: ProviderRoute, call: Call, 
                 if status in (401, 403):
                     gw.key_refused(key, status)
                 elif status == 429:
-                    gw.key_rate_limited(key, response.headers.get("retry-after"))
+                    gw.key_rate_limited(key, response.header("retry-after"))
                 if not last and (status in (401, 403, 429) or status >= 500):
                     await asyncio.sleep(backoff * 2 ** (attempt - 1))
                     continue
@@ -195,9 +213,13 @@ async def _forward_with_failover(gw: Gateway, route: ProviderRoute, call: Call, 
                 event.outcome = "ok" if status < 400 else "upstream_error"
                 response_headers = _response_headers(response.raw_headers, event.event_id, key)
                 if response.content_type == "text/event-stream":
-                    await _relay_stream(call, adapter, response, response_headers, send)
-                else:
-                    await _relay_body(call, route, response, response_headers, send)
+                    await _relay_stream(call, adapter, response, response_headers, send,
+                                        gw.settings.server.max_sse_event_bytes)
+                elif _is_json(response.content_type):
+                    await _relay_body(call, route, response, response_headers, send,
+                                      gw.settings.server.max_response_bytes)
+                else:  # files, audio, HTML error pages: nothing to meter, so nothing to hold
+                    await _relay_raw(call, response, response_headers, send)
                 event.upstream_ms = round((time.perf_counter() - upstream_started) * 1000, 3)
                 return
         except (UpstreamUnreachable, UpstreamTimeout) as err:
@@ -229,7 +251,7 @@ async def _serve_model_list(gw: Gateway, route: ProviderRoute, call: Call, ident
     url = upstream_url(route.base_url, path, [(k, v) for k, v in query if k not in CREDENTIAL_QUERY_PARAMS])
     async with gw.upstream.request(route.settings, "GET", url, _upstream_headers(headers, adapter, key),
                                    None) as response:
-        body = await response.read()
+        body = await response.read(gw.settings.server.max_response_bytes)
         event.status_code, event.outcome = response.status, "ok" if response.status < 400 else "upstream_error"
         try:
             payload = json_decode(body) if response.status == 200 else None
@@ -265,8 +287,14 @@ def _upstream_headers(headers: dict[str, str], adapter: Adapter, key) -> list[tu
     return out + adapter.key_headers(key.secret)
 
 
-async def _relay_body(call: Call, route: ProviderRoute, response, headers: list, send) -> None:
-    body = await response.read()
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+async def _relay_body(call: Call, route: ProviderRoute, response: UpstreamResponse, headers: list, send,
+                      limit: int) -> None:
+    """A JSON answer, read whole (at most `limit` bytes) for its usage and its cost header."""
+    body = await response.read(limit)
     if response.status < 400 and body:
         try:
             payload = json_decode(body)
@@ -284,27 +312,43 @@ async def _relay_body(call: Call, route: ProviderRoute, response, headers: list,
     await send({"type": "http.response.body", "body": body})
 
 
-async def _relay_stream(call: Call, adapter: Adapter, response, headers: list, send) -> None:
+async def _relay_raw(call: Call, response: UpstreamResponse, headers: list, send) -> None:
+    """Any other body, passed on as it arrives (its length kept when it is not decoded here)."""
+    length = None if response.decoded else response.header("content-length")
+    if length is not None:
+        headers.append((b"content-length", length.encode("latin-1")))
+    call.response_started = True
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    async for chunk in response.chunks():
+        if call.event.ttfb_ms is None:
+            call.event.ttfb_ms = call.elapsed_ms()
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _relay_stream(call: Call, adapter: Adapter, response: UpstreamResponse, headers: list, send,
+                        max_event_bytes: int) -> None:
     """Pass each chunk on as it arrives; read usage from complete events on the side."""
     tap = adapter.stream_tap(call.info)
     call.usage, call.estimate_output_chars = tap.usage, 0  # filled in as events pass: a cut stream keeps them
-    parser = SseParser()
+    parser = SseParser(max_event_bytes)
     filtering = tap.hide_usage_event
     call.response_started = True
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    async for chunk in response.content.iter_any():
+    async for chunk in response.chunks():
         if call.event.ttfb_ms is None:
             call.event.ttfb_ms = call.elapsed_ms()
         events = parser.feed(chunk)
         if filtering:
-            chunk = b"".join(e.raw for e in events if tap.feed(e))
+            chunk = b"".join(e.raw for e in events if e.unread or tap.feed(e))
         else:
             for e in events:
-                tap.feed(e)
+                if not e.unread:
+                    tap.feed(e)
         call.estimate_output_chars = tap.text_chars
         if chunk:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    tail = b"".join(e.raw for e in parser.close() if tap.feed(e))  # a last event without its blank line
+    tail = b"".join(e.raw for e in parser.close() if e.unread or tap.feed(e))  # a last event without its blank line
     call.estimate_output_chars = tap.text_chars
     await send({"type": "http.response.body", "body": tail if filtering else b"", "more_body": False})
 
@@ -313,12 +357,19 @@ async def _finish(gw: Gateway, route: ProviderRoute, call: Call) -> None:
     """Meter, settle limits, record: runs once for every request, however it ended."""
     event = call.event
     event.latency_ms = call.elapsed_ms()
-    meter(call, route)
-    if call.reservation is not None:
-        await gw.limiter.settle(call.reservation, call.limits, event)
-    if call.recorded:
-        gw.recorder.record(event)
-    gw.metrics.observe(event)
+    try:
+        meter(call, route)
+        if call.reservation is not None:
+            await gw.limiter.settle(call.reservation, call.limits, event)
+    except Exception:
+        log.exception("request %s: metering or settling its limits failed; its event is recorded as it stands",
+                      event.event_id)
+    finally:
+        if event.status_code == 0:  # nothing answered the client: never recorded as a success
+            event.status_code, event.outcome = InternalError.status, "internal_error"
+        if call.recorded:
+            gw.recorder.record(event)
+        gw.metrics.observe(event)
 
 
 async def _send_error(call: Call, adapter: Adapter, err: TollwayError, send) -> None:
@@ -400,20 +451,6 @@ def request_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
             text = value.decode("latin-1")
         headers[name] = f"{headers[name]}, {text}" if name in headers else text
     return headers
-
-
-def parse_json_body(raw: bytes, method: str) -> dict | None:
-    if not raw:
-        return None
-    try:
-        body = json_decode(raw)
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"The request body is not valid JSON ({exc}).") from exc
-    except RecursionError as exc:
-        raise BadRequest("The request body is nested too deeply to be a model request.") from exc
-    if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object.")
-    return body
 
 
 def upstream_path(scope: dict, provider: str) -> str:

@@ -26,6 +26,7 @@ from policy.loader import PolicyInvalid, PolicySet, load_policy_set
 from policy.watch import PolicyWatcher
 from proxy.auth import ControlView, Identity
 from proxy.control import ControlStore, ProviderKey
+from proxy.control_writer import ControlWriter
 from proxy.crypto import Keyring, load_master_key
 from proxy.errors import NoRoute, RateLimited, StartupError
 from proxy.events import Pseudonymizer
@@ -62,10 +63,12 @@ class Gateway:
     def __init__(self, settings: Settings, keyring: Keyring, store: ControlStore, control: ControlView,
                  policies: PolicySet) -> None:
         self.settings = settings
-        self.store = store
+        self.store = store  # event-loop side: start-up reads only
         self.control = control
+        self.control_writer: ControlWriter | None = None
         self.policies = policies  # replaced whole on reload; read once per request
         self.policy_error: str | None = None  # the last refused edit, until a valid set loads
+        self._keyring = keyring
         self.pseudonymize = Pseudonymizer(keyring.pseudonym_key())
         self.routes = {
             name: ProviderRoute(name, p, adapter_for(p.style), URL(p.base_url),
@@ -90,7 +93,7 @@ class Gateway:
         """Read and validate everything; raise `StartupError` naming the first problems."""
         keyring = Keyring(load_master_key(settings.data_dir))
         store = ControlStore(settings.control_db, keyring, actor="gateway")
-        control = ControlView(store, keyring)
+        control = ControlView(store, ControlStore(settings.control_db, keyring, actor="gateway"), keyring)
         try:
             policies = load_policy_set(settings.data_dir, control.keys)
         except PolicyInvalid as exc:
@@ -112,6 +115,8 @@ class Gateway:
                                       batch_size=events.batch_size, max_buffered=events.max_buffered,
                                       fail_closed=events.fail_closed,
                                       rejected_path=self.settings.data_dir / "rejected-events.jsonl")
+        self.control_writer = ControlWriter(
+            lambda: ControlStore(self.settings.control_db, self._keyring, actor="gateway"))
         await self.upstream.start()
         self.reports = ReportSchedule(self._build_reports, self.settings.reports_dir,
                                       self.settings.pipeline.report_interval_s)
@@ -136,6 +141,8 @@ class Gateway:
         await self.upstream.close()
         if self.recorder:
             self.recorder.close()
+        if self.control_writer is not None:
+            await asyncio.to_thread(self.control_writer.close)
         if self._events_db is not None:
             self._events_db.close()
 
@@ -143,7 +150,7 @@ class Gateway:
         """A gateway token (`tw_…`) or, when `[auth.jwt]` is configured, an SSO/zero-trust JWT."""
         if credential and self.jwt is not None and looks_like_jwt(credential):
             return await self.jwt.identify(credential)
-        return self.control.authenticate(credential, hint)
+        return await self.control.authenticate(credential, hint)
 
     def _build_reports(self) -> dict:
         """Flush pending events, build the reports from a snapshot taken through our own connection
@@ -166,7 +173,12 @@ class Gateway:
     def _budget_alert(self, alert: Alert) -> None:
         log_alert(alert)
         self.metrics.alert(alert)
-        self.store.audit("budget.alert", alert.limit.scope.tenant, alert_details(alert))
+        self._audit("budget.alert", alert.limit.scope.tenant, alert_details(alert))
+
+    def _audit(self, action: str, target: str | None, details: dict) -> None:
+        """Queued: the request that caused it never waits for control.db."""
+        self.control_writer.submit(f"audit entry {action} {target}",
+                                   lambda store: store.audit(action, target, details))
 
     def _limit_refusal(self, refusal: Refusal) -> None:
         rule = refusal.limit.rule
@@ -206,8 +218,10 @@ class Gateway:
     def key_refused(self, key: ProviderKey, status: int) -> None:
         """401/403 from the provider: the key is failing until rotated."""
         self.metrics.key_failures.labels(key.key_id, str(status)).inc()
-        self.store.mark_key_failing(key.key_id, f"provider answered {status}")
-        self.control.keys[key.key_id] = replace(key, health=f"failing: provider answered {status}")
+        reason = f"provider answered {status}"
+        self.control.keys[key.key_id] = replace(key, health=f"failing: {reason}")
+        self.control_writer.submit(f"key {key.key_id} marked failing",
+                                   lambda store: store.mark_key_failing(key.key_id, reason))
         log.warning("key %s marked failing: the provider answered %s", key.key_id, status)
 
     def key_rate_limited(self, key: ProviderKey, retry_after: str | None) -> None:
@@ -236,7 +250,7 @@ class Gateway:
         log.info("policy reloaded: version %s -> %s (%d warnings)", old.version, new.version, len(new.warnings))
         for problem in new.warnings:
             log.warning("%s", problem)
-        self.store.audit("policy.reloaded", new.version, {"previous": old.version, "files": new.files.hashes})
+        self._audit("policy.reloaded", new.version, {"previous": old.version, "files": new.files.hashes})
 
     def _policy_unchanged(self) -> None:
         if self.policy_error is not None:
@@ -248,7 +262,7 @@ class Gateway:
         more = len(exc.problems) - 5
         self.policy_error = shown + (f"; and {more} more (`tollway policy check` lists all)" if more > 0 else "")
         log.error("policy edit refused, version %s stays in force: %s", self.policies.version, exc)
-        self.store.audit("policy.refused", self.policies.version,
+        self._audit("policy.refused", self.policies.version,
                          {"errors": [str(p) for p in exc.problems[:50]], "files": hashes})
 
     def usable_keys(self, route: RouteRule, tenant: str, provider: str) -> list[ProviderKey]:

@@ -27,6 +27,8 @@ ALGORITHMS = ("RS256", "ES256")
 _REFRESH_S = 5.0
 _CACHE_LIMIT = 50_000
 _LEEWAY_S = 30
+_MAX_IDENTIFIER = 256  # characters of a user, tenant or group name taken from a claim
+_MAX_ROLES = 256
 
 
 def looks_like_jwt(credential: str) -> bool:
@@ -91,13 +93,16 @@ class JwtVerifier:
 
     def _identity(self, claims: dict) -> Identity:
         s = self._settings
-        user, tenant = claims.get(s.user_claim), claims.get(s.tenant_claim)
-        if not isinstance(user, str) or not user:
-            raise Unauthenticated(f"JWT has no {s.user_claim!r} claim to identify the user.")
-        if not isinstance(tenant, str) or not tenant:
-            raise Unauthenticated(f"JWT has no {s.tenant_claim!r} claim naming the tenant.")
+        user = _identifier(claims, s.user_claim, "to identify the user")
+        tenant = _identifier(claims, s.tenant_claim, "naming the tenant")
         groups = claims.get(s.roles_claim) or []
-        roles = tuple(g for g in ([groups] if isinstance(groups, str) else groups) if isinstance(g, str) and g)
+        groups = [groups] if isinstance(groups, str) else groups
+        if not isinstance(groups, list) or len(groups) > _MAX_ROLES:
+            raise Unauthenticated(f"JWT claim {s.roles_claim!r} must be a list of at most {_MAX_ROLES} group names.")
+        roles = tuple(g for g in groups if isinstance(g, str) and g)
+        if any(not _usable(r) for r in roles):
+            raise Unauthenticated(f"JWT claim {s.roles_claim!r} holds a group name that is not a usable identifier "
+                                  f"(at most {_MAX_IDENTIFIER} printable characters).")
         return Identity(tenant, user, roles, "jwt")
 
     async def _jwks_key(self, kid: str | None) -> Any:
@@ -126,6 +131,22 @@ class JwtVerifier:
             if kind and jwk.get("kid"):
                 loaded[jwk["kid"]] = kind.from_jwk(json.dumps(jwk))
         self._jwks = loaded
+
+
+def _identifier(claims: dict, name: str, what: str) -> str:
+    """A user, tenant or group name from a claim: a non-empty string of at most `_MAX_IDENTIFIER`
+    printable characters (it becomes a policy subject, a log field, a metric label's candidate)."""
+    value = claims.get(name)
+    if not isinstance(value, str) or not value:
+        raise Unauthenticated(f"JWT has no {name!r} claim {what}.")
+    if not _usable(value):
+        raise Unauthenticated(f"JWT claim {name!r} is not a usable identifier (at most {_MAX_IDENTIFIER} printable "
+                              "characters).")
+    return value
+
+
+def _usable(value: str) -> bool:
+    return len(value) <= _MAX_IDENTIFIER and value.isprintable()
 
 
 def _header(token: str) -> dict:

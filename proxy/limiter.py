@@ -35,7 +35,7 @@ from proxy.providers.base import Adapter, CallInfo, Usage, estimate_tokens, text
 
 log = logging.getLogger("tollway.limits")
 #: Outcomes of requests that passed the limit check (and so count against limits).
-ADMITTED = ("ok", "upstream_error", "timeout", "cancelled")
+ADMITTED = ("ok", "upstream_error", "timeout", "cancelled", "internal_error")
 
 
 class LimitPlan(list):

@@ -20,10 +20,10 @@ import bisect
 import csv
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 
-from policy.files import Problem, csv_lines, glob_regex
+from policy.files import Bounds, Problem, csv_lines, glob_regex
 from proxy.price import Price
 
 HEADER = ["provider", "model", "effective_from", "input_usd_per_mtok", "output_usd_per_mtok",
@@ -39,6 +39,10 @@ RATE_COLUMNS = {
 OPTIONAL = [column for column in RATE_COLUMNS if column not in HEADER] + ["service_tier", "prompt_tokens_above",
                                                                        "max_output_tokens"]
 _NUMBER_COLUMNS = ("prompt_tokens_above", "max_output_tokens")
+#: A rate: USD per million tokens, per thousand web searches or per request.
+RATE = Bounds(0, 1_000_000)
+#: prompt_tokens_above and max_output_tokens (0 is the base row / no bound of its own, as ever).
+TOKEN_COUNT = Bounds(0, 100_000_000, whole=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,12 +179,12 @@ def _parse_row(line: int, values: dict[str, str], count: int, expected: int) -> 
         if isinstance(amount, str):
             return amount
         amounts[column] = amount
-    counts = {}
+    counts: dict[str, int | None] = {}
     for column in _NUMBER_COLUMNS:
-        text = values.get(column, "")
-        if text and not text.isdigit():
-            return f"{column} {text!r} must be a whole number of tokens"
-        counts[column] = int(text) if text else None
+        count = _count(column, values.get(column, ""))
+        if isinstance(count, str):
+            return count
+        counts[column] = count
     price = Price(effective, amounts["input_usd_per_mtok"], amounts["output_usd_per_mtok"],
                   **{field: amounts[column] for column, field in RATE_COLUMNS.items()},
                   max_output_tokens=counts["max_output_tokens"])
@@ -190,10 +194,14 @@ def _parse_row(line: int, values: dict[str, str], count: int, expected: int) -> 
 def _amount(column: str, text: str, required: bool) -> Decimal | None | str:
     if not text:
         return f"{column} must be a number (it may not be blank)" if required else None
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        return f"{column} {text!r} is not a number"
-    if not value.is_finite() or value < 0:
-        return f"{column} must be a number >= 0"
-    return value
+    return RATE.check(column, text)
+
+
+def _count(column: str, text: str) -> int | None | str:
+    """A token count written as plain digits (not 1e5 nor 2.0), within `TOKEN_COUNT`; None if blank."""
+    if not text:
+        return None
+    if not text.isdigit():
+        return TOKEN_COUNT.refusal(column, repr(text), "is not a whole number of tokens")
+    count = TOKEN_COUNT.check(column, text)  # also refuses digits that are no number, such as "²"
+    return count if isinstance(count, str) else int(count)

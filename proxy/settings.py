@@ -38,6 +38,11 @@ class ServerSettings:
     """Largest request body accepted; larger ones get 413 before they are read."""
     body_timeout_s: float = 30.0
     """Time allowed to receive a whole request body."""
+    max_response_bytes: int = 64 * 1024 * 1024
+    """Largest JSON answer buffered from a provider (to read its usage); larger ones get 502. Streams and
+    other bodies (files, audio) pass through unbuffered and are not capped."""
+    max_sse_event_bytes: int = 16 * 1024 * 1024
+    """Largest server-sent event read for usage; a longer one is passed on to the client unread."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ Fed raw bytes exactly as they arrive (any split), it returns only complete event
 raw bytes (so a caller can pass it on untouched), its `event:` name and its joined `data:`.
 `data:` is read with or without the space after the colon; `\\n`, `\\r\\n` and `\\r\\n\\r\\n`
 framing all work; comment lines (`: ping`) and unknown fields are kept in `raw` but ignored.
+An event longer than the parser's cap is returned as `unread` pieces (see `SseParser`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import re
 from dataclasses import dataclass
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_OVERLAP = 3  # a boundary is at most 4 bytes: the last 3 of a search may begin one that ends later
+DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,30 +22,50 @@ class SseEvent:
     raw: bytes  # the event's bytes including its blank-line terminator
     event: str | None
     data: bytes
+    unread: bool = False  # a piece of an event longer than the cap: to pass on, not to interpret
 
 
 class SseParser:
-    def __init__(self) -> None:
-        self._buffer = b""
+    """Linear in the stream's length, whatever its framing: each byte is searched for a boundary
+    once (plus a 3-byte overlap), and at most `max_event_bytes` of an unfinished event are held.
+    Beyond that the event is handed back in `unread` pieces until its boundary, then parsing
+    resumes: a provider sending 50 MB without a blank line costs 50 MB of pass-through, not memory."""
+
+    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self._buffer = bytearray()
+        self._searched = 0  # bytes at the buffer's start known to hold no boundary (but for the overlap)
+        self._max = max_event_bytes
+        self._oversized = False  # inside an event past the cap
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         """Add bytes; return the events they complete, in order."""
-        buffer = self._buffer + chunk if self._buffer else chunk
-        events = []
-        start = 0
-        for match in _BOUNDARY.finditer(buffer):
-            events.append(parse_event(buffer[start:match.end()]))
-            start = match.end()
-        self._buffer = buffer[start:]
+        buffer = self._buffer
+        buffer += chunk
+        events, start = [], 0
+        for match in _BOUNDARY.finditer(buffer, max(self._searched - _OVERLAP, 0)):
+            raw = bytes(buffer[start:match.end()])
+            events.append(SseEvent(raw, None, b"", True) if self._oversized else parse_event(raw))
+            self._oversized, start = False, match.end()
+        del buffer[:start]
+        if len(buffer) > self._max:  # keep the overlap: a boundary may start in it
+            events.append(SseEvent(bytes(buffer[:-_OVERLAP]), None, b"", True))
+            del buffer[:-_OVERLAP]
+            self._oversized = True
+        self._searched = len(buffer)
         return events
 
     def pending(self) -> bytes:
         """Bytes of an event that has not been completed (yet)."""
-        return self._buffer
+        return bytes(self._buffer)
 
     def close(self) -> list[SseEvent]:
         """End of stream: a final event without its blank line still counts."""
-        rest, self._buffer = self._buffer, b""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        self._searched = 0
+        if self._oversized:
+            self._oversized = False
+            return [SseEvent(rest, None, b"", True)] if rest else []
         return [parse_event(rest)] if rest.strip() else []
 
 

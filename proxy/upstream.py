@@ -1,20 +1,109 @@
-"""The upstream HTTP client (aiohttp) and the one place its exceptions become gateway errors.
+"""The upstream HTTP client (aiohttp), and the one place its exceptions become gateway errors.
 
 aiohttp is used because it kept its throughput flat under concurrency where httpx's pool did not
 (see the README's performance section). Per provider: a connect timeout and a read timeout
 (the longest silence while waiting for headers or the next chunk).
+
+No aiohttp type leaves this module: `request` yields an `UpstreamResponse`. Bodies are never
+decompressed behind the gateway's back: it asks for `identity`, and a provider that compresses
+anyway is inflated here in bounded steps (at most `_STEP` bytes per step, and `read` stops at its
+limit), so a 1 MB gzip that inflates to 1 GiB costs neither memory nor a stalled event loop.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 import aiohttp
 from yarl import URL
 
-from proxy.errors import UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import UpstreamTimeout, UpstreamTooLarge, UpstreamUnreachable
 from proxy.settings import ProviderSettings
+
+_STEP = 256 * 1024  # the most bytes inflated at once
+#: zlib window bits per Content-Encoding: gzip, or deflate (zlib-wrapped, as RFC 9110 defines it).
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+class UpstreamResponse:
+    """A provider's response: status and headers read, the body still on the wire."""
+
+    def __init__(self, response: aiohttp.ClientResponse, provider: str) -> None:
+        self._response = response
+        self._provider = provider
+        self.status = response.status
+        self.raw_headers: tuple[tuple[bytes, bytes], ...] = response.raw_headers
+        self.content_type = response.content_type  # media type only, lower case
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity") and encoding not in _DECODERS:
+            raise UpstreamUnreachable(f"The provider {provider!r} answered with a body encoded as {encoding!r}, "
+                                      "which Tollway did not ask for and cannot read. Try again later.")
+        self.decoded = encoding in _DECODERS  # the body will differ from the bytes on the wire
+        self._inflater = _Inflater(_DECODERS[encoding]) if self.decoded else None
+
+    def header(self, name: str) -> str | None:
+        return self._response.headers.get(name)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (decoded, in pieces of at most `_STEP` bytes when it was compressed)."""
+        async for chunk in self._response.content.iter_any():
+            if self._inflater is None:
+                yield chunk
+            else:
+                for piece in self._inflater.feed(chunk, self._provider):
+                    yield piece
+        if self._inflater is not None:
+            tail = self._inflater.flush(self._provider)
+            if tail:
+                yield tail
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body, or `UpstreamTooLarge` as soon as it passes `limit` bytes (decoded)."""
+        length = self._response.content_length
+        if length is not None and length > limit and self._inflater is None:
+            raise _too_large(self._provider, limit)
+        parts, size = [], 0
+        async for piece in self.chunks():
+            size += len(piece)
+            if size > limit:
+                raise _too_large(self._provider, limit)
+            parts.append(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class _Inflater:
+    """Incremental decoding that never produces more than `_STEP` bytes at once."""
+
+    def __init__(self, wbits: int) -> None:
+        self._z = zlib.decompressobj(wbits)
+
+    def feed(self, data: bytes, provider: str) -> Iterable[bytes]:
+        try:
+            piece = self._z.decompress(data, _STEP)
+            while piece:
+                yield piece
+                piece = self._z.decompress(self._z.unconsumed_tail, _STEP) if self._z.unconsumed_tail else b""
+        except zlib.error as exc:
+            raise _undecodable(provider) from exc
+
+    def flush(self, provider: str) -> bytes:
+        try:
+            return self._z.flush()
+        except zlib.error as exc:
+            raise _undecodable(provider) from exc
+
+
+def _too_large(provider: str, limit: int) -> UpstreamTooLarge:
+    return UpstreamTooLarge(f"The provider {provider!r} answered with more than this gateway buffers ({limit} bytes, "
+                            "[server] max_response_bytes). Ask for less (or stream the answer), or ask the "
+                            "operator to raise the limit.")
+
+
+def _undecodable(provider: str) -> UpstreamUnreachable:
+    return UpstreamUnreachable(f"The provider {provider!r} sent a compressed body that could not be decoded. "
+                               "Try again later.")
 
 
 class Upstream:
@@ -24,7 +113,7 @@ class Upstream:
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",),
+            connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
             timeout=aiohttp.ClientTimeout(total=None))
 
     async def close(self) -> None:
@@ -34,15 +123,15 @@ class Upstream:
 
     @asynccontextmanager
     async def request(self, provider: ProviderSettings, method: str, url: URL,
-                      headers: Iterable[tuple[str, str]], body: bytes | None) -> AsyncIterator[aiohttp.ClientResponse]:
+                      headers: Iterable[tuple[str, str]], body: bytes | None) -> AsyncIterator[UpstreamResponse]:
         """Send one request; yield the response with its headers read. Errors are translated."""
         assert self._session is not None, "Upstream.start() was not awaited"
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=provider.connect_timeout_s,
                                         sock_read=provider.read_timeout_s)
         try:
-            async with self._session.request(method, url, headers=list(headers), data=body, timeout=timeout,
-                                             allow_redirects=False) as response:
-                yield response
+            async with self._session.request(method, url, headers=[*headers, ("Accept-Encoding", "identity")],
+                                             data=body, timeout=timeout, allow_redirects=False) as response:
+                yield UpstreamResponse(response, provider.name)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"The provider {provider.name!r} did not answer in time. Try again; "
                                   f"if it persists, check its status or raise read_timeout_s.") from exc

@@ -544,3 +544,41 @@ def test_serve_refuses_bad_metering_settings_naming_the_key(cli, section, words)
     result = cli("serve")
     assert result.returncode == 1 and words in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- credits --------------------------------------------------------------------------------------------
+def credits_listed(cli: Cli) -> list[tuple[str, str]]:
+    return [(c["tenant"], c["amount_usd"]) for c in cli.json("credits", "list")]
+
+
+@pytest.mark.parametrize(("amount", "reason"), [
+    ("1e30", "--amount 1e30 is out of range"),
+    ("1000000000.01", "--amount 1000000000.01 is out of range"),
+    ("0", "--amount 0 is out of range"),
+    ("-5", "--amount -5 is out of range"),
+    ("NaN", "--amount 'NaN' is not a number"),
+    ("Infinity", "--amount 'Infinity' is not a number"),
+    ("sNaN", "--amount 'sNaN' is not a number"),
+    ("lots", "--amount 'lots' is not a number"),
+])
+def test_credits_add_refuses_an_absurd_amount_saying_what_is_allowed(cli, amount, reason):
+    result = cli("credits", "add", "--tenant", "acme", f"--amount={amount}")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (f"error: {reason}: a top-up in USD must be a number above 0 and at most 1000000000, "
+                             "e.g. 250 or 99.50\n")
+    assert credits_listed(cli) == []
+
+
+def test_credits_add_accepts_the_largest_amount(cli):
+    doc = cli.json("credits", "add", "--tenant", "acme", "--amount", "1000000000")
+    assert (doc["tenant"], doc["amount_usd"]) == ("acme", "1000000000")
+    cli.ok("credits", "add", "--tenant", "globex", "--amount", "0.01")
+    assert credits_listed(cli) == [("acme", "1000000000"), ("globex", "0.01")]
+
+
+def test_credits_add_keeps_refusing_fractions_of_a_cent_and_a_missing_amount(cli):
+    result = cli("credits", "add", "--tenant", "acme", "--amount", "0.001")
+    assert result.returncode == 1
+    assert result.stderr == "error: --amount has more than two decimals: credits are whole cents\n"
+    assert cli("credits", "add", "--tenant", "acme").returncode == 2  # a usage error
+    assert credits_listed(cli) == []

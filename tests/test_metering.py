@@ -494,3 +494,104 @@ def test_random_model_names_grow_no_unbounded_cache(tmp_path):
         assert prices.price("openai", f"gpt-invented-{i}", "openai", NOW) is None
     book_snapshot = prices.book._snapshot  # the library's own lookup caches are never used
     assert (len(book_snapshot._lookup_cache), len(book_snapshot._provider_cache)) == (0, 0)
+
+
+# --- a byte-order mark opening the file; absurd numbers ---------------------------------------------------
+BOM = b"\xef\xbb\xbf"
+PRICING_TEXT = ("# overrides, saved by Excel\n" + FULL_HEADER + "\n"
+                "anthropic,claude-x,2025-01-01,3,15,0.3,3.75,6,,,10,,,,64000\n"
+                "anthropic,claude-x,2025-01-01,6,22.5,0.6,7.5,12,,,10,,,200000,\n"
+                "openai,gpt-y,2025-01-01,2,8,0.5,,,40,80,,0.002,flex,,\n")
+
+
+def test_a_bom_opening_pricing_csv_loads_as_if_absent(tmp_path):
+    from proxy.overrides import load_overrides
+
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "bom").mkdir()
+    (tmp_path / "plain" / "pricing.csv").write_bytes(PRICING_TEXT.encode())
+    (tmp_path / "bom" / "pricing.csv").write_bytes(BOM + PRICING_TEXT.encode())
+    plain, plain_problems = load_overrides(tmp_path / "plain" / "pricing.csv")
+    with_bom, problems = load_overrides(tmp_path / "bom" / "pricing.csv")
+    assert (problems, plain_problems) == ([], [])
+    assert with_bom.rows == plain.rows and [r.line for r in with_bom.rows] == [3, 4, 5]
+    claude = OverrideBook(with_bom).price_at("anthropic", "claude-x", at("2025-06-01T00:00:00+00:00"))
+    assert (claude.input, claude.output, claude.max_output_tokens) == (Decimal(3), Decimal(15), 64000)
+    assert [(t, p.input) for t, p in claude.long_context] == [(200_000, Decimal(6))]
+
+
+def test_a_bom_on_a_later_line_of_pricing_csv_is_not_special(tmp_path):
+    path = tmp_path / "pricing.csv"
+    path.write_bytes(BOM + PRICING_TEXT.encode() + BOM + b"openai,gpt-z,2025-01-01,1,2,,,,,,,,,,\n")
+    book, problems = load_pricebook(path)
+    assert problems == []  # the provider is "\ufeffopenai", text like any other: it names no OpenAI model
+    assert book.models() == ["anthropic/claude-x", "openai/gpt-y", "\ufeffopenai/gpt-z"]
+    assert book.price_at("openai", "gpt-z", at("2025-06-01T00:00:00+00:00")) is None
+
+
+ABSURD = [
+    # every rate column: finite, >= 0, at most 1,000,000 USD (per Mtok, per 1,000 searches, per request)
+    ("openai,m,2025-01-01,1e30,2,,,,,,,,,,",
+     "input_usd_per_mtok 1e30 is out of range: it must be a number >= 0 and at most 1000000"),
+    ("openai,m,2025-01-01,1,1000000.01,,,,,,,,,,",
+     "output_usd_per_mtok 1000000.01 is out of range: it must be a number >= 0 and at most 1000000"),
+    ("openai,m,2025-01-01,1,2,1e7,,,,,,,,,",
+     "cached_input_usd_per_mtok 1e7 is out of range: it must be a number >= 0 and at most 1000000"),
+    ("openai,m,2025-01-01,1,2,,1e400,,,,,,,,",
+     "cache_write_usd_per_mtok 1e400 is out of range: it must be a number >= 0 and at most 1000000"),
+    ("openai,m,2025-01-01,1,2,,,2000000,,,,,,,",
+     "cache_write_1h_usd_per_mtok 2000000 is out of range: it must be a number >= 0 and at most 1000000"),
+    ("openai,m,2025-01-01,1,2,,,,1E+30,,,,,,",
+     "input_audio_usd_per_mtok 1E+30 is out of range: it must be a number >= 0 and at most 1000000"),
+    ("openai,m,2025-01-01,1,2,,,,,-1,,,,,",
+     "output_audio_usd_per_mtok -1 is out of range: it must be a number >= 0 and at most 1000000"),
+    ("openai,m,2025-01-01,1,2,,,,,,1e30,,,,",
+     "web_search_usd_per_kcall 1e30 is out of range: it must be a number >= 0 and at most 1000000"),
+    ("openai,m,2025-01-01,1,2,,,,,,,1e30,,,",
+     "request_usd 1e30 is out of range: it must be a number >= 0 and at most 1000000"),
+    ("openai,m,2025-01-01,NaN,2,,,,,,,,,,",
+     "input_usd_per_mtok 'NaN' is not a number: it must be a number >= 0 and at most 1000000"),
+    ("openai,m,2025-01-01,1,Infinity,,,,,,,,,,",
+     "output_usd_per_mtok 'Infinity' is not a number: it must be a number >= 0 and at most 1000000"),
+    ("openai,m,2025-01-01,1,2,-Infinity,,,,,,,,,",
+     "cached_input_usd_per_mtok '-Infinity' is not a number: it must be a number >= 0 and at most 1000000"),
+    ("openai,m,2025-01-01,1,2,,,,,,,sNaN,,,",
+     "request_usd 'sNaN' is not a number: it must be a number >= 0 and at most 1000000"),
+    # token thresholds: whole numbers, at most 100,000,000
+    ("openai,m,2025-01-01,1,2,,,,,,,,,100000001,",
+     "prompt_tokens_above 100000001 is out of range: it must be a whole number >= 0 and at most 100000000"),
+    ("openai,m,2025-01-01,1,2,,,,,,,,,,99999999999999999999",
+     "max_output_tokens 99999999999999999999 is out of range: it must be a whole number >= 0 and at most "
+     "100000000"),
+    ("openai,m,2025-01-01,1,2,,,,,,,,,,1e5",
+     "max_output_tokens '1e5' is not a whole number of tokens: it must be a whole number >= 0 and at most "
+     "100000000"),
+    ("openai,m,2025-01-01,1,2,,,,,,,,,,²",  # a digit to str.isdigit, yet no number (it used to crash the loader)
+     "max_output_tokens '²' is not a number: it must be a whole number >= 0 and at most 100000000"),
+]
+
+
+@pytest.mark.parametrize("row, message", ABSURD, ids=[f"{i}-{m.split()[0]}" for i, (_, m) in enumerate(ABSURD)])
+def test_absurd_numbers_are_refused_saying_what_is_allowed(tmp_path, row, message):
+    path = write_prices(tmp_path, "openai,good,2025-01-01,1,2,,,,,,,,,,", row, header=FULL_HEADER)
+    book, problems = load_pricebook(path)
+    assert problems == [Problem("pricing.csv", 3, message)]
+    assert str(problems[0]) == f"pricing.csv:3: error: {message}"
+    assert book.models() == ["openai/good"]
+
+
+def test_the_largest_and_smallest_numbers_allowed_load(tmp_path):
+    path = write_prices(tmp_path, "openai,m,2025-01-01,1000000,1000000,1000000,1000000,1000000,1000000,1000000,"
+                                  "1000000,1000000,,,100000000",
+                        "openai,m,2025-01-01,1000000,1000000,,,,,,,,,100000000,",
+                        "openai,z,2025-01-01,0,0,0,0,0,0,0,0,0,,0,0", header=FULL_HEADER)
+    book, problems = load_pricebook(path)
+    assert problems == []
+    when = at("2025-06-01T00:00:00+00:00")
+    top = book.price_at("openai", "m", when)
+    assert (top.input, top.output, top.cached_input, top.cache_write, top.cache_write_1h, top.input_audio,
+            top.output_audio, top.web_search_per_k, top.request_fee, top.max_output_tokens) == (
+        *[Decimal(1_000_000)] * 9, 100_000_000)
+    assert [(t, p.input) for t, p in top.long_context] == [(100_000_000, Decimal(1_000_000))]
+    zero = book.price_at("openai", "z", when)
+    assert (zero.input, zero.request_fee, zero.max_output_tokens, zero.long_context) == (Decimal(0), Decimal(0), 0, ())

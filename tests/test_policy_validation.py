@@ -8,10 +8,12 @@ overwrites one or two files, so the line numbers in the expectations are those o
 from __future__ import annotations
 
 import shutil
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
+from policy.files import load_policy_files
 from proxy.cli import main as cli_main
 from tests.helpers import run_cli
 
@@ -144,18 +146,50 @@ ERRORS = [
      ["policy/limits.csv:4: error: unknown metric 'dollars': use requests, tokens, usd"]),
     ("unknown-window", {"policy/limits.csv": LIMITS + "acme,*,usd,week,5\n"},
      ["policy/limits.csv:4: error: unknown window 'week': use minute, hour, day, month"]),
-    # negative or non-numeric limits
+    # negative, non-numeric or absurd limits: the message says what the metric allows
     ("negative-limit", {"policy/limits.csv": LIMITS + "acme,*,usd,day,-5\n"},
-     ["policy/limits.csv:4: error: limit '-5' must be a number >= 0"]),
+     ["policy/limits.csv:4: error: limit -5 is out of range: a usd limit must be a number >= 0 and at most "
+      "1000000000"]),
     ("non-numeric-limit", {"policy/limits.csv": LIMITS + "acme,*,requests,hour,lots\n"},
-     ["policy/limits.csv:4: error: limit 'lots' must be a number >= 0"]),
+     ["policy/limits.csv:4: error: limit 'lots' is not a number: a requests limit must be a whole number >= 0 "
+      "and at most 1000000000000"]),
     ("nan-limit", {"policy/limits.csv": LIMITS + "acme,*,usd,day,NaN\n"},
-     ["policy/limits.csv:4: error: limit 'NaN' must be a number >= 0"]),
+     ["policy/limits.csv:4: error: limit 'NaN' is not a number: a usd limit must be a number >= 0 and at most "
+      "1000000000"]),
+    ("snan-limit", {"policy/limits.csv": LIMITS + "acme,*,tokens,day,sNaN\n"},
+     ["policy/limits.csv:4: error: limit 'sNaN' is not a number: a tokens limit must be a whole number >= 0 "
+      "and at most 1000000000000"]),
+    ("infinite-limit", {"policy/limits.csv": LIMITS + "acme,*,usd,month,Infinity\n"},
+     ["policy/limits.csv:4: error: limit 'Infinity' is not a number: a usd limit must be a number >= 0 and at "
+      "most 1000000000"]),
+    ("huge-usd-limit", {"policy/limits.csv": LIMITS + "acme,*,usd,month,1e400\n"},
+     ["policy/limits.csv:4: error: limit 1e400 is out of range: a usd limit must be a number >= 0 and at most "
+      "1000000000"]),
+    ("usd-limit-a-cent-above-the-maximum", {"policy/limits.csv": LIMITS + "acme,*,usd,month,1000000000.01\n"},
+     ["policy/limits.csv:4: error: limit 1000000000.01 is out of range: a usd limit must be a number >= 0 and "
+      "at most 1000000000"]),
+    ("huge-request-limit", {"policy/limits.csv": LIMITS + "acme,*,requests,day,1000000000001\n"},
+     ["policy/limits.csv:4: error: limit 1000000000001 is out of range: a requests limit must be a whole "
+      "number >= 0 and at most 1000000000000"]),
+    ("huge-token-limit", {"policy/limits.csv": LIMITS + "acme,*,tokens,minute,1e999999\n"},
+     ["policy/limits.csv:4: error: limit 1e999999 is out of range: a tokens limit must be a whole number >= 0 "
+      "and at most 1000000000000"]),
     ("fractional-request-limit", {"policy/limits.csv": LIMITS + "acme,*,requests,hour,2.5\n"},
-     ["policy/limits.csv:4: error: a requests limit must be a whole number, got 2.5"]),
+     ["policy/limits.csv:4: error: limit 2.5 is not a whole number: a requests limit must be a whole number "
+      ">= 0 and at most 1000000000000"]),
     ("limits-header", {"policy/limits.csv": "tenant,who,metric,window,limit\nacme,tenant,usd,month,5\n"},
      ["policy/limits.csv:1: error: header must be tenant,subject,metric,window,limit"]),
     ("tenants-negative-markup", {"tenants.csv": TENANTS + "initech,Initech,-1,0\n"},
+     ["tenants.csv:4: error: markup_pct -1 is out of range: it must be a number >= 0 and at most 1000"]),
+    ("tenants-huge-markup", {"tenants.csv": TENANTS + "initech,Initech,1e30,0\n"},
+     ["tenants.csv:4: error: markup_pct 1e30 is out of range: it must be a number >= 0 and at most 1000"]),
+    ("tenants-markup-just-above-the-maximum", {"tenants.csv": TENANTS + "initech,Initech,1000.01,0\n"},
+     ["tenants.csv:4: error: markup_pct 1000.01 is out of range: it must be a number >= 0 and at most 1000"]),
+    ("tenants-huge-byok-fee", {"tenants.csv": TENANTS + "initech,Initech,10,1e400\n"},
+     ["tenants.csv:4: error: byok_fee_pct 1e400 is out of range: it must be a number >= 0 and at most 1000"]),
+    ("tenants-infinite-byok-fee", {"tenants.csv": TENANTS + "initech,Initech,10,Infinity\n"},
+     ["tenants.csv:4: error: markup_pct and byok_fee_pct must be numbers >= 0, e.g. 10 or 2.5"]),
+    ("tenants-nan-markup", {"tenants.csv": TENANTS + "initech,Initech,NaN,0\n"},
      ["tenants.csv:4: error: markup_pct and byok_fee_pct must be numbers >= 0, e.g. 10 or 2.5"]),
 ]
 
@@ -293,7 +327,8 @@ def test_every_problem_of_every_file_is_listed_in_file_and_line_order(deploy):
         "policy/access.csv:2: error: unknown rule type 'x': use p (permission) or g (role)",
         "policy/access.csv:3: error: tenant 'nowhere' is not in tenants.csv",
         "policy/limits.csv:4: error: unknown window 'fortnight': use minute, hour, day, month",
-        "policy/limits.csv:5: error: limit '-1' must be a number >= 0",
+        "policy/limits.csv:5: error: limit -1 is out of range: a usd limit must be a number >= 0 "
+        "and at most 1000000000",
         "tenants.csv:4: error: tenant 'acme' is listed twice",
     ]
     assert code == 1
@@ -323,3 +358,87 @@ def test_missing_policy_file_is_an_error(deploy, capsys):
     code, problems, _ = check(deploy, capsys)
     assert problems == ["policy/access.csv:0: error: file is missing; `tollway init` writes a sample"]
     assert code == 1
+
+
+# --- the largest numbers allowed load -----------------------------------------------------------------
+def test_the_largest_limits_and_percentages_load(deploy, capsys):
+    (deploy / "policy/limits.csv").write_text("tenant,subject,metric,window,limit\nacme,tenant,usd,month,1000000000\n"
+                                              "acme,*,requests,minute,1000000000000\nglobex,*,tokens,day,1e12\n"
+                                              "globex,tenant,usd,day,0\n")
+    (deploy / "tenants.csv").write_text("tenant,name,markup_pct,byok_fee_pct\nacme,Acme Corp,1000,1000\n"
+                                        "globex,Globex Inc,0,999.99\n")
+    code, problems, summary = check(deploy, capsys)
+    assert (code, problems) == (0, [])
+    assert summary == "4 access rules, 1 role links, 3 routes, 4 limits, 2 tenants: 0 error(s), 0 warning(s)"
+    files = load_policy_files(deploy)
+    assert [(r.line, r.metric, r.limit) for r in files.limits] == [
+        (2, "usd", Decimal("1000000000")), (3, "requests", Decimal("1000000000000")),
+        (4, "tokens", Decimal("1000000000000")), (5, "usd", Decimal("0"))]
+    assert [(t.tenant, t.markup_pct, t.byok_fee_pct) for t in files.tenants.values()] == [
+        ("acme", Decimal("1000"), Decimal("1000")), ("globex", Decimal("0"), Decimal("999.99"))]
+
+
+# --- a UTF-8 byte-order mark (Excel on Windows writes one) ----------------------------------------------
+BOM = b"\xef\xbb\xbf"
+
+
+def loaded(data_dir: Path) -> tuple:
+    """Everything the loader makes of a deployment's files except their hashes (a BOM changes those)."""
+    files = load_policy_files(data_dir)
+    return files.access, files.roles, files.routes, files.limits, files.tenants, files.problems
+
+
+@pytest.mark.parametrize("name", list(FILES))
+def test_a_bom_opening_a_file_loads_as_if_absent(deploy, capsys, name):
+    without = loaded(deploy)
+    assert without[:5] != ([], [], [], [], {})
+    (deploy / name).write_bytes(BOM + FILES[name].encode())
+    assert (deploy / name).read_bytes()[:4] == BOM + FILES[name][:1].encode()
+    assert loaded(deploy) == without
+    code, problems, summary = check(deploy, capsys)
+    assert (code, problems) == (0, [])
+    assert summary == "4 access rules, 1 role links, 3 routes, 2 limits, 2 tenants: 0 error(s), 0 warning(s)"
+
+
+def test_a_bom_on_every_file_with_crlf_line_ends_through_the_real_command(deploy):
+    for name, text in FILES.items():
+        (deploy / name).write_bytes(BOM + text.replace("\n", "\r\n").encode())
+    result = run_cli(deploy, "policy", "check")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "4 access rules, 1 role links, 3 routes, 2 limits, 2 tenants: 0 error(s), 0 warning(s)"]
+
+
+@pytest.mark.parametrize(("name", "raw", "expected"), [
+    # a BOM opening a later line is text like any other: here it spoils that line's first field
+    ("policy/access.csv", ACCESS.encode() + BOM + b"p, *, globex, gemini/*, allow\n",
+     "policy/access.csv:7: error: unknown rule type '\\ufeffp': use p (permission) or g (role)"),
+    ("policy/routes.csv", BOM + ROUTES.encode() + BOM + b"p, *, groq/*, operator-openai\n",
+     "policy/routes.csv:5: error: unknown rule type '\\ufeffp': routes use p lines only"),
+    # only the first of two BOMs opening the file is dropped
+    ("policy/limits.csv", BOM + BOM + LIMITS.encode(),
+     "policy/limits.csv:1: error: header must be tenant,subject,metric,window,limit"),
+], ids=["access-later-line", "routes-later-line", "limits-two-boms"])
+def test_a_bom_anywhere_else_is_not_special(deploy, capsys, name, raw, expected):
+    (deploy / name).write_bytes(raw)
+    code, problems, _ = check(deploy, capsys)
+    assert (code, problems) == (1, [expected])
+
+
+CASES = """tenant,user,roles,model,expect
+acme,alice@acme.com,,anthropic/claude-sonnet-4-5,allow
+acme,bob@acme.com,,openai/gpt-4o-mini,allow
+acme,dana@acme.com,engineering|contractors,anthropic/claude-opus-4-1,deny
+globex,carol@globex.com,,openai/gpt-4o,allow
+globex,carol@globex.com,,anthropic/claude-haiku-4-5,deny
+"""
+
+
+@pytest.mark.parametrize("bom", [b"", BOM], ids=["plain", "bom"])
+def test_policy_test_reads_a_cases_file_that_opens_with_a_bom(deploy, tmp_path, capsys, bom):
+    path = tmp_path / "cases.csv"
+    path.write_bytes(bom + CASES.encode())
+    capsys.readouterr()
+    code = cli_main(["--data-dir", str(deploy), "policy", "test", str(path)])
+    out, err = capsys.readouterr()
+    assert (code, out, err) == (0, "", "5 cases, 5 passed, 0 failed\n")

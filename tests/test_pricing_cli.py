@@ -255,3 +255,18 @@ def test_check_reads_the_gateways_fresh_report_while_the_gateway_holds_the_event
     assert json.loads(result.stdout)["unpriced"] == [
         {"model": "openai/gpt-unknown-2", "requests": 3, "seen_in": ["events"]}]
     assert (dep.path / "reports" / "tenant_costs.parquet").exists()
+
+
+# --- pricing.csv as Excel saves it; absurd rates --------------------------------------------------------
+def test_a_bom_opening_pricing_csv_is_ignored_and_an_absurd_rate_is_an_error(dep):
+    path = dep.path / "pricing.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    [line, bad] = append(path, "openai,gpt-4o-mini,2025-01-01,0.10,0.40,,", "openai,gpt-4o,2025-01-01,1e30,8.00,,")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf# Price OVERRIDES.")
+    doc = show(dep, "openai/gpt-4o-mini")
+    assert doc["source"] == "override" and doc["override_lines"] == [line]
+    assert rates(doc["price"], "input", "output") == (Decimal("0.10"), Decimal("0.40"))
+    doc = check(dep, expect=1)
+    assert doc["problems"] == [f"pricing.csv:{bad}: error: input_usd_per_mtok 1e30 is out of range: it must be a "
+                               "number >= 0 and at most 1000000"]
+    assert BOOK.fullmatch(show(dep, "openai/gpt-4o")["source"])  # the refused row is left out: the book prices it
