@@ -48,7 +48,7 @@ def create_app(gateway: Gateway) -> GatewayApp:
 
     @get("/metrics", sync_to_thread=False)
     def metrics() -> Response[bytes]:
-        body = gateway.metrics.render(gateway.recorder)
+        body = gateway.render_metrics()
         return Response(body, media_type=CONTENT_TYPE)
 
     def not_found(request: Request, exc: NotFoundException) -> Response:

@@ -32,7 +32,7 @@ from proxy.errors import NoRoute, RateLimited, StartupError
 from proxy.events import Pseudonymizer
 from proxy.jwt_auth import JwtVerifier, looks_like_jwt
 from proxy.limiter import Limiter, alert_details, alert_key, log_alert, rebuild_counters
-from proxy.limits import Alert, MemoryLimitStore, Refusal
+from proxy.limits import Alert, MemoryLimitStore, Refusal, Scope
 from proxy.metrics import Metrics
 from proxy.overrides import is_glob
 from proxy.pricebook import book_provider
@@ -179,6 +179,24 @@ class Gateway:
         """Queued: the request that caused it never waits for control.db."""
         self.control_writer.submit(f"audit entry {action} {target}",
                                    lambda store: store.audit(action, target, details))
+
+    def render_metrics(self) -> bytes:
+        """`/metrics`, with the gauges read from the live counters now (not when they last changed)."""
+        self.metrics.budgets(self._budget_ratios(datetime.now(UTC)))
+        self.metrics.control_writes_pending.set(self.control_writer.pending if self.control_writer else 0)
+        return self.metrics.render(self.recorder)
+
+    def _budget_ratios(self, now: datetime) -> list[tuple[str, str, int, float]]:
+        """Spent share of each tenant-wide `usd` limit (a `*` line: of each tenant of tenants.csv)."""
+        files = self.policies.files
+        out = []
+        for rule in files.limits:
+            if rule.metric != "usd" or rule.subject != "tenant" or rule.limit <= 0:
+                continue
+            for tenant in (files.tenants if rule.tenant == "*" else (rule.tenant,)):
+                spent = self.limit_store.spent(Scope(tenant, None), "usd", rule.window, now)
+                out.append((tenant, rule.window, rule.line, float(spent / rule.limit)))
+        return out
 
     def _limit_refusal(self, refusal: Refusal) -> None:
         rule = refusal.limit.rule

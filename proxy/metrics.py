@@ -53,6 +53,9 @@ class Metrics:
                                     "(only with [events] fail_closed = false)", registry=r)
         self.events_rejected = Gauge("tollway_events_rejected", "Events the store refused, set aside in "
                                      "rejected-events.jsonl", registry=r)
+        self.control_writes_pending = Gauge("tollway_control_writes_pending", "Audit entries and key health "
+                                            "changes waiting for control.db (it is locked while this grows)",
+                                            registry=r)
         self.event_store_up = Gauge("tollway_event_store_up", "1 when the last write to events.duckdb "
                                     "succeeded", registry=r)
         self._series: dict[tuple, tuple] = {}
@@ -102,10 +105,12 @@ class Metrics:
 
     def alert(self, alert: Alert) -> None:
         self.budget_alerts.labels(alert.limit.scope.tenant, str(alert.threshold)).inc()
-        if alert.limit.scope.user is None and alert.limit.rule.limit > 0:
-            ratio = float(alert.spent / alert.limit.rule.limit)
-            self.budget_spent_ratio.labels(alert.limit.scope.tenant, alert.limit.rule.window,
-                                           str(alert.limit.rule.line)).set(ratio)
+
+    def budgets(self, ratios: list[tuple[str, str, int, float]]) -> None:
+        """(tenant, window, limits.csv line, spent / limit) of every tenant-wide budget, as counted now."""
+        self.budget_spent_ratio.clear()  # budgets removed from limits.csv disappear
+        for tenant, window, line, ratio in ratios:
+            self.budget_spent_ratio.labels(tenant, window, str(line)).set(ratio)
 
     def render(self, recorder: EventRecorder | None) -> bytes:
         if recorder is not None:

@@ -262,13 +262,24 @@ def forged_tokens(idp: Idp) -> list[tuple[str, str, str]]:
          "JWT algorithm 'ES256' does not match the key its kid names."),
         ("string-exp", idp.mint("rsa-1", exp=str(now + 600)), "JWT claim 'exp' must be a number (seconds since the epoch)."),
         ("string-iat", idp.mint("ec-1", iat=str(now)), "JWT claim 'iat' must be a number (seconds since the epoch)."),
+        ("tenant-claim-too-long", idp.mint("rsa-1", org="a" * 257),
+         "JWT claim 'org' is not a usable identifier (at most 256 printable characters)."),
+        ("user-claim-with-a-newline", idp.mint("ec-1", email="zoe@acme.com\nadmin@acme.com"),
+         "JWT claim 'email' is not a usable identifier (at most 256 printable characters)."),
+        ("groups-claim-an-object", idp.mint("rsa-1", groups={"engineering": True}),
+         "JWT claim 'groups' must be a list of at most 256 group names."),
+        ("too-many-groups", idp.mint("rsa-1", groups=[f"g{i}" for i in range(257)]),
+         "JWT claim 'groups' must be a list of at most 256 group names."),
+        ("group-with-a-control-character", idp.mint("ec-1", groups=["engineering\x00"]),
+         "JWT claim 'groups' holds a group name that is not a usable identifier (at most 256 printable characters)."),
     ]
 
 
 CASES = ["expired", "not-yet-valid", "wrong-audience", "wrong-issuer", "alg-none", "tampered-payload",
          "signed-by-another-key", "hs256-with-public-key", "unknown-kid", "no-exp", "no-user-claim",
          "no-tenant-claim", "malformed", "rs256-naming-an-ec-key", "es256-naming-an-rsa-key", "string-exp",
-         "string-iat"]
+         "string-iat", "tenant-claim-too-long", "user-claim-with-a-newline", "groups-claim-an-object",
+         "too-many-groups", "group-with-a-control-character"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -283,6 +294,15 @@ def test_every_bad_token_is_refused_with_401_and_its_reason(gw, idp, case):
     with pytest.raises(anthropic.AuthenticationError) as refused:
         client.messages.create(model="claude-haiku-4-5", max_tokens=5, messages=[{"role": "user", "content": "x"}])
     assert refused.value.body["error"]["message"] == reason
+
+
+def test_a_jwt_naming_a_tenant_missing_from_tenants_csv_is_403_and_recorded_without_it(gw, idp):
+    response = chat(gw.url, **bearer(idp.mint("rsa-1", org="initech", email="eve@initech.com")))
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "unknown_tenant"
+    assert "'initech'" in response.json()["error"]["message"]
+    at_the_limit = idp.mint("ec-1", org="a" * 256)  # a usable identifier, but no tenant of ours
+    assert chat(gw.url, **bearer(at_the_limit)).json()["error"]["code"] == "unknown_tenant"
 
 
 def test_a_token_valid_within_the_leeway_is_accepted(gw, idp):
