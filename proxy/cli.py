@@ -15,6 +15,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from policy.files import load_policy_files
 from proxy.control import ControlError, ControlStore, utcnow
 from proxy.crypto import Keyring, SecretError, load_master_key, write_master_key
 from proxy.errors import StartupError
@@ -153,6 +154,9 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
     expires = utcnow() + parse_duration(args.expires_in) if args.expires_in else None
     token, secret = open_store(args).create_token(args.tenant, args.user, args.role or [], expires)
     say(f"token {token.token_id} for {token.user_id} in {token.tenant}; it is shown only this once")
+    if args.tenant not in load_policy_files(resolve_data_dir(args.data_dir)).tenants:
+        say(f"warning: tenant {args.tenant!r} is not in tenants.csv: the gateway refuses this token "
+            "(403 unknown_tenant) until it is added there")
     emit(args, {**token.as_json(), "token": secret}, secret)
     return 0
 

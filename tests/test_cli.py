@@ -320,6 +320,14 @@ def test_tokens_create_human_prints_only_the_token(cli):
     assert listed["expires_at"] is None and listed["revoked_at"] is None and listed["roles"] == []
 
 
+def test_tokens_create_for_a_tenant_missing_from_tenants_csv_warns_that_the_gateway_refuses_it(cli):
+    result = cli.ok("tokens", "create", "--tenant", "initech", "--user", "eve@initech.com")
+    assert result.stdout.strip().startswith("tw_")
+    assert ("warning: tenant 'initech' is not in tenants.csv: the gateway refuses this token "
+            "(403 unknown_tenant) until it is added there") in result.stderr
+    assert "warning" not in cli.ok("tokens", "create", "--tenant", "acme", "--user", "bob@acme.com").stderr
+
+
 def test_two_tokens_differ(cli):
     a = cli.json("tokens", "create", "--tenant", "acme", "--user", "u1")
     b = cli.json("tokens", "create", "--tenant", "acme", "--user", "u1")

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import select
 import socket
+import struct
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 
 import httpx
@@ -142,6 +146,55 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+# --- what a hostile provider sends (built once, on first use) ---------------------------------------
+MiB = 1024 * 1024
+BOMB_INFLATED = 1024 * MiB  # what `gzip-bomb` inflates to
+_BOMB_PREFIX = (b'{"id":"chatcmpl-bomb","object":"chat.completion","created":0,"model":"gpt-4o-mini",'
+                b'"choices":[{"index":0,"message":{"role":"assistant","content":"')
+_BOMB_SUFFIX = (b'"},"finish_reason":"stop"}],'
+                b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}')
+#: One 1 KiB `data:` line (a single LF, so never a blank line); `sse-no-boundaries` sends this MiB 50 times.
+SSE_LINE = b"data: " + b"x" * 1017 + b"\n"
+SSE_BLOCK = SSE_LINE * 1024
+SSE_BLOCKS = HUGE_BYTES // len(SSE_BLOCK)  # 50
+OVERSIZED_WORD = "z" * 300_000  # the word of `sse-oversized-usage`'s long event
+OCTET_BYTES = 20 * MiB
+
+
+@functools.cache
+def _gzip_bomb() -> bytes:
+    """A gzip member (~1 MB) whose content is a chat completion with a 1 GiB string of "0"s.
+
+    Compressing 1 GiB would take seconds; instead the raw deflate stream is assembled: after a full
+    flush deflate starts afresh, so the compressed form of one 1 MiB block of "0"s is simply repeated,
+    and the gzip header and trailer (CRC-32 and length of the 1 GiB) are written around it (0.3 s).
+    Checked once by hand: `zlib.decompressobj(31)` inflates it to exactly 1 GiB and reaches its end."""
+    block = b"0" * MiB
+    blocks, rest = divmod(BOMB_INFLATED - len(_BOMB_PREFIX) - len(_BOMB_SUFFIX), len(block))
+    last = b"0" * rest + _BOMB_SUFFIX
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    head = deflate.compress(_BOMB_PREFIX) + deflate.flush(zlib.Z_FULL_FLUSH)
+    middle = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
+    end = deflate.compress(last) + deflate.flush()
+    crc = zlib.crc32(_BOMB_PREFIX)
+    for _ in range(blocks):
+        crc = zlib.crc32(block, crc)
+    crc = zlib.crc32(last, crc)
+    gzip_header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"  # deflate, no name, mtime 0, max compression
+    return gzip_header + head + middle * blocks + end + struct.pack("<II", crc, BOMB_INFLATED % 2**32)
+
+
+@functools.cache
+def _octets() -> bytes:
+    """`octet-stream`'s body: every byte value, in order, over and over (20 MiB)."""
+    return bytes(range(256)) * (OCTET_BYTES // 256)
+
+
+def _compressor(encoding: str):
+    """A compressobj for a Content-Encoding: gzip (and its alias x-gzip), or zlib-wrapped deflate."""
+    return zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS | (16 if encoding in ("gzip", "x-gzip") else 0))
+
+
 class FaultServer:
     """A raw HTTP/1.1 provider on 127.0.0.1 that misbehaves per request header `x-fault`.
 
@@ -153,6 +206,19 @@ class FaultServer:
     header reflected as an `X-Echo-*` response header). Without a fault: a well-formed
     answer in the style of the path (OpenAI, Anthropic or Gemini), streamed when asked. A TLS
     ClientHello is answered with a plain-text 400, as a plain HTTP server would.
+
+    Faults of a provider that attacks the gateway's memory or parser (none of them asked for: the
+    gateway sends `Accept-Encoding: identity`):
+    `gzip-bomb` (200 JSON, `Content-Encoding: gzip`, about 1 MB that inflates to exactly 1 GiB: see
+    `_gzip_bomb`), `compressed:ENC` with ENC `gzip`, `x-gzip` or `deflate` (the well-formed answer, or
+    stream, compressed with it: what a provider ignoring `identity` sends), `encoding-NAME` (200 JSON
+    whose `Content-Encoding` is NAME, e.g. `br` or `zstd`, over bytes that are not even that),
+    `huge-chunked` (as `huge`'s JSON body but chunked, so no Content-Length announces its size),
+    `sse-no-boundaries` (a 50 MiB `text/event-stream` of 1 KiB `data: xxxx` lines and not one blank
+    line: `SSE_BLOCK` 50 times), `sse-oversized-usage` (the stream of the path's style with words
+    "one ", `OVERSIZED_WORD` (300,000 bytes) and "two ", so one event is far longer than a small
+    `max_sse_event_bytes`, its closing events and usage after it), `octet-stream` (200
+    `application/octet-stream`, `_octets()`: 20 MiB with its Content-Length).
     """
 
     def __init__(self) -> None:
@@ -338,13 +404,47 @@ class FaultServer:
             writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                                         b"\x01\x00\x00\x00\x00\x00\x00\x00")
             return False  # aborted (reset) by _serve
-        if fault == "huge" and not stream:
+        if fault in ("huge", "huge-chunked") and not stream:
             filler = "x" * (HUGE_BYTES - 300)
             body = json.dumps(_answer(style, model, filler)).encode()
-            writer.write(_head(200, [json_type, ("Content-Length", str(len(body)))]))
-            for i in range(0, len(body), 1 << 20):
-                writer.write(body[i:i + (1 << 20)])
+            chunked = fault == "huge-chunked"
+            writer.write(_head(200, [json_type, ("Transfer-Encoding", "chunked") if chunked
+                                     else ("Content-Length", str(len(body)))]))
+            for i in range(0, len(body), MiB):
+                writer.write(_chunk(body[i:i + MiB]) if chunked else body[i:i + MiB])
                 await writer.drain()
+            if chunked:
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+            return True
+        if fault in ("gzip-bomb", "octet-stream") or fault.startswith("encoding-"):
+            if fault == "gzip-bomb":
+                body, headers = _gzip_bomb(), [json_type, ("Content-Encoding", "gzip")]
+            elif fault == "octet-stream":
+                body, headers = _octets(), [("Content-Type", "application/octet-stream")]
+            else:
+                body = json.dumps(_answer(style, model, "not really compressed")).encode()
+                headers = [json_type, ("Content-Encoding", fault.removeprefix("encoding-"))]
+            writer.write(_head(200, [*headers, ("Content-Length", str(len(body)))]))
+            for i in range(0, len(body), MiB):
+                writer.write(body[i:i + MiB])
+                await writer.drain()
+            return True
+        if fault.startswith("compressed:") and not stream:
+            encoding = fault.removeprefix("compressed:")
+            packer = _compressor(encoding)
+            body = packer.compress(json.dumps(_answer(style, model, "a compressed answer")).encode()) + packer.flush()
+            writer.write(_head(200, [json_type, ("Content-Encoding", encoding), ("Content-Length", str(len(body)))])
+                         + body)
+            await writer.drain()
+            return True
+        if fault == "sse-no-boundaries":
+            writer.write(_head(200, [sse_type, ("Cache-Control", "no-cache"), ("Transfer-Encoding", "chunked")]))
+            for _ in range(SSE_BLOCKS):
+                writer.write(_chunk(SSE_BLOCK))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
             return True
         if not stream:
             body = json.dumps(_answer(style, model, "a well formed answer")).encode()
@@ -352,10 +452,14 @@ class FaultServer:
             await writer.drain()
             return True
 
-        writer.write(_head(200, [sse_type, ("Cache-Control", "no-cache"), ("Transfer-Encoding", "chunked")]))
+        packer = _compressor(fault.removeprefix("compressed:")) if fault.startswith("compressed:") else None
+        writer.write(_head(200, [sse_type, ("Cache-Control", "no-cache"), ("Transfer-Encoding", "chunked"),
+                                 *([("Content-Encoding", fault.removeprefix("compressed:"))] if packer else [])]))
         if fault == "huge":
             word = "y" * (64 * 1024 - 200)
             events = _stream_events(style, model, [word] * (HUGE_BYTES // (64 * 1024)), final=True)
+        elif fault == "sse-oversized-usage":
+            events = _stream_events(style, model, ["one ", OVERSIZED_WORD, "two "], final=True)
         elif fault == "slow-stream":
             events = _stream_events(style, model, [f"w{i} " for i in range(200)], final=True)
         else:
@@ -366,11 +470,15 @@ class FaultServer:
                 return self._closed_by_peer() if await self._peer_closes(reader, 60) else False
             if fault == "slow-stream" and index and await self._peer_closes(reader, 0.1):
                 return self._closed_by_peer()
+            if packer is not None:  # each event flushed on its own, as a compressing server streams
+                event = packer.compress(event) + packer.flush(zlib.Z_SYNC_FLUSH)
             writer.write(_chunk(event))
             if fault == "close-mid-stream" and index == 2:
                 await writer.drain()
                 return False
             await writer.drain()
+        if packer is not None:
+            writer.write(_chunk(packer.flush()))
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return True
