@@ -1,7 +1,7 @@
 """Gateway errors: one tree, status codes and event outcomes as class attributes.
 
     TollwayError                 500  upstream_error
-    ├── Unauthenticated          401  unauthenticated
+    ├── Unauthenticated          401  unauthenticated  (code invalid_tollway_credential)
     ├── Forbidden                403  denied
     │   ├── PolicyDenied
     │   ├── NoRoute
@@ -15,6 +15,7 @@
     │   └── BudgetExceeded            budget_exceeded
     ├── InternalError            500  internal_error   (a failure nothing else foresaw; logged)
     ├── StoreUnavailable         503  upstream_error   (not recorded: the event store is what failed)
+    ├── KeysFailing              503  upstream_error   (code provider_keys_failing: for the operator to rotate)
     ├── UpstreamUnreachable      502  upstream_error   (the next key of a pool is tried)
     ├── UpstreamTooLarge         502  upstream_error   (a JSON answer past [server] max_response_bytes)
     └── UpstreamTimeout          504  timeout
@@ -41,6 +42,7 @@ class TollwayError(Exception):
 
 class Unauthenticated(TollwayError):
     status, outcome, kind = 401, "unauthenticated", "authentication"
+    code = "invalid_tollway_credential"  # never the provider's own `invalid_api_key`
 
 
 class Forbidden(TollwayError):
@@ -94,6 +96,11 @@ class InternalError(TollwayError):
 class StoreUnavailable(TollwayError):
     status, outcome, kind = 503, "upstream_error", "unavailable"
     recorded = False
+
+
+class KeysFailing(TollwayError):
+    status, outcome, kind = 503, "upstream_error", "unavailable"
+    code = "provider_keys_failing"
 
 
 class UpstreamUnreachable(TollwayError):

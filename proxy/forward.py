@@ -166,7 +166,7 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
     if not decision.allowed:
         raise PolicyDenied(f"Tenant {identity.tenant!r} may not use model {model!r}. "
                            "Ask your governance lead to allow it in policy/access.csv.")
-    keys = gw.key_pool(decision.route, identity.tenant, route.name, model)
+    keys = gw.keys.pool(decision.route, identity.tenant, route.name, model)
     limits = gw.limiter.applicable(policies, identity.tenant, identity.user, identity.subjects, event.user_pseudonym)
     priced = None
     if info.metered and gw.limiter.has_budget(limits):  # only money limits need the price before the call
@@ -202,11 +202,8 @@ async def _forward_with_failover(gw: Gateway, route: ProviderRoute, call: Call, 
             async with gw.upstream.request(route.settings, method, url, _upstream_headers(headers, adapter, key),
                                            body) as response:
                 status = response.status
-                if status in (401, 403):
-                    gw.key_refused(key, status)
-                elif status == 429:
-                    gw.key_rate_limited(key, response.header("retry-after"))
-                if not last and (status in (401, 403, 429) or status >= 500):
+                gw.keys.answered(key, status, response.header("retry-after") if status == 429 else None)
+                if not last and (status in (401, 429) or status >= 500):  # a 403 is about the request
                     await asyncio.sleep(backoff * 2 ** (attempt - 1))
                     continue
                 event.status_code = status
@@ -223,7 +220,7 @@ async def _forward_with_failover(gw: Gateway, route: ProviderRoute, call: Call, 
                 event.upstream_ms = round((time.perf_counter() - upstream_started) * 1000, 3)
                 return
         except (UpstreamUnreachable, UpstreamTimeout) as err:
-            gw.metrics.key_failures.labels(key.key_id, err.outcome).inc()
+            gw.keys.failed(key, err.outcome)
             if last or call.response_started:
                 raise
             await asyncio.sleep(backoff * 2 ** (attempt - 1))
@@ -242,7 +239,7 @@ async def _serve_model_list(gw: Gateway, route: ProviderRoute, call: Call, ident
     def allowed(model_id: str) -> bool:
         return policy.decide(identity.tenant, identity.subjects, f"{route.name}/{model_id}").allowed
 
-    key = gw.listing_key(call.policies, identity.tenant, route.name)
+    key = gw.keys.listing_key(call.policies, identity.tenant, route.name)
     if key is None:
         priced = call.policies.prices.models(route.name, route.book_provider)
         await _send_json(call, 200, adapter.model_list_body(route.name, [m for m in priced if allowed(m)]), send)

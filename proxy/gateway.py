@@ -12,25 +12,23 @@ import contextlib
 import gc
 import json
 import logging
-import math
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from yarl import URL
 
 from analytics.jobs import apply_retention, build_in_child, load_billing_inputs
 from analytics.scheduler import ReportSchedule
-from policy.files import RouteRule
 from policy.loader import PolicyInvalid, PolicySet, load_policy_set
 from policy.watch import PolicyWatcher
 from proxy.auth import ControlView, Identity
 from proxy.control import ControlStore, ProviderKey
 from proxy.control_writer import ControlWriter
 from proxy.crypto import Keyring, load_master_key
-from proxy.errors import NoRoute, RateLimited, StartupError
+from proxy.errors import StartupError
 from proxy.events import Pseudonymizer
 from proxy.jwt_auth import JwtVerifier, looks_like_jwt
+from proxy.keys import KeyPools
 from proxy.limiter import Limiter, alert_details, alert_key, log_alert, rebuild_counters
 from proxy.limits import Alert, MemoryLimitStore, Refusal, Scope
 from proxy.metrics import Metrics
@@ -81,7 +79,7 @@ class Gateway:
         self.limit_store = MemoryLimitStore()
         self.limiter = Limiter(self.limit_store, settings.limits.default_max_output_tokens, self._budget_alert,
                                self._limit_refusal, settings.metering.max_output_tokens)
-        self._cooling: dict[str, float] = {}  # key id -> monotonic time its 429 cool-down ends
+        self.keys = KeyPools(control, self.metrics, self._persist_failing)
         self.jwt = JwtVerifier(settings.jwt, settings.data_dir) if settings.jwt.enabled else None
         self.recorder: EventRecorder | None = None
         self._events_db = None
@@ -211,46 +209,10 @@ class Gateway:
                                   d["threshold"]))
         return keys
 
-    def key_pool(self, route: RouteRule | None, tenant: str, provider: str, model: str) -> list[ProviderKey]:
-        """The route's keys to try, in order: usable, not failing, not cooling down after a 429."""
-        if route is None:
-            raise NoRoute(f"No key route for tenant {tenant!r} and model {model!r}. "
-                          "Ask your governance lead to add one to policy/routes.csv.")
-        usable = self.usable_keys(route, tenant, provider)
-        if not usable:
-            raise NoRoute(f"The key route for tenant {tenant!r} and model {model!r} (routes.csv line {route.line}) "
-                          "names no usable key: each is missing, revoked, for another provider or another tenant's. "
-                          "Ask your operator to check `tollway keys list`.")
-        now = time.monotonic()
-        pool = [k for k in usable if k.health == "ok" and self._cooling.get(k.key_id, 0) <= now]
-        if pool:
-            return pool
-        cooling = [self._cooling[k.key_id] - now for k in usable if self._cooling.get(k.key_id, 0) > now]
-        if cooling:
-            wait = math.ceil(min(cooling))
-            raise RateLimited(f"Every key for {model!r} is cooling down after the provider's rate limit. "
-                              f"Retry after {wait} s.", retry_after=wait)
-        raise NoRoute(f"Every key of the route for tenant {tenant!r} and model {model!r} is failing (the provider "
-                      f"refused it, e.g. {usable[0].key_id!r}). Ask your operator to rotate it.")
-
-    def key_refused(self, key: ProviderKey, status: int) -> None:
-        """401/403 from the provider: the key is failing until rotated."""
-        self.metrics.key_failures.labels(key.key_id, str(status)).inc()
-        reason = f"provider answered {status}"
-        self.control.keys[key.key_id] = replace(key, health=f"failing: {reason}")
-        self.control_writer.submit(f"key {key.key_id} marked failing",
-                                   lambda store: store.mark_key_failing(key.key_id, reason))
-        log.warning("key %s marked failing: the provider answered %s", key.key_id, status)
-
-    def key_rate_limited(self, key: ProviderKey, retry_after: str | None) -> None:
-        try:
-            seconds = float(retry_after) if retry_after else 1.0
-        except ValueError:  # an HTTP date or garbage: a short default cool-down
-            seconds = 1.0
-        if seconds != seconds:  # NaN
-            seconds = 1.0
-        self._cooling[key.key_id] = time.monotonic() + min(max(seconds, 0.1), 3600)
-        self.metrics.key_failures.labels(key.key_id, "429").inc()
+    def _persist_failing(self, key_id: str, reason: str) -> None:
+        log.warning("key %s marked failing: %s", key_id, reason)
+        self.control_writer.submit(f"key {key_id} marked failing",
+                                   lambda store: store.mark_key_failing(key_id, reason))
 
     def _fresh_keys(self) -> dict[str, ProviderKey]:
         self.control.refresh()
@@ -283,18 +245,3 @@ class Gateway:
         self._audit("policy.refused", self.policies.version,
                          {"errors": [str(p) for p in exc.problems[:50]], "files": hashes})
 
-    def usable_keys(self, route: RouteRule, tenant: str, provider: str) -> list[ProviderKey]:
-        """The route's keys that exist, are active, serve this provider, and are the tenant's or the operator's."""
-        keys = (self.control.keys.get(key_id) for key_id in route.key_ids)
-        return [k for k in keys
-                if k and k.status == "active" and k.provider == provider and k.owner_tenant in (None, tenant)]
-
-    def listing_key(self, policies: PolicySet, tenant: str, provider: str) -> ProviderKey | None:
-        """A key that may list this provider's models for the tenant: the first usable one of its routes."""
-        for route in policies.files.routes:
-            if route.tenant in (tenant, "*") and (route.model_glob.startswith(f"{provider}/")
-                                                   or route.model_glob[:1] in ("*", "?")):
-                healthy = [k for k in self.usable_keys(route, tenant, provider) if k.health == "ok"]
-                if healthy:
-                    return healthy[0]
-        return None

@@ -46,24 +46,27 @@ class UpstreamResponse:
     def header(self, name: str) -> str | None:
         return self._response.headers.get(name)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives (decoded, in pieces of at most `_STEP` bytes when it was compressed)."""
+        if self._inflater is None:
+            return self._response.content.iter_any()
+        return self._inflated()
+
+    async def _inflated(self) -> AsyncIterator[bytes]:
         async for chunk in self._response.content.iter_any():
-            if self._inflater is None:
-                yield chunk
-            else:
-                for piece in self._inflater.feed(chunk, self._provider):
-                    yield piece
-        if self._inflater is not None:
-            tail = self._inflater.flush(self._provider)
-            if tail:
-                yield tail
+            for piece in self._inflater.feed(chunk, self._provider):
+                yield piece
+        tail = self._inflater.flush(self._provider)
+        if tail:
+            yield tail
 
     async def read(self, limit: int) -> bytes:
         """The whole body, or `UpstreamTooLarge` as soon as it passes `limit` bytes (decoded)."""
         length = self._response.content_length
-        if length is not None and length > limit and self._inflater is None:
-            raise _too_large(self._provider, limit)
+        if length is not None and self._inflater is None:  # the common case: its size is announced
+            if length > limit:
+                raise _too_large(self._provider, limit)
+            return await self._response.read()
         parts, size = [], 0
         async for piece in self.chunks():
             size += len(piece)

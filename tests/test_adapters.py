@@ -469,7 +469,7 @@ def test_openai_error_body(err):
 
 
 @pytest.mark.parametrize("err, type_, code", [
-    (Unauthenticated("x"), "invalid_request_error", "invalid_api_key"),
+    (Unauthenticated("x"), "invalid_request_error", "invalid_tollway_credential"),
     (PolicyDenied("x"), "permission_error", "model_not_allowed"),
     (BadRequest("x"), "invalid_request_error", None),
     (RateLimited("x"), "rate_limit_error", "rate_limit_exceeded"),
@@ -505,7 +505,9 @@ def test_anthropic_error_body(err, type_):
 ])
 def test_gemini_error_body(err, code, status):
     body = json.loads(GEMINI.error_body(err))
-    assert body == {"error": {"code": code, "message": "x", "status": status}}
+    details = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "domain": "tollway",
+                "reason": "INVALID_TOLLWAY_CREDENTIAL"}] if code == 401 else None
+    assert body == {"error": {"code": code, "message": "x", "status": status} | ({"details": details} if details else {})}
     assert body["error"]["code"] == err.status
 
 

@@ -69,7 +69,7 @@ def _key_failures(metrics: str, key_id: str, reason: str) -> float:
 
 
 # --- 401/403: failing keys ------------------------------------------------------------------------
-def test_a_refused_key_fails_over_to_the_next_and_is_marked_failing_until_rotated(deployment, sim):
+def test_a_refused_key_fails_over_to_the_next_and_is_marked_failing_after_three_401s_in_a_row(deployment, sim):
     _pool(deployment, "p, *, openai/*, bad-key|operator-openai\n", {"bad-key": WRONG_SECRET})
     gw = GatewayProcess(deployment).start()
     try:
@@ -77,9 +77,13 @@ def test_a_refused_key_fails_over_to_the_next_and_is_marked_failing_until_rotate
             first = _chat(http, gw)
             assert first.status_code == 200, first.text
             assert _presented(sim) == [WRONG_SECRET, SIM_KEYS["openai"]], "tried in order, then the next key"
+            assert _keys(deployment)["bad-key"]["health"] == "ok", "one 401 may be the provider's hiccup"
 
+            again = [_chat(http, gw) for _ in range(2)]  # the second and third 401 in a row
+            assert [r.status_code for r in again] == [200, 200]
+            assert _presented(sim) == [WRONG_SECRET, SIM_KEYS["openai"]] * 3
             keys = _keys(deployment)
-            assert keys["bad-key"]["health"].startswith("failing") and "401" in keys["bad-key"]["health"], keys
+            assert keys["bad-key"]["health"] == "failing: provider answered 401 3 times in a row", keys
             assert keys["operator-openai"]["health"] == "ok"
             assert WRONG_SECRET not in json.dumps(keys), "keys list never shows a secret"
             human = run_cli(deployment.path, "keys", "list")
@@ -90,7 +94,7 @@ def test_a_refused_key_fails_over_to_the_next_and_is_marked_failing_until_rotate
             assert [r.status_code for r in later] == [200] * 3
             assert _presented(sim, seen) == [SIM_KEYS["openai"]] * 3, "a failing key is skipped"
             metrics = http.get(gw.url + "/metrics").text
-            assert _key_failures(metrics, "bad-key", "401") == 1.0
+            assert _key_failures(metrics, "bad-key", "401") == 3.0
 
             # the operator fixes the key: rotation clears its health and it serves again, first in the pool
             rotated = run_cli(deployment.path, "keys", "rotate", "bad-key", stdin=SIM_KEYS["openai"] + "\n")
@@ -103,35 +107,61 @@ def test_a_refused_key_fails_over_to_the_next_and_is_marked_failing_until_rotate
         assert WRONG_SECRET not in gw.log() and SIM_KEYS["openai"] not in gw.log()
     finally:
         events = _events(gw)
-    event = events[_rid(first)]
-    assert (event["outcome"], event["key_id"], event["attempts"], event["billing_mode"]) == (
-        "ok", "operator-openai", 2, "unified")
-    assert event["usage_source"] == "reported" and event["cost_usd"] > 0
+    for response in (first, *again):
+        event = events[_rid(response)]
+        assert (event["outcome"], event["key_id"], event["attempts"], event["billing_mode"]) == (
+            "ok", "operator-openai", 2, "unified")
+        assert event["usage_source"] == "reported" and event["cost_usd"] > 0
     for response in later:
         assert (events[_rid(response)]["key_id"], events[_rid(response)]["attempts"]) == ("operator-openai", 1)
     assert (events[_rid(healed)]["key_id"], events[_rid(healed)]["attempts"]) == ("bad-key", 1)
 
 
-def test_a_pool_whose_every_key_is_refused_passes_the_providers_401_then_answers_403_itself(deployment, sim):
+def test_a_pool_whose_every_key_is_refused_passes_the_providers_401_then_answers_503_for_the_operator(
+        deployment, sim):
     _pool(deployment, "p, *, openai/*, bad-1|bad-2\n", {"bad-1": WRONG_SECRET, "bad-2": WRONG_SECRET + "2"})
     gw = GatewayProcess(deployment).start()
     try:
         with httpx.Client(timeout=10) as http:
-            first = _chat(http, gw)
-            assert len(sim.requests) == 2
-            second = _chat(http, gw)
-            assert len(sim.requests) == 2, "no usable key left: the provider is not called"
-        assert first.status_code == 401 and first.json()["error"]["message"] == "Invalid API key provided."
-        assert second.status_code == 403
-        message = second.json()["error"]["message"]
+            refused = [_chat(http, gw) for _ in range(3)]
+            assert len(sim.requests) == 6, "each key tried by each request until its third 401"
+            after = _chat(http, gw)
+            assert len(sim.requests) == 6, "no usable key left: the provider is not called"
+        for response in refused:
+            assert response.status_code == 401 and response.json()["error"]["message"] == "Invalid API key provided."
+        assert after.status_code == 503
+        error = after.json()["error"]
+        assert error["code"] == "provider_keys_failing"
+        message = error["message"]
         assert "acme" in message and "openai/gpt-4o-mini" in message and "rotate" in message, message
+        assert "not about your credential" in message
         keys = _keys(deployment)
         assert keys["bad-1"]["health"].startswith("failing") and keys["bad-2"]["health"].startswith("failing")
     finally:
         events = _events(gw)
-    assert (events[_rid(first)]["key_id"], events[_rid(first)]["attempts"]) == ("bad-2", 2)
-    assert (events[_rid(first)]["outcome"], events[_rid(first)]["status_code"]) == ("upstream_error", 401)
-    assert (events[_rid(second)]["outcome"], events[_rid(second)]["key_id"]) == ("denied", None)
+    for response in refused:
+        assert (events[_rid(response)]["key_id"], events[_rid(response)]["attempts"]) == ("bad-2", 2)
+        assert (events[_rid(response)]["outcome"], events[_rid(response)]["status_code"]) == ("upstream_error", 401)
+    assert (events[_rid(after)]["outcome"], events[_rid(after)]["status_code"]) == ("upstream_error", 503)
+    assert events[_rid(after)]["key_id"] is None
+
+
+def test_a_provider_403_passes_through_without_failover_and_never_marks_the_key(deployment, sim):
+    _pool(deployment, "p, *, openai/*, openai-1|openai-2\n",
+          {"openai-1": SIM_KEYS["openai"], "openai-2": SIM_KEYS["openai"]})
+    gw = GatewayProcess(deployment).start()
+    try:
+        with httpx.Client(timeout=10) as http:
+            forbidden = [_chat(http, gw, "gpt-4o-mini", {"x-sim-fault": "status:403"}) for _ in range(4)]
+            assert [r.status_code for r in forbidden] == [403] * 4
+            assert len(sim.requests) == 4, "a 403 is about the request: the pool's next key is not tried"
+            assert _chat(http, gw).status_code == 200
+        keys = _keys(deployment)
+        assert keys["openai-1"]["health"] == "ok" and keys["openai-2"]["health"] == "ok"
+    finally:
+        events = _events(gw)
+    for response in forbidden:
+        assert (events[_rid(response)]["outcome"], events[_rid(response)]["key_id"]) == ("upstream_error", "openai-1")
 
 
 # --- 429: cool-down -------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def test_missing_credential_is_401_in_each_provider_format(gateway, sim):
         bare = http.post(url + "/openai/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer"})
     assert (o.status_code, a.status_code, g.status_code, bare.status_code) == (401, 401, 401, 401)
     assert _openai_error(o)["type"] == "invalid_request_error" and "tw_" in _openai_error(o)["message"]
-    assert _openai_error(bare)["code"] == "invalid_api_key"
+    assert _openai_error(bare)["code"] == "invalid_tollway_credential"
     assert _anthropic_error(a)["type"] == "authentication_error" and "x-api-key" in _anthropic_error(a)["message"]
     assert _gemini_error(g)["status"] == "UNAUTHENTICATED" and "x-goog-api-key" in _gemini_error(g)["message"]
     assert sim.requests == [], "nothing may reach the provider without a credential"
@@ -175,7 +175,7 @@ def test_invalid_expired_and_revoked_tokens_get_one_identical_401(gateway, sim):
     assert len({json.dumps(b, sort_keys=True) for b in bodies.values()}) == 1, (
         f"a 401 must not tell an unknown token from an expired or revoked one: {bodies}")
     error = _openai_error(refusals["revoked"].response)
-    assert error["code"] == "invalid_api_key"
+    assert error["code"] == "invalid_tollway_credential"
     assert [r.path for r in sim.requests] == ["/v1/chat/completions"], "only the accepted request is forwarded"
 
     events = _stopped_events(gateway, ids)

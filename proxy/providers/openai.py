@@ -104,7 +104,7 @@ class OpenAIAdapter(Adapter):
         "upstream": "api_error", "timeout": "api_error", "unavailable": "api_error",
     }
     error_codes = {
-        "authentication": "invalid_api_key", "permission": "model_not_allowed", "not_found": "unknown_provider",
+        "authentication": "invalid_tollway_credential", "permission": "model_not_allowed", "not_found": "unknown_provider",
         "too_large": "request_too_large", "rate_limit": "rate_limit_exceeded", "budget": "insufficient_quota", "timeout": "upstream_timeout",
         "upstream": "upstream_unreachable", "unavailable": "gateway_unavailable",
     }

@@ -1,0 +1,113 @@
+"""Which provider key serves a request: the route's pool, minus keys that are failing or cooling down.
+
+A key's health, as the provider's answers show it:
+- a 429 cools the key down for the provider's `Retry-After` (1 s when it sends none, at most an hour);
+- a 401 counts a strike; `STRIKES` in a row within `STRIKE_WINDOW_S` mark the key failing until it is
+  rotated (one 401 may be the provider's hiccup; a success clears the strikes);
+- a 403 is about the request (a model the account may not use, a region), never about the key.
+When every key of a route is failing, the refusal is the operator's to fix (`KeysFailing`, 503),
+not a policy denial.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from policy.files import RouteRule
+from policy.loader import PolicySet
+from proxy.auth import ControlView
+from proxy.control import ProviderKey
+from proxy.errors import KeysFailing, NoRoute, RateLimited
+from proxy.metrics import Metrics
+
+STRIKES = 3
+STRIKE_WINDOW_S = 60.0
+_MAX_COOL_DOWN_S = 3600.0
+
+
+class KeyPools:
+    def __init__(self, control: ControlView, metrics: Metrics, persist_failing: Callable[[str, str], None]) -> None:
+        self._control = control
+        self._metrics = metrics
+        self._persist_failing = persist_failing  # (key id, reason): written to control.db off the request path
+        self._cooling: dict[str, float] = {}  # key id -> monotonic time its 429 cool-down ends
+        self._strikes: dict[str, list[float]] = {}  # key id -> monotonic times of its recent 401s
+
+    def pool(self, route: RouteRule | None, tenant: str, provider: str, model: str) -> list[ProviderKey]:
+        """The route's keys to try, in order: usable, not failing, not cooling down after a 429."""
+        if route is None:
+            raise NoRoute(f"No key route for tenant {tenant!r} and model {model!r}. "
+                          "Ask your governance lead to add one to policy/routes.csv.")
+        usable = self.usable(route, tenant, provider)
+        if not usable:
+            raise NoRoute(f"The key route for tenant {tenant!r} and model {model!r} (routes.csv line {route.line}) "
+                          "names no usable key: each is missing, revoked, for another provider or another tenant's. "
+                          "Ask your operator to check `tollway keys list`.")
+        now = time.monotonic()
+        pool = [k for k in usable if k.health == "ok" and self._cooling.get(k.key_id, 0) <= now]
+        if pool:
+            return pool
+        cooling = [self._cooling[k.key_id] - now for k in usable if self._cooling.get(k.key_id, 0) > now]
+        if cooling:
+            wait = math.ceil(min(cooling))
+            raise RateLimited(f"Every key for {model!r} is cooling down after the provider's rate limit. "
+                              f"Retry after {wait} s.", retry_after=wait)
+        raise KeysFailing(f"Every provider key that serves {model!r} for tenant {tenant!r} is failing: the provider "
+                          f"refused it ({usable[0].key_id!r}: {usable[0].health.removeprefix('failing: ')}). This is "
+                          "not about your credential or the policy: ask your Tollway operator to rotate the key "
+                          "(`tollway keys rotate`).")
+
+    def usable(self, route: RouteRule, tenant: str, provider: str) -> list[ProviderKey]:
+        """The route's keys that exist, are active, serve this provider, and are the tenant's or the operator's."""
+        keys = (self._control.keys.get(key_id) for key_id in route.key_ids)
+        return [k for k in keys
+                if k and k.status == "active" and k.provider == provider and k.owner_tenant in (None, tenant)]
+
+    def listing_key(self, policies: PolicySet, tenant: str, provider: str) -> ProviderKey | None:
+        """A key that may list this provider's models for the tenant: the first usable one of its routes."""
+        for route in policies.files.routes:
+            if route.tenant in (tenant, "*") and (route.model_glob.startswith(f"{provider}/")
+                                                   or route.model_glob[:1] in ("*", "?")):
+                healthy = [k for k in self.usable(route, tenant, provider) if k.health == "ok"]
+                if healthy:
+                    return healthy[0]
+        return None
+
+    def answered(self, key: ProviderKey, status: int, retry_after: str | None) -> None:
+        """What the provider's status says about the key."""
+        if status < 400:
+            if self._strikes:
+                self._strikes.pop(key.key_id, None)
+        elif status == 401:
+            self._unauthorized(key)
+        elif status == 429:
+            self._rate_limited(key, retry_after)
+
+    def failed(self, key: ProviderKey, reason: str) -> None:
+        """The provider could not be reached or timed out with this key (counted, not held against it)."""
+        self._metrics.key_failures.labels(key.key_id, reason).inc()
+
+    def _unauthorized(self, key: ProviderKey) -> None:
+        self._metrics.key_failures.labels(key.key_id, "401").inc()
+        now = time.monotonic()
+        strikes = [t for t in self._strikes.get(key.key_id, ()) if now - t < STRIKE_WINDOW_S] + [now]
+        if len(strikes) < STRIKES:
+            self._strikes[key.key_id] = strikes
+            return
+        self._strikes.pop(key.key_id, None)
+        reason = f"provider answered 401 {STRIKES} times in a row"
+        self._control.keys[key.key_id] = replace(key, health=f"failing: {reason}")
+        self._persist_failing(key.key_id, reason)
+
+    def _rate_limited(self, key: ProviderKey, retry_after: str | None) -> None:
+        try:
+            seconds = float(retry_after) if retry_after else 1.0
+        except ValueError:  # an HTTP date or garbage: a short default cool-down
+            seconds = 1.0
+        if seconds != seconds:  # NaN
+            seconds = 1.0
+        self._cooling[key.key_id] = time.monotonic() + min(max(seconds, 0.1), _MAX_COOL_DOWN_S)
+        self._metrics.key_failures.labels(key.key_id, "429").inc()
