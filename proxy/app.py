@@ -74,6 +74,17 @@ def create_app(gateway: Gateway) -> GatewayApp:
     ))
 
 
+async def _base_url(scope: Any, send: Any) -> None:
+    """`HEAD`/`GET /{provider}`: a client checking its base URL at start-up (Claude Code does). No call,
+    no credential needed, no event."""
+    allowed = scope["method"] in ("HEAD", "GET")
+    body = b'{"gateway": "tollway"}' if allowed else b""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200 if allowed else 405,
+                "headers": headers if allowed else [(b"allow", b"GET, HEAD"), (b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": body if scope["method"] == "GET" else b""})
+
+
 class GatewayApp:
     """The ASGI application: provider routes to the pipeline, the rest to Litestar."""
 
@@ -88,6 +99,9 @@ class GatewayApp:
             end = path.find("/", 1)
             route = self._routes.get(path[1:end] if end > 0 else path[1:])
             if route is not None:
-                await forward.handle(self.gateway, route, scope, receive, send)
+                if end < 0 or end == len(path) - 1:  # the provider's base URL itself
+                    await _base_url(scope, send)
+                else:
+                    await forward.handle(self.gateway, route, scope, receive, send)
                 return
         await self.admin(scope, receive, send)

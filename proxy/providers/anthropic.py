@@ -72,7 +72,7 @@ class AnthropicStreamTap(StreamTap):
 
 class AnthropicAdapter(Adapter):
     style = "anthropic"
-    credential_headers = ("x-api-key", "authorization")
+    credential_headers = ("authorization", "x-api-key")  # Claude Code may send both, x-api-key stale
     key_header = "x-api-key"
     max_output_paths = (("max_tokens",),)
     error_types = {
