@@ -248,7 +248,8 @@ def test_client_credentials_and_hop_by_hop_headers_are_not_forwarded(armed, capt
         headers |= {"authorization": f"Bearer {token}", **DECOYS}
         query = "?key=tw_decoy_query_123456&keep=1"
     elif provider == "anthropic":
-        headers |= {"x-api-key": token, "authorization": "Bearer tw_decoy_bearer_123456",
+        # a Bearer wins over x-api-key (Claude Code may send a stale x-api-key beside a fresh Bearer)
+        headers |= {"authorization": f"Bearer {token}", "x-api-key": "tw_decoy_bearer_123456",
                     "api-key": DECOYS["api-key"], "cf-access-jwt-assertion": DECOYS["cf-access-jwt-assertion"]}
         query = "?key=tw_decoy_query_123456&keep=1"
     else:  # Gemini: the token in the query string
