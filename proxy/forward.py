@@ -135,6 +135,7 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
         raise StoreUnavailable(STORE_UNAVAILABLE)
     adapter, event = route.adapter, call.event
     path = upstream_path(scope, route.name)
+    event.endpoint = f"{route.name}/{adapter.operations.name(scope['method'], path)}"
     headers = request_headers(scope["headers"])
     query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
     declared = headers.get("content-length", "")
@@ -160,7 +161,7 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
     info = call.info = (CallInfo(model_id, False, "models", metered=False) if is_models
                         else adapter.inspect(scope["method"], path, call.body, raw))
     model = f"{route.name}/{info.model}"
-    event.model, event.endpoint, event.streamed = model, info.endpoint, info.stream
+    event.model, event.streamed = model, info.stream
 
     decision = policies.policy.decide(identity.tenant, identity.subjects, model)
     if not decision.allowed:
@@ -234,7 +235,6 @@ async def _serve_model_list(gw: Gateway, route: ProviderRoute, call: Call, ident
                             headers: dict[str, str], query: list[tuple[str, str]], send) -> None:
     """`GET …/models`: the provider's list (or the priced models) filtered to what the caller may use."""
     event, adapter, policy = call.event, route.adapter, call.policies.policy
-    event.endpoint = "models"
 
     def allowed(model_id: str) -> bool:
         return policy.decide(identity.tenant, identity.subjects, f"{route.name}/{model_id}").allowed

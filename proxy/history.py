@@ -29,7 +29,8 @@ from proxy.providers.base import Usage
 from proxy.recorder import EventRecorder, open_events_db
 from proxy.settings import load_settings
 
-ENDPOINTS = {"openai": "chat/completions", "anthropic": "messages", "gemini": "generateContent"}
+ENDPOINTS = {"openai": "openai/chat.completions.create", "anthropic": "anthropic/messages.create",
+             "gemini": "gemini/generate_content"}
 
 
 @dataclass(frozen=True)

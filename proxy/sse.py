@@ -42,13 +42,15 @@ class SseParser:
         buffer = self._buffer
         buffer += chunk
         events, start = [], 0
-        for match in _BOUNDARY.finditer(buffer, max(self._searched - _OVERLAP, 0)):
-            raw = bytes(buffer[start:match.end()])
-            events.append(SseEvent(raw, None, b"", True) if self._oversized else parse_event(raw))
-            self._oversized, start = False, match.end()
+        with memoryview(buffer) as view:  # one copy per event (a bytearray slice would be a second)
+            for match in _BOUNDARY.finditer(buffer, max(self._searched - _OVERLAP, 0)):
+                raw = bytes(view[start:match.end()])
+                events.append(SseEvent(raw, None, b"", True) if self._oversized else parse_event(raw))
+                self._oversized, start = False, match.end()
+            piece = bytes(view[start:-_OVERLAP]) if len(buffer) - start > self._max else None
         del buffer[:start]
-        if len(buffer) > self._max:  # keep the overlap: a boundary may start in it
-            events.append(SseEvent(bytes(buffer[:-_OVERLAP]), None, b"", True))
+        if piece is not None:  # past the cap: pass it on unread, keep the overlap (a boundary may start in it)
+            events.append(SseEvent(piece, None, b"", True))
             del buffer[:-_OVERLAP]
             self._oversized = True
         self._searched = len(buffer)

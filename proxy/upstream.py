@@ -77,25 +77,35 @@ class UpstreamResponse:
 
 
 class _Inflater:
-    """Incremental decoding that never produces more than `_STEP` bytes at once."""
+    """Incremental decoding that never produces more than `_STEP` bytes at once. Several gzip members
+    one after another are one body (RFC 1952 2.2); a body that ends before its compressed data does
+    is refused, never passed on cut short."""
 
     def __init__(self, wbits: int) -> None:
+        self._wbits = wbits
         self._z = zlib.decompressobj(wbits)
 
     def feed(self, data: bytes, provider: str) -> Iterable[bytes]:
         try:
-            piece = self._z.decompress(data, _STEP)
-            while piece:
-                yield piece
-                piece = self._z.decompress(self._z.unconsumed_tail, _STEP) if self._z.unconsumed_tail else b""
+            while data:
+                piece = self._z.decompress(data, _STEP)
+                while piece:
+                    yield piece
+                    piece = self._z.decompress(self._z.unconsumed_tail, _STEP) if self._z.unconsumed_tail else b""
+                data = self._z.unused_data if self._z.eof else b""
+                if data:  # the next member
+                    self._z = zlib.decompressobj(self._wbits)
         except zlib.error as exc:
             raise _undecodable(provider) from exc
 
     def flush(self, provider: str) -> bytes:
         try:
-            return self._z.flush()
+            tail = self._z.flush()
         except zlib.error as exc:
             raise _undecodable(provider) from exc
+        if not self._z.eof:
+            raise _undecodable(provider)
+        return tail
 
 
 def _too_large(provider: str, limit: int) -> UpstreamTooLarge:

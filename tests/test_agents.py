@@ -54,6 +54,7 @@ def test_count_tokens_is_governed_by_the_model_and_not_billed(gateway, sim):
         bob.messages.count_tokens(model="claude-sonnet-4-5", messages=messages)
     assert gateway.stop() == 0
     rows = {row["outcome"]: row for row in gateway.deployment.events()}
-    assert rows["ok"]["endpoint"] == "messages/count_tokens"
+    assert rows["ok"]["endpoint"] == "anthropic/messages.count_tokens"
     assert rows["ok"]["cost_usd"] is None and rows["ok"]["usage_source"] == "none"
     assert rows["denied"]["model"] == "anthropic/claude-sonnet-4-5"
+    assert rows["denied"]["endpoint"] == "anthropic/messages.count_tokens"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import functools
 import hashlib
 import json
@@ -438,6 +439,16 @@ class FaultServer:
                          + body)
             await writer.drain()
             return True
+        if fault in ("gzip-members", "gzip-truncated"):
+            answer = json.dumps(_answer(style, model, "a compressed answer")).encode()
+            if fault == "gzip-members":  # two gzip members one after the other: one body (RFC 1952 2.2)
+                body = gzip.compress(answer[:40]) + gzip.compress(answer[40:])
+            else:  # the end of the compressed data and its checksum never arrive
+                body = gzip.compress(answer)[:-20]
+            writer.write(_head(200, [json_type, ("Content-Encoding", "gzip"), ("Content-Length", str(len(body)))])
+                         + body)
+            await writer.drain()
+            return True
         if fault == "sse-no-boundaries":
             writer.write(_head(200, [sse_type, ("Cache-Control", "no-cache"), ("Transfer-Encoding", "chunked")]))
             for _ in range(SSE_BLOCKS):
@@ -806,6 +817,334 @@ def test_50_mb_responses_are_relayed_whole_and_a_50_mb_stream_is_not_buffered(de
         event = events[_rid(response)]
         assert (event["outcome"], event["status_code"]) == ("ok", 200), event
         assert event["usage_source"] == "reported", event
+
+
+# --- the provider attacks the gateway: compression bombs, oversized bodies, endless events ---------------
+def _client_view(provider: str, events: list[bytes], *, hidden_usage: bool = False) -> bytes:
+    """What a client receives of a provider's stream: all of it, but for the OpenAI usage chunk that
+    the gateway itself asked for (`stream_options.include_usage`) when the client did not."""
+    if hidden_usage:
+        assert provider == "openai" and b'"choices":[],"usage"' in events[-2]
+        events = events[:-2] + events[-1:]
+    return b"".join(events)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak RSS from /proc")
+def test_gzip_bomb_is_502_in_the_routes_format_without_inflating_it(deployment, faulty):
+    """1 MB of gzip that inflates to 1 GiB, never asked for (the gateway sends Accept-Encoding: identity):
+    inflated only up to [server] max_response_bytes (64 MiB by default), then refused."""
+    bomb = _gzip_bomb()
+    assert len(bomb) < 2 * MiB  # ~1 MB on the wire for 1 GiB inflated
+    _configure(deployment, {name: faulty.url for name in ROUTES}, read_timeout_s=5)
+    gw = GatewayProcess(deployment).start()
+    seen = len(faulty.requests)
+    answers = {}
+    try:
+        peak_before = _peak_rss_kib(gw.proc.pid)
+        with httpx.Client(timeout=30) as http:
+            for provider, route in ROUTES.items():
+                started = time.monotonic()
+                answers[provider] = http.post(gw.url + route.path, json=route.body,
+                                              headers=route.headers(deployment, "gzip-bomb"))
+                print(f"gzip bomb, {provider}: answered in {time.monotonic() - started:.2f} s")
+        peak_after = _peak_rss_kib(gw.proc.pid)
+        healthy = httpx.get(gw.url + "/healthz", timeout=5).status_code
+    finally:
+        events = _stop(gw)
+    print(f"gzip bomb: gateway peak RSS {peak_before // 1024} MiB before, {peak_after // 1024} MiB after "
+          f"(+{(peak_after - peak_before) // 1024} MiB)")
+    assert healthy == 200
+    assert peak_after < 400 * 1024, f"the gateway's peak RSS reached {peak_after // 1024} MiB on a gzip bomb"
+    assert [r.header("accept-encoding") for r in faulty.requests[seen:]] == ["identity"] * 3
+    for provider, response in answers.items():
+        assert response.status_code == 502, (provider, response.status_code, response.text[:300])
+        assert "content-encoding" not in response.headers
+        assert "max_response_bytes" in _error(provider, response)["message"], response.text
+        event = events[_rid(response)]
+        assert (event["outcome"], event["status_code"], event["provider"]) == ("upstream_error", 502, provider), event
+        assert event["usage_source"] == "none" and event["cost_usd"] is None, event
+
+
+def test_compressed_answers_and_streams_are_relayed_decoded_and_metered(deployment, faulty):
+    """A provider that compresses although asked for `identity`: gzip, x-gzip and deflate answers reach the
+    client decoded (no Content-Encoding, the decoded length), and their usage is read."""
+    _configure(deployment, {name: faulty.url for name in ROUTES})
+    gw = GatewayProcess(deployment).start()
+    seen = len(faulty.requests)
+    whole, streamed = [], {}
+    try:
+        with httpx.Client(timeout=15) as http:
+            for provider, route in ROUTES.items():
+                for encoding in ("gzip", "x-gzip", "deflate"):
+                    whole.append((provider, encoding, http.post(
+                        gw.url + route.path, json=route.body, headers=route.headers(deployment, f"compressed:{encoding}"))))
+                with http.stream("POST", gw.url + route.stream_path, json=route.stream_body(),
+                                 headers=route.headers(deployment, "compressed:gzip")) as response:
+                    assert response.status_code == 200
+                    streamed[provider] = (response.headers, b"".join(response.iter_raw()), _rid(response))
+    finally:
+        events = _stop(gw)
+    assert len(faulty.requests) == seen + 12
+    assert {r.header("accept-encoding") for r in faulty.requests[seen:]} == {"identity"}
+    for provider, encoding, response in whole:
+        model = ROUTES[provider].body.get("model", "gemini-2.5-flash")
+        expected = json.dumps(_answer(provider, model, "a compressed answer")).encode()
+        assert response.status_code == 200, (provider, encoding, response.text[:300])
+        assert "content-encoding" not in response.headers, (provider, encoding, response.headers)
+        assert response.headers["content-length"] == str(len(expected))
+        assert response.content == expected, (provider, encoding)
+        event = events[_rid(response)]
+        assert (event["outcome"], event["status_code"], event["usage_source"]) == ("ok", 200, "reported"), event
+        assert (event["input_tokens"], event["output_tokens"]) == (3, 2), event
+        assert event["cost_usd"] is not None
+    for provider, (headers, body, request_id) in streamed.items():
+        model = ROUTES[provider].body.get("model", "gemini-2.5-flash")
+        words = ["one ", "two ", "three ", "four "]
+        expected = _client_view(provider, _stream_events(provider, model, words, final=True),
+                                hidden_usage=provider == "openai")
+        assert "content-encoding" not in headers and headers["content-type"] == "text/event-stream", headers
+        assert body == expected, provider
+        event = events[request_id]
+        assert (event["outcome"], event["usage_source"], event["streamed"]) == ("ok", "reported", True), event
+        assert (event["input_tokens"], event["output_tokens"]) == (3, 4), event
+
+
+def test_gzip_of_several_members_is_one_body_and_a_truncated_gzip_is_502_never_a_short_200(deployment, faulty):
+    _configure(deployment, {name: faulty.url for name in ROUTES})
+    gw = GatewayProcess(deployment).start()
+    route = ROUTES["openai"]
+    try:
+        with httpx.Client(timeout=15) as http:
+            members = http.post(gw.url + route.path, json=route.body, headers=route.headers(deployment, "gzip-members"))
+            truncated = http.post(gw.url + route.path, json=route.body,
+                                  headers=route.headers(deployment, "gzip-truncated"))
+    finally:
+        events = _stop(gw)
+    expected = json.dumps(_answer("openai", "gpt-4o-mini", "a compressed answer")).encode()
+    assert members.status_code == 200 and members.content == expected
+    assert (events[_rid(members)]["input_tokens"], events[_rid(members)]["output_tokens"]) == (3, 2)
+    assert truncated.status_code == 502, truncated.text
+    assert "could not be decoded" in _error("openai", truncated)["message"]
+    assert (events[_rid(truncated)]["outcome"], events[_rid(truncated)]["status_code"]) == ("upstream_error", 502)
+
+
+def test_encodings_the_gateway_cannot_read_are_502_in_the_routes_format(deployment, faulty):
+    """br and zstd (which the gateway never asked for) are refused, not relayed as if they were JSON;
+    a gzip body that is not gzip is refused too."""
+    _configure(deployment, {name: faulty.url for name in ROUTES})
+    gw = GatewayProcess(deployment).start()
+    cases = [(provider, "encoding-br") for provider in ROUTES] + [("openai", "encoding-zstd"),
+                                                                  ("anthropic", "encoding-gzip")]
+    answers = []
+    try:
+        with httpx.Client(timeout=15) as http:
+            for provider, fault in cases:
+                route = ROUTES[provider]
+                answers.append(http.post(gw.url + route.path, json=route.body,
+                                         headers=route.headers(deployment, fault)))
+        healthy = httpx.get(gw.url + "/healthz", timeout=5).status_code
+    finally:
+        events = _stop(gw)
+    assert healthy == 200
+    for (provider, fault), response in zip(cases, answers, strict=True):
+        assert response.status_code == 502, (provider, fault, response.text)
+        assert "content-encoding" not in response.headers
+        message = _error(provider, response)["message"]
+        encoding = fault.removeprefix("encoding-")
+        assert (f"{encoding!r}" in message if encoding != "gzip" else "could not be decoded" in message), message
+        assert "not really compressed" not in response.text
+        event = events[_rid(response)]
+        assert (event["outcome"], event["status_code"], event["provider"]) == ("upstream_error", 502, provider), event
+        assert event["usage_source"] == "none", event
+
+
+def test_json_answers_past_max_response_bytes_are_502_but_streams_are_not_capped(deployment, faulty):
+    """[server] max_response_bytes = 1 MiB: a 50 MB JSON answer, announced by its Content-Length or chunked,
+    is refused in each route's format; a 50 MB stream still passes whole."""
+    _configure(deployment, {name: faulty.url for name in ROUTES}, read_timeout_s=5,
+               server="max_response_bytes = 1048576")
+    gw = GatewayProcess(deployment).start()
+    refused = []
+    try:
+        with httpx.Client(timeout=30) as http:
+            for provider, route in ROUTES.items():
+                for fault in ("huge", "huge-chunked"):
+                    refused.append((provider, fault, http.post(gw.url + route.path, json=route.body,
+                                                               headers=route.headers(deployment, fault))))
+            route = ROUTES["openai"]
+            with http.stream("POST", gw.url + route.path, json=route.stream_body(),
+                             headers=route.headers(deployment, "huge")) as streamed:
+                assert streamed.status_code == 200
+                size, tail = 0, b""
+                for chunk in streamed.iter_raw():
+                    size, tail = size + len(chunk), (tail + chunk)[-64:]
+        healthy = httpx.get(gw.url + "/healthz", timeout=5).status_code
+    finally:
+        events = _stop(gw)
+    assert healthy == 200
+    for provider, fault, response in refused:
+        assert response.status_code == 502, (provider, fault, response.status_code, response.text[:300])
+        message = _error(provider, response)["message"]
+        assert "max_response_bytes" in message and "1048576" in message, message
+        assert len(response.content) < 4096
+        event = events[_rid(response)]
+        assert (event["outcome"], event["status_code"], event["provider"]) == ("upstream_error", 502, provider), event
+    # 800 events with a word of 65,336 bytes each, as the fault server builds them, the usage chunk hidden
+    word = "y" * (64 * 1024 - 200)
+    sent = _client_view("openai", _stream_events("openai", "gpt-4o-mini", [word] * 800, final=True), hidden_usage=True)
+    assert size == len(sent) > HUGE_BYTES * 0.99 and tail == sent[-64:], (size, tail)
+    event = events[_rid(streamed)]
+    assert (event["outcome"], event["status_code"], event["usage_source"]) == ("ok", 200, "reported"), event
+    assert event["output_tokens"] == HUGE_BYTES // (64 * 1024), event
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak RSS from /proc")
+def test_non_json_bodies_pass_through_uncapped_with_their_content_length(deployment, faulty):
+    """20 MiB of application/octet-stream under a 1 MiB max_response_bytes: relayed byte for byte,
+    its Content-Length kept, never held whole."""
+    _configure(deployment, {"openai": faulty.url}, read_timeout_s=5, server="max_response_bytes = 1048576")
+    route = ROUTES["openai"]
+    expected = _octets()
+    gw = GatewayProcess(deployment).start()
+    try:
+        with httpx.Client(timeout=30) as http:
+            assert http.post(gw.url + route.path, json=route.body, headers=route.headers(deployment)).status_code == 200
+            peak_before = _peak_rss_kib(gw.proc.pid)
+            with http.stream("POST", gw.url + route.path, json=route.body,
+                             headers=route.headers(deployment, "octet-stream")) as response:
+                headers = response.headers
+                body = b"".join(response.iter_raw())
+            growth = _peak_rss_kib(gw.proc.pid) - peak_before
+    finally:
+        events = _stop(gw)
+    print(f"20 MiB octet-stream: the gateway's peak RSS grew {growth} KiB")
+    assert response.status_code == 200
+    assert headers["content-type"] == "application/octet-stream"
+    assert headers["content-length"] == str(20 * 1024 * 1024) and "transfer-encoding" not in headers, headers
+    assert len(body) == 20 * 1024 * 1024 and body == expected
+    assert growth < 10 * 1024, f"the gateway's peak memory grew {growth} KiB relaying 20 MiB: it was held"
+    event = events[_rid(response)]
+    assert (event["outcome"], event["status_code"]) == ("ok", 200), event
+
+
+SSE_CAP = 1024 * 1024  # max_sse_event_bytes for the boundary-less stream
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak RSS from /proc")
+def test_a_50_mb_stream_without_a_blank_line_passes_whole_in_bounded_memory(deployment, faulty):
+    """50 MiB of `data:` lines and no event boundary, with max_sse_event_bytes = 1 MiB, through the OpenAI
+    route (whose usage chunk the gateway filters, so every byte goes through the parser): it arrives whole,
+    /healthz answers while it streams, and the gateway's peak memory grows by less than 3 caps."""
+    _configure(deployment, {"openai": faulty.url}, read_timeout_s=5, server=f"max_sse_event_bytes = {SSE_CAP}")
+    route = ROUTES["openai"]
+    expected = hashlib.sha256()
+    for _ in range(SSE_BLOCKS):
+        expected.update(SSE_BLOCK)
+    gw = GatewayProcess(deployment).start()
+    checks: list = []  # per /healthz while the stream runs: True, or what went wrong
+    streaming, done = threading.Event(), threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(timeout=2) as client:
+            while not done.is_set():
+                try:
+                    response = client.get(gw.url + "/healthz")
+                    result = response.status_code == 200 or response.status_code
+                except httpx.HTTPError as exc:
+                    result = repr(exc)
+                checks.append((result, streaming.is_set()))
+                time.sleep(0.02)
+
+    try:
+        with httpx.Client(timeout=30) as http:
+            # first a well-formed 50 MB stream (events of 64 KiB): what relaying 50 MB costs anyway is paid
+            # before the measure, which then shows what the missing boundaries add
+            started = time.monotonic()
+            with http.stream("POST", gw.url + route.path, json=route.stream_body(),
+                             headers=route.headers(deployment, "huge")) as framed:
+                framed_size = sum(len(chunk) for chunk in framed.iter_raw())
+            framed_s = time.monotonic() - started
+            peak_before = _peak_rss_kib(gw.proc.pid)
+            prober = threading.Thread(target=probe, name="healthz-prober")
+            started = time.monotonic()
+            with http.stream("POST", gw.url + route.path, json=route.stream_body(),
+                             headers=route.headers(deployment, "sse-no-boundaries")) as streamed:
+                assert streamed.status_code == 200 and streamed.headers["content-type"] == "text/event-stream"
+                streaming.set()
+                prober.start()
+                size, digest, milestone, waited = 0, hashlib.sha256(), 8 * MiB, 0
+                for chunk in streamed.iter_raw():
+                    size += len(chunk)
+                    digest.update(chunk)
+                    if size >= milestone and milestone <= 40 * MiB:  # at 8, 16, ... 40 MiB: one more check
+                        milestone += 8 * MiB
+                        asked = len(checks)
+                        deadline = time.monotonic() + 5
+                        while len(checks) <= asked and time.monotonic() < deadline:
+                            time.sleep(0.005)
+                        waited += 1
+                streaming.clear()
+            through_s = time.monotonic() - started
+            done.set()
+            prober.join(10)
+            growth = _peak_rss_kib(gw.proc.pid) - peak_before
+            started = time.monotonic()
+            with http.stream("POST", faulty.url + "/v1/chat/completions", json=route.stream_body(),
+                             headers={"x-fault": "sse-no-boundaries"}) as direct:
+                direct_size = sum(len(chunk) for chunk in direct.iter_raw())
+            direct_s = time.monotonic() - started
+    finally:
+        done.set()
+        events = _stop(gw)
+    during = [result for result, in_stream in checks if in_stream]
+    print(f"50 MiB without a blank line: {through_s:.2f} s through the gateway, {direct_s:.2f} s direct "
+          f"(a framed 50 MB stream: {framed_s:.2f} s through the gateway); peak RSS +{growth} KiB "
+          f"(cap {SSE_CAP // 1024} KiB); {len(during)} /healthz answered during the stream")
+    assert direct_size == HUGE_BYTES and framed_size > HUGE_BYTES * 0.99
+    assert size == HUGE_BYTES and digest.hexdigest() == expected.hexdigest(), size
+    assert waited == 5 and len(during) >= 5, (waited, checks)
+    assert all(result is True for result, _ in checks), [r for r, _ in checks if r is not True]
+    # Bounded by the cap, not by the stream: 4.6-6.7 MiB measured here with a 1 MiB cap (the parser alone
+    # peaks at about 3 caps: its buffer, a slice of it and that slice's bytes copy; plus transport buffers
+    # and allocator slack), 53-85 MiB with the default 16 MiB cap, and holding the whole event would
+    # cost over 50 MiB. 12 caps leaves room for the allocator yet fails if the cap is not honoured.
+    assert growth < 12 * SSE_CAP // 1024, f"peak RSS grew {growth} KiB for a {SSE_CAP // 1024} KiB event cap"
+    event = events[_rid(streamed)]
+    assert (event["outcome"], event["status_code"], event["streamed"]) == ("ok", 200, True), event
+    assert event["usage_source"] != "reported" and not event["output_tokens"], event  # nothing was read from it
+
+
+def test_an_sse_event_past_the_cap_is_relayed_untouched_and_usage_still_read(deployment, faulty):
+    """One event of 300 kB with max_sse_event_bytes = 64 KiB, then the stream's closing events: every byte
+    reaches the client in order, and the usage comes from the (normal) events after the long one."""
+    cap = 64 * 1024
+    _configure(deployment, {name: faulty.url for name in ROUTES}, server=f"max_sse_event_bytes = {cap}")
+    openai = ROUTES["openai"]
+    cases = [("openai", openai.stream_body(), True),  # the gateway asks for the usage chunk, and hides it
+             ("openai", {**openai.stream_body(), "stream_options": {"include_usage": True}}, False),
+             ("anthropic", ROUTES["anthropic"].stream_body(), False),
+             ("gemini", ROUTES["gemini"].stream_body(), False)]
+    gw = GatewayProcess(deployment).start()
+    relayed = []
+    try:
+        with httpx.Client(timeout=15) as http:
+            for provider, body, _ in cases:
+                route = ROUTES[provider]
+                with http.stream("POST", gw.url + route.stream_path, json=body,
+                                 headers=route.headers(deployment, "sse-oversized-usage")) as response:
+                    assert response.status_code == 200
+                    relayed.append((b"".join(response.iter_raw()), _rid(response)))
+    finally:
+        events = _stop(gw)
+    for (provider, _, hidden), (received, request_id) in zip(cases, relayed, strict=True):
+        model = ROUTES[provider].body.get("model", "gemini-2.5-flash")
+        sent = _stream_events(provider, model, ["one ", OVERSIZED_WORD, "two "], final=True)
+        long_event = sent[{"openai": 2, "anthropic": 3, "gemini": 1}[provider]]
+        assert OVERSIZED_WORD.encode() in long_event and len(long_event) > 4 * cap
+        assert received == _client_view(provider, sent, hidden_usage=hidden), (provider, hidden)
+        event = events[request_id]
+        assert (event["outcome"], event["status_code"], event["usage_source"]) == ("ok", 200, "reported"), event
+        assert (event["input_tokens"], event["output_tokens"]) == (3, 3), (provider, hidden, event)
 
 
 def test_provider_resetting_the_connection_mid_body_is_502_or_a_broken_stream(deployment, faulty):

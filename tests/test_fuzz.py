@@ -324,6 +324,73 @@ def test_wrongly_typed_fields_in_stream_events_do_not_crash_the_tap(provider, ap
     assert tap_usage(provider, api, [spoiled])[0] == tap_usage(provider, api, [raw])[0]
 
 
+# --- the SSE parser's event cap ------------------------------------------------------------------
+_SSE_BITS = st.sampled_from([b"data: ", b"data:", b"event: ", b": ping", b"\n", b"\r\n", b"\r", b"\n\n",
+                             b"\r\n\r\n", b"\r\r", b"{\"a\": 1}", b"[DONE]", b" ", b"\xff"])
+#: SSE-like bytes with long stretches that have no boundary, so that caps of 8 to 64 bytes are crossed.
+capped_streams = st.lists(st.one_of(_SSE_BITS, st.binary(max_size=24), st.integers(0, 160).map(lambda n: b"x" * n)),
+                          max_size=30).map(b"".join)
+
+
+def spans(events: list) -> dict[tuple[int, int], object]:
+    """Each event by the stretch of the stream its raw bytes cover (events' raws are consecutive)."""
+    out, at = {}, 0
+    for e in events:
+        out[(at, at + len(e.raw))] = e
+        at += len(e.raw)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=capped_streams, cap=st.integers(8, 64), split=st.data())
+@example(data=b"data: " + b"x" * 100 + b"\r\n\r\ndata: y\n\n", cap=8, split=None)
+def test_capped_sse_parser_hands_back_every_byte_once_in_order(data, cap, split):
+    """For any stream, split and small cap: the raws of the events returned, then what is pending, are
+    the input exactly (no byte lost, doubled or reordered); close() hands the pending bytes back, unless
+    they are only the whitespace after the last event. Unread pieces are never interpreted and break only
+    where the stream has an event boundary; every other event is the one the uncapped parser reads; and an
+    event is handed back unread exactly when, at the end of some chunk, more than `cap` bytes of it had
+    arrived without its end."""
+    chunks = split.draw(chunkings(data)) if split is not None else [data[:20], data[20:]]
+    parser, returned = SseParser(cap), []
+    for chunk in chunks:
+        returned += parser.feed(chunk)
+        assert len(parser.pending()) <= cap + len(chunk)
+    pending = parser.pending()
+    assert b"".join(e.raw for e in returned) + pending == data
+    tail = parser.close()
+    assert [e.raw for e in tail] == ([pending] if tail else []) and (tail or not pending.strip())
+    returned += tail
+    assert all(e.event is None and e.data == b"" for e in returned if e.unread)
+    whole = SseParser(max_event_bytes=len(data) + 1)  # never reaches its cap: the reference
+    framed = whole.feed(data)
+    reference = spans(framed + whole.close())
+    assert not any(e.unread for e in reference.values())
+    capped = spans(returned)
+    for where, event in capped.items():
+        if not event.unread:
+            assert reference[where] == event, (where, event)
+    assert {end for _, end in reference} <= {end for _, end in capped}  # pieces end at every real boundary
+    ends = [sum(map(len, chunks[:i + 1])) for i in range(len(chunks))]
+    for index, ((start, end), event) in enumerate(reference.items()):
+        unfinished = [c for c in ends if start < c and (c < end or index >= len(framed))]  # close()'s has no end
+        if any(c - start > cap for c in unfinished):
+            assert all(e.unread for (s, t), e in capped.items() if start <= s < end), (start, end)
+        else:
+            assert capped.get((start, end)) == event, (start, end, event)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=capped_streams, extra=st.integers(0, 64), split=st.data())
+def test_a_cap_larger_than_the_stream_changes_nothing(data, extra, split):
+    chunks = split.draw(chunkings(data))
+
+    def events(parser: SseParser) -> list:
+        return [e for chunk in chunks for e in parser.feed(chunk)] + parser.close()
+
+    assert events(SseParser(max_event_bytes=len(data) + extra)) == events(SseParser())
+
+
 # =================================================================================================
 # Policy files
 # =================================================================================================

@@ -29,7 +29,7 @@ def test_openai_chat_non_streaming_is_answered_and_priced(gateway, sim, openai_f
 
     [event] = gateway.deployment.events()
     assert event["outcome"] == "ok" and event["status_code"] == 200
-    assert (event["provider"], event["model"], event["endpoint"]) == ("openai", "openai/gpt-4o-mini", "chat/completions")
+    assert (event["provider"], event["model"], event["endpoint"]) == ("openai", "openai/gpt-4o-mini", "openai/chat.completions.create")
     assert (event["input_tokens"], event["output_tokens"]) == (reply.usage.prompt_tokens, reply.usage.completion_tokens)
     assert event["usage_source"] == "reported"
     assert event["cost_usd"] == _price(reply.usage.prompt_tokens, reply.usage.completion_tokens, "0.15", "0.60")
@@ -92,7 +92,8 @@ def test_openai_responses_and_embeddings(gateway, openai_for):
 
     rows = gateway.deployment.events()
     assert [(r["endpoint"], r["streamed"], r["usage_source"]) for r in rows] == [
-        ("responses", False, "reported"), ("responses", True, "reported"), ("embeddings", False, "reported")]
+        ("openai/responses.create", False, "reported"), ("openai/responses.create", True, "reported"),
+        ("openai/embeddings.create", False, "reported")]
     assert rows[0]["input_tokens"] == response.usage.input_tokens
     assert rows[1]["output_tokens"] == events[-1].response.usage.output_tokens
     assert rows[2]["output_tokens"] == 0 and rows[2]["cost_usd"] is not None
@@ -142,7 +143,8 @@ def test_gemini_generate_and_stream_with_google_genai(gateway, sim):
 
     rows = gateway.deployment.events()
     assert [(r["model"], r["endpoint"], r["streamed"]) for r in rows] == [
-        ("gemini/gemini-2.5-flash", "generateContent", False), ("gemini/gemini-2.5-flash", "streamGenerateContent", True)]
+        ("gemini/gemini-2.5-flash", "gemini/generate_content", False),
+        ("gemini/gemini-2.5-flash", "gemini/generate_content_stream", True)]
     assert rows[0]["input_tokens"] == reply.usage_metadata.prompt_token_count
     assert rows[1]["output_tokens"] == final_usage.candidates_token_count
     assert all(r["billing_mode"] == "unified" and r["cost_usd"] > 0 for r in rows)

@@ -48,7 +48,7 @@ def sample_events() -> list[Event]:
         kind = i % 10
         common = dict(event_id=uuid.UUID(int=i + 1, version=4), ts=ts, tenant=tenant,
                       user_pseudonym=(ALICE, BOB, None)[i % 3], auth_method="token", provider=provider, model=model,
-                      endpoint="chat/completions", attempts=1)
+                      endpoint="openai/chat.completions.create", attempts=1)
         if kind == 7:
             events.append(Event(**common, status_code=403, outcome="denied", latency_ms=1.5))
         elif kind == 8:
@@ -222,7 +222,7 @@ def hostile_events(now: datetime) -> list[Event]:
     events = []
     for i, tenant in enumerate(HOSTILE):
         common = dict(ts=now - timedelta(seconds=i + 1), tenant=tenant, user_pseudonym=ALICE, auth_method="jwt",
-                      provider="openai", model="openai/gpt-4o-mini", endpoint="chat/completions", attempts=1)
+                      provider="openai", model="openai/gpt-4o-mini", endpoint="openai/chat.completions.create", attempts=1)
         events.append(Event(event_id=uuid.UUID(int=100 + 2 * i, version=4), **common, status_code=200, outcome="ok",
                             billing_mode="unified", input_tokens=10, output_tokens=5, cached_input_tokens=0,
                             usage_source="reported", cost_usd=Decimal("0.250000000"), latency_ms=12.0))

@@ -222,3 +222,99 @@ def test_no_byte_is_lost_or_invented(case):
         assert [e.raw for e in tail] == [pending]
     else:
         assert pending.strip() == b""
+
+
+# --- the event cap ----------------------------------------------------------------------------------
+LONG = b"data: " + b"x" * 200 + b"\n\n"  # 208 bytes: one event far past a 64-byte cap
+AFTER = [SseEvent(b"event: e\ndata: after\n\n", "e", b"after"), SseEvent(b"data: last\n\n", None, b"last")]
+
+
+def feed_all(parser: SseParser, chunks: list[bytes]) -> list[SseEvent]:
+    events: list[SseEvent] = []
+    for chunk in chunks:
+        events.extend(parser.feed(chunk))
+    return events + parser.close()
+
+
+@pytest.mark.parametrize("size", [1, 7, 16, 64, 200], ids=lambda n: f"chunks-of-{n}")
+def test_an_event_past_the_cap_comes_back_in_unread_pieces_then_parsing_resumes(size):
+    stream = LONG + b"".join(e.raw for e in AFTER)
+    parser = SseParser(max_event_bytes=64)
+    events = feed_all(parser, [stream[i:i + size] for i in range(0, len(stream), size)])
+    unread = [e for e in events if e.unread]
+    assert events[:len(unread)] == unread and len(unread) >= 2  # the long event's pieces come first
+    assert b"".join(e.raw for e in unread) == LONG  # every byte of it, once, in order
+    assert all(e.event is None and e.data == b"" for e in unread)  # nothing is read from them
+    assert all(len(e.raw) <= 64 + size for e in unread)
+    assert events[len(unread):] == AFTER
+
+
+def test_the_cap_is_on_what_is_held_so_an_event_completed_within_one_chunk_is_read():
+    stream = LONG + b"".join(e.raw for e in AFTER)
+    assert SseParser(max_event_bytes=64).feed(stream) == [SseEvent(LONG, None, b"x" * 200), *AFTER]
+
+
+@pytest.mark.parametrize("boundary", [b"\n\n", b"\r\n\r\n", b"\r\r"], ids=["LF", "CRLF", "CR"])
+def test_a_boundary_split_where_the_cap_cuts_is_still_found(boundary):
+    """The cut keeps the last 3 bytes: a boundary that began in them is found when its last byte arrives."""
+    long = b"data: " + b"y" * 40  # 46 bytes: past the cap of 8 as soon as it is fed
+    stream = long + boundary + b"data: z" + boundary
+    for cut in range(len(long) - 3, len(long) + len(boundary)):  # the first chunk ends at or inside the boundary
+        parser = SseParser(max_event_bytes=8)
+        events = feed_all(parser, [stream[:cut], stream[cut:]])
+        assert b"".join(e.raw for e in events) == stream, cut
+        assert events[-1] == SseEvent(b"data: z" + boundary, None, b"z"), cut
+        assert all(e.unread for e in events[:-1]), cut
+
+
+def test_close_inside_an_event_past_the_cap_hands_back_its_rest_unread():
+    parser = SseParser(max_event_bytes=16)
+    data = b"data: " + b"q" * 100  # no boundary, and the stream ends
+    pieces = parser.feed(data)
+    assert pieces and all(e.unread for e in pieces)
+    rest = parser.close()
+    assert [e.unread for e in rest] == [True]
+    assert b"".join(e.raw for e in pieces + rest) == data
+    assert parser.close() == [] and parser.feed(b"data: ok\n\n") == [SseEvent(b"data: ok\n\n", None, b"ok")]
+
+
+class _CountingPattern:
+    """Stands in for the parser's boundary regex and counts the bytes each search covers."""
+
+    def __init__(self, pattern) -> None:
+        self.pattern, self.scanned, self.searches = pattern, 0, 0
+
+    def finditer(self, string, pos=0, *args):
+        self.scanned += len(string) - pos
+        self.searches += 1
+        return self.pattern.finditer(string, pos, *args)
+
+
+def test_20_mb_without_a_boundary_is_linear_work_in_bounded_memory(monkeypatch):
+    """Fed in 1 KiB chunks: the parser never holds more than the cap plus a chunk, every byte comes back
+    once, and the boundary search covers each byte once plus a 3-byte overlap per feed (counted, not timed:
+    searching from the start of the unfinished event at each feed would cover about 170 MB here, and
+    without the cap 20480 x 20481 / 2 KiB, about 200 GiB)."""
+    import proxy.sse
+    counting = _CountingPattern(proxy.sse._BOUNDARY)
+    monkeypatch.setattr(proxy.sse, "_BOUNDARY", counting)
+    cap, chunk = 16 * 1024, b"data: " + b"w" * 1017 + b"\n"  # 1 KiB, one LF: never a blank line
+    feeds = 20 * 1024  # 20 MiB
+    parser = SseParser(max_event_bytes=cap)
+    returned = held_most = 0
+    for _ in range(feeds):
+        for event in parser.feed(chunk):
+            assert event.unread
+            returned += len(event.raw)
+        held = len(parser.pending())
+        held_most = max(held_most, held)
+        assert held <= cap + len(chunk)
+    assert returned + held == feeds * 1024  # nothing lost or doubled so far
+    assert cap - len(chunk) <= held_most <= cap + len(chunk)
+    assert counting.searches == feeds
+    assert feeds * 1024 <= counting.scanned <= feeds * (1024 + 3)
+    # and the boundary, when it finally comes, ends the long event; what follows is read again
+    tail = parser.feed(b"\ndata: back\n\n")  # the pending line's own LF and this one make the blank line
+    assert [e.unread for e in tail] == [True, False] and tail[0].raw.endswith(b"w\n\n")
+    assert returned + len(tail[0].raw) == feeds * 1024 + 1
+    assert tail[1] == SseEvent(b"data: back\n\n", None, b"back")

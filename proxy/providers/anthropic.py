@@ -20,6 +20,7 @@ from proxy.providers.base import (
     json_encode,
     str_or_none,
 )
+from proxy.providers.operations import ANTHROPIC as ANTHROPIC_OPERATIONS
 
 
 def usage_from_anthropic(usage: Any) -> Usage:
@@ -72,6 +73,7 @@ class AnthropicStreamTap(StreamTap):
 
 class AnthropicAdapter(Adapter):
     style = "anthropic"
+    operations = ANTHROPIC_OPERATIONS
     credential_headers = ("authorization", "x-api-key")  # Claude Code may send both, x-api-key stale
     key_header = "x-api-key"
     max_output_paths = (("max_tokens",),)

@@ -23,6 +23,7 @@ import msgspec
 
 from proxy.crypto import Secret
 from proxy.errors import BadRequest, TollwayError
+from proxy.providers.operations import OperationTable
 from proxy.sse import SseEvent
 
 _json_decode = msgspec.json.Decoder().decode
@@ -123,6 +124,7 @@ class Adapter(ABC):
     key_header: ClassVar[str]  # header the provider key goes in
     key_prefix: ClassVar[str] = ""  # e.g. "Bearer "
     credential_query_params: ClassVar[tuple[str, ...]] = ()
+    operations: ClassVar[OperationTable]  # method and path -> the operation's name
     error_types: ClassVar[dict[str, str]]  # TollwayError.kind -> the provider's error type/status
     #: Where a request body caps its output, first found wins.
     max_output_paths: ClassVar[tuple[tuple[str, ...], ...]] = ()

@@ -12,6 +12,7 @@ from typing import Any
 
 from proxy.errors import BadRequest, TollwayError
 from proxy.providers.base import Adapter, CallInfo, StreamTap, Usage, int_or_none, json_encode, str_or_none
+from proxy.providers.operations import GEMINI as GEMINI_OPERATIONS
 
 _MODEL_CALL = re.compile(r"/(?:v1beta|v1|v1alpha)/(?:models|tunedModels)/([^/:]+):([A-Za-z]+)$")
 _STATUS = {
@@ -73,6 +74,7 @@ class GeminiStreamTap(StreamTap):
 
 class GeminiAdapter(Adapter):
     style = "gemini"
+    operations = GEMINI_OPERATIONS
     list_items_key, list_id_key, list_id_prefix = "models", "name", "models/"
     credential_headers = ("x-goog-api-key", "authorization")
     credential_query_params = ("key",)

@@ -20,6 +20,7 @@ from proxy.providers.base import (
     json_encode,
     str_or_none,
 )
+from proxy.providers.operations import OPENAI as OPENAI_OPERATIONS
 
 #: Endpoints whose streams need `stream_options.include_usage` to report usage.
 _USAGE_OPT_IN = frozenset({"chat/completions", "completions"})
@@ -93,6 +94,7 @@ class OpenAIStreamTap(StreamTap):
 
 class OpenAIAdapter(Adapter):
     style = "openai"
+    operations = OPENAI_OPERATIONS
     credential_headers = ("authorization",)
     key_header = "authorization"
     key_prefix = "Bearer "

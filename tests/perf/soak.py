@@ -15,7 +15,7 @@ run every 10 s here, to have run — and at the end. The gateway is then stopped
 SIGTERM and events.duckdb is matched against the ids the client saw: every response whose headers
 reached the client must have exactly one event (a client that left mid-stream still has one, with
 outcome `cancelled`); requests that never got headers are counted apart. Exit status 1 when an
-event is missing, duplicated or unexplained, the gateway did not stop cleanly, or RSS grew > 10 %
+event is missing, duplicated or unexplained, the gateway did not stop cleanly, or RSS grew > 5 %
 (median of the last five samples against the median of the first five: RSS is a sawtooth, each
 report build streams a snapshot of the events, so single samples mostly measure the phase).
 
@@ -57,7 +57,7 @@ REQUEST_ID = "x-tollway-request-id"
 PROMPT = "Tell me a story about a tollway that never sleeps."
 MAX_RPS = 5_000  # the request budget: duration x MAX_RPS requests at most, whatever happens
 REQUEST_TIMEOUT_S = 15
-RSS_GROWTH_LIMIT_PCT = 10.0
+RSS_GROWTH_LIMIT_PCT = 5.0
 RSS_WINDOW = 5  # samples whose median stands for "at the start" and "at the end"
 KINDS = ("ok", "provider_error", "refused_401", "refused_403", "refused_429", "client_disconnect",
          "transport_error", "other")

@@ -1,0 +1,93 @@
+"""Each wire format's operation table: a truth table of method + path -> operation name."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.providers.operations import ANTHROPIC, GEMINI, OPENAI
+
+
+@pytest.mark.parametrize("method, path, operation", [
+    ("POST", "/v1/chat/completions", "chat.completions.create"),
+    ("GET", "/v1/chat/completions/chatcmpl-1", "chat.completions.retrieve"),
+    ("GET", "/v1/chat/completions/chatcmpl-1/messages", "chat.completions.messages.list"),
+    ("POST", "/v1/responses", "responses.create"),
+    ("GET", "/v1/responses/resp_1", "responses.retrieve"),
+    ("POST", "/v1/responses/resp_1/cancel", "responses.cancel"),
+    ("GET", "/v1/responses/resp_1/input_items", "responses.input_items.list"),
+    ("POST", "/v1/responses/input_tokens", "responses.input_tokens.count"),
+    ("GET", "/v1/realtime", "realtime"),
+    ("POST", "/v1/embeddings", "embeddings.create"),
+    ("POST", "/v1/audio/transcriptions", "audio.transcriptions.create"),
+    ("GET", "/v1/models", "models.list"),
+    ("GET", "/v1/models/ft:gpt-4o-mini:acme::abc123", "models.retrieve"),
+    ("POST", "/v1/files", "files.create"),
+    ("GET", "/v1/files", "files.list"),
+    ("GET", "/v1/files/file-1", "files.retrieve"),
+    ("DELETE", "/v1/files/file-1", "files.delete"),
+    ("GET", "/v1/files/file-1/content", "files.content"),
+    ("POST", "/v1/uploads/upload_1/parts", "uploads.parts.create"),
+    ("POST", "/v1/batches", "batches.create"),
+    ("GET", "/v1/batches/batch_1", "batches.retrieve"),
+    ("POST", "/v1/batches/batch_1/cancel", "batches.cancel"),
+    ("POST", "/v1/fine_tuning/jobs", "fine_tuning.jobs.create"),
+    ("GET", "/v1/fine_tuning/jobs/ftjob-1/checkpoints", "fine_tuning.other"),
+    ("POST", "/v1/vector_stores/vs_1/search", "vector_stores.search"),
+    ("POST", "/v1/vector_stores/vs_1/file_batches", "vector_stores.files"),
+    ("POST", "/v1/organization/admin_api_keys", "admin"),
+    ("GET", "/v1/organization", "admin"),
+    ("GET", "/v1/organizationx", "other"),  # a prefix of a segment is not the segment
+    ("POST", "/v1/assistants", "other"),
+    ("PUT", "/v1/chat/completions", "other"),
+    ("POST", "/v1", "other"),
+    # Azure OpenAI: a deployment in the path, or the v1 API
+    ("POST", "/openai/deployments/prod-4o/chat/completions", "chat.completions.create"),
+    ("POST", "/openai/deployments/prod-4o/embeddings", "embeddings.create"),
+    ("POST", "/openai/v1/responses", "responses.create"),
+])
+def test_openai_operations(method, path, operation):
+    assert OPENAI.name(method, path) == operation
+
+
+@pytest.mark.parametrize("method, path, operation", [
+    ("POST", "/v1/messages", "messages.create"),
+    ("POST", "/v1/messages/count_tokens", "messages.count_tokens"),
+    ("POST", "/v1/messages/batches", "messages.batches.create"),
+    ("GET", "/v1/messages/batches", "messages.batches.list"),
+    ("GET", "/v1/messages/batches/msgbatch_1", "messages.batches.retrieve"),
+    ("GET", "/v1/messages/batches/msgbatch_1/results", "messages.batches.results"),
+    ("POST", "/v1/messages/batches/msgbatch_1/cancel", "messages.batches.cancel"),
+    ("GET", "/v1/models", "models.list"),
+    ("GET", "/v1/files/file_1/content", "files.content"),
+    ("GET", "/v1/organizations/users", "admin"),
+    ("POST", "/v1/skills", "other"),
+])
+def test_anthropic_operations(method, path, operation):
+    assert ANTHROPIC.name(method, path) == operation
+
+
+@pytest.mark.parametrize("method, path, operation", [
+    ("POST", "/v1beta/models/gemini-2.5-flash:generateContent", "generate_content"),
+    ("POST", "/v1/models/gemini-2.5-flash:generateContent", "generate_content"),
+    ("POST", "/v1beta/models/gemini-2.5-flash:streamGenerateContent", "generate_content_stream"),
+    ("POST", "/v1beta/models/gemini-2.5-flash:countTokens", "count_tokens"),
+    ("POST", "/v1beta/models/text-embedding-004:embedContent", "embed_content"),
+    ("POST", "/v1beta/models/gemini-2.5-flash:batchGenerateContent", "batches.create"),
+    ("GET", "/v1beta/models", "models.list"),
+    ("GET", "/v1beta/models/gemini-2.5-flash", "models.get"),
+    ("POST", "/upload/v1beta/files", "files.upload"),
+    ("GET", "/v1beta/files/abc", "files.get"),
+    ("POST", "/v1beta/cachedContents", "cached_contents.create"),
+    ("PATCH", "/v1beta/cachedContents/c1", "cached_contents.update"),
+    ("GET", "/v1beta/batches/b1", "batches.get"),
+    ("POST", "/v1beta/batches/b1:cancel", "batches.cancel"),
+    ("POST", "/v1beta/tunedModels", "other"),
+])
+def test_gemini_operations(method, path, operation):
+    assert GEMINI.name(method, path) == operation
+
+
+def test_invented_paths_do_not_grow_the_cache_without_bound():
+    for i in range(25_000):
+        assert OPENAI.name("GET", f"/v1/files/file-{i}") == "files.retrieve"
+    assert len(OPENAI._cache) <= 10_000
