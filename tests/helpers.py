@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -162,3 +163,22 @@ def deployment_with_history(path: Path, days: int = 40, now=None, build: bool = 
     if build:
         run_now(path, path / "events.duckdb", path / "reports")
     return deployment
+
+
+#: access.csv for limit and budget tests: acme may use every OpenAI model, engineering Claude too.
+OPEN_ACCESS = """p, *, acme, openai/*, allow
+p, role:engineering, acme, anthropic/claude-*, allow
+p, *, globex, openai/*, allow
+p, *, globex, gemini/*, allow
+g, alice@acme.com, role:engineering, acme
+"""
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of the first sample of `name` in Prometheus text whose labels include `labels`."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0])) if "{" in line else {}
+            if all(found.get(k) == v for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return None

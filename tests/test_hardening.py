@@ -10,7 +10,6 @@ provider (decompression bombs, boundary-less streams, oversized answers) is in `
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import time
 import uuid
@@ -19,17 +18,11 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from tests.helpers import GatewayProcess, free_port
+from tests.helpers import OPEN_ACCESS, GatewayProcess, free_port, metric_value
 
 pytestmark = pytest.mark.timeout(120)
 
 REQUEST_ID = "x-tollway-request-id"
-ACCESS = """p, *, acme, openai/*, allow
-p, role:engineering, acme, anthropic/claude-*, allow
-p, *, globex, openai/*, allow
-p, *, globex, gemini/*, allow
-g, alice@acme.com, role:engineering, acme
-"""
 #: globex's gpt-4.1 goes to a key the provider refuses (401): the key is marked failing.
 ROUTES = """p, acme, anthropic/*, acme-anthropic
 p, globex, openai/gpt-4.1, refused-openai
@@ -49,13 +42,6 @@ def _chat(gw: GatewayProcess, who: str, model: str = "gpt-4o", *, output_tokens:
     return httpx.post(gw.url + CHAT_PATH, json=payload, headers=headers, timeout=timeout)
 
 
-def _metric(text: str, name: str, **labels: str) -> float | None:
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0])) if "{" in line else {}
-            if all(found.get(k) == v for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 def _metrics(gw: GatewayProcess) -> str:
@@ -89,7 +75,7 @@ class WriteLock:
 # --- a locked control store ----------------------------------------------------------------------
 def test_a_locked_control_db_delays_the_gateways_bookkeeping_never_a_request_or_its_event(deployment):
     dep = deployment
-    (dep.path / "policy" / "access.csv").write_text(ACCESS)
+    (dep.path / "policy" / "access.csv").write_text(OPEN_ACCESS)
     (dep.path / "policy" / "routes.csv").write_text(ROUTES)
     (dep.path / "policy" / "limits.csv").write_text("tenant,subject,metric,window,limit\nacme,tenant,usd,month,0.01\n")
     dep.add_key("refused-openai", "openai", "sk-not-a-key-the-provider-knows")
@@ -103,7 +89,7 @@ def test_a_locked_control_db_delays_the_gateways_bookkeeping_never_a_request_or_
             refused = [_chat(gw, "carol", "gpt-4.1") for _ in range(3)]
             failing = _chat(gw, "carol", "gpt-4.1")  # failing at once, though not yet written down
             health = [httpx.get(gw.url + "/healthz", timeout=2).status_code for _ in range(5)]
-            pending = _metric(_metrics(gw), "tollway_control_writes_pending")
+            pending = metric_value(_metrics(gw), "tollway_control_writes_pending")
             assert spent.status_code == 200, spent.text
             for answer in refused:
                 assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key", answer.text
@@ -112,11 +98,11 @@ def test_a_locked_control_db_delays_the_gateways_bookkeeping_never_a_request_or_
             assert health == [200] * 5
             assert pending == 2.0, "the budget alert's audit entry and the failing key wait for the lock"
             time.sleep(6)  # past the writer's busy timeout: it retries rather than giving up
-            assert _metric(_metrics(gw), "tollway_control_writes_pending") == 2.0
+            assert metric_value(_metrics(gw), "tollway_control_writes_pending") == 2.0
         deadline = time.monotonic() + 15
-        while _metric(_metrics(gw), "tollway_control_writes_pending") != 0.0 and time.monotonic() < deadline:
+        while metric_value(_metrics(gw), "tollway_control_writes_pending") != 0.0 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert _metric(_metrics(gw), "tollway_control_writes_pending") == 0.0
+        assert metric_value(_metrics(gw), "tollway_control_writes_pending") == 0.0
     finally:
         events = _events(gw)
     assert (events[_rid(spent)]["status_code"], events[_rid(spent)]["outcome"]) == (200, "ok")
@@ -304,24 +290,24 @@ def test_a_token_of_a_tenant_missing_from_tenants_csv_is_403_until_the_tenant_is
 # --- gauges read live --------------------------------------------------------------------------------
 def test_budget_spent_ratio_is_the_live_counter_at_scrape_time_not_the_last_alert(deployment):
     dep = deployment
-    (dep.path / "policy" / "access.csv").write_text(ACCESS)
+    (dep.path / "policy" / "access.csv").write_text(OPEN_ACCESS)
     (dep.path / "policy" / "limits.csv").write_text(
         "tenant,subject,metric,window,limit\nacme,tenant,usd,month,0.01\n*,tenant,usd,day,1\n")
     dep.write_toml("[limits]\ndefault_max_output_tokens = 1\n[metering]\nmax_output_tokens = 1\n")
     gw = GatewayProcess(dep).start()
     try:
-        before = _metric(_metrics(gw), "tollway_budget_spent_ratio", tenant="acme", window="month", line="2")
+        before = metric_value(_metrics(gw), "tollway_budget_spent_ratio", tenant="acme", window="month", line="2")
         assert _chat(gw, "bob", output_tokens=550).status_code == 200  # $0.005505: 55 %, the 50 % alert
-        assert _metric(_metrics(gw), "tollway_budget_spent_ratio", tenant="acme", window="month",
+        assert metric_value(_metrics(gw), "tollway_budget_spent_ratio", tenant="acme", window="month",
                        line="2") == pytest.approx(0.5505)
         assert _chat(gw, "bob", output_tokens=200).status_code == 200  # + $0.002005 = $0.00751: 75 %, no alert
         text = _metrics(gw)
-        assert _metric(text, "tollway_budget_spent_ratio", tenant="acme", window="month",
+        assert metric_value(text, "tollway_budget_spent_ratio", tenant="acme", window="month",
                        line="2") == pytest.approx(0.751)
         # a `*` line: one series per tenant of tenants.csv, each tenant's own spend
-        assert _metric(text, "tollway_budget_spent_ratio", tenant="acme", window="day",
+        assert metric_value(text, "tollway_budget_spent_ratio", tenant="acme", window="day",
                        line="3") == pytest.approx(0.00751)
-        assert _metric(text, "tollway_budget_spent_ratio", tenant="globex", window="day", line="3") == 0.0
+        assert metric_value(text, "tollway_budget_spent_ratio", tenant="globex", window="day", line="3") == 0.0
     finally:
         gw.stop()
     assert before is not None and before < 0.5505

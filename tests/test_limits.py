@@ -18,23 +18,17 @@ import openai
 import pytest
 
 from proxy.limits import window_end, window_start
-from tests.helpers import GatewayProcess, run_cli
+from tests.helpers import OPEN_ACCESS, GatewayProcess, metric_value, run_cli
 
 pytestmark = pytest.mark.timeout(90)
 
 REQUEST_ID = "x-tollway-request-id"
-ACCESS = """p, *, acme, openai/*, allow
-p, role:engineering, acme, anthropic/claude-*, allow
-p, *, globex, openai/*, allow
-p, *, globex, gemini/*, allow
-g, alice@acme.com, role:engineering, acme
-"""
 GPT_4O = (Decimal("2.50"), Decimal("10.00"))  # list price per million tokens, input and output
 PROMPT = "spend"  # five characters: two input tokens, estimated and reported alike
 
 
 def _setup(deployment, limits: str, toml: str = "") -> None:
-    (deployment.path / "policy" / "access.csv").write_text(ACCESS)
+    (deployment.path / "policy" / "access.csv").write_text(OPEN_ACCESS)
     (deployment.path / "policy" / "limits.csv").write_text("tenant,subject,metric,window,limit\n" + limits)
     if toml:
         deployment.write_toml(toml)
@@ -383,13 +377,6 @@ def _alert_lines(gw: GatewayProcess) -> list[dict]:
     return [json.loads(line.split("budget alert ", 1)[1]) for line in gw.log().splitlines() if "budget alert {" in line]
 
 
-def _metric(text: str, name: str, **labels: str) -> float | None:
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0])) if "{" in line else {}
-            if all(found.get(k) == v for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 def test_budget_alerts_at_50_80_100_percent_are_recorded_once_per_window(deployment, sim):
@@ -407,8 +394,8 @@ def test_budget_alerts_at_50_80_100_percent_are_recorded_once_per_window(deploym
     try:
         assert spend(gw, 550).status_code == 200  # 0.005505: 55 %
         metrics = httpx.get(gw.url + "/metrics", timeout=5).text
-        assert _metric(metrics, "tollway_budget_alerts_total", tenant="acme", threshold="50") == 1.0
-        assert _metric(metrics, "tollway_budget_alerts_total", tenant="acme", threshold="80") is None
+        assert metric_value(metrics, "tollway_budget_alerts_total", tenant="acme", threshold="50") == 1.0
+        assert metric_value(metrics, "tollway_budget_alerts_total", tenant="acme", threshold="80") is None
     finally:
         assert gw.stop() == 0
     assert [a["threshold"] for a in _alert_lines(gw)] == [50]
@@ -420,11 +407,11 @@ def test_budget_alerts_at_50_80_100_percent_are_recorded_once_per_window(deploym
         over = spend(gw, 10)
         assert over.status_code == 429 and over.json()["error"]["code"] == "insufficient_quota"
         metrics = httpx.get(gw.url + "/metrics", timeout=5).text
-        assert _metric(metrics, "tollway_budget_alerts_total", tenant="acme", threshold="80") == 1.0
-        assert _metric(metrics, "tollway_budget_alerts_total", tenant="acme", threshold="100") == 1.0
-        assert _metric(metrics, "tollway_budget_alerts_total", tenant="acme", threshold="50") is None, (
+        assert metric_value(metrics, "tollway_budget_alerts_total", tenant="acme", threshold="80") == 1.0
+        assert metric_value(metrics, "tollway_budget_alerts_total", tenant="acme", threshold="100") == 1.0
+        assert metric_value(metrics, "tollway_budget_alerts_total", tenant="acme", threshold="50") is None, (
             "the 50 % alert was repeated after the restart")
-        ratio = _metric(metrics, "tollway_budget_spent_ratio", tenant="acme", window="month", line="2")
+        ratio = metric_value(metrics, "tollway_budget_spent_ratio", tenant="acme", window="month", line="2")
         assert ratio == pytest.approx(1.0515)
     finally:
         assert gw.stop() == 0
