@@ -23,10 +23,14 @@ def cmd_credits_add(args: argparse.Namespace) -> int:
     tenants = load_policy_files(resolve_data_dir(args.data_dir)).tenants
     if args.tenant not in tenants:
         raise CommandError(f"tenant {args.tenant!r} is not in tenants.csv; known: {', '.join(sorted(tenants)) or 'none'}")
-    credit_id = open_store(args).add_credits(args.tenant, amount, args.note)
-    say(f"added {amount} USD of credits to {args.tenant}")
-    emit(args, {"id": credit_id, "tenant": args.tenant, "amount_usd": str(amount), "note": args.note},
-         str(credit_id))
+    store = open_store(args)
+    credit_id = store.add_credits(args.tenant, amount, args.note)
+    total = sum((a for tenant, a, _, _ in store.list_credits() if tenant == args.tenant), Decimal(0))
+    say(f"added {amount} USD of prepaid credits to {args.tenant} ({tenants[args.tenant].name})"
+        + (f", note {args.note!r}" if args.note else "")
+        + f"; {args.tenant}'s top-ups now total {total} USD (`tollway credits list` lists them)")
+    emit(args, {"id": credit_id, "tenant": args.tenant, "amount_usd": str(amount), "note": args.note,
+                "tenant_total_usd": str(total)}, None)
     return 0
 
 

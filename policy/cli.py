@@ -42,9 +42,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     for problem in problems:
         print(problem, file=sys.stderr)
     errors = [p for p in problems if p.severity == "error"]
-    print(f"{len(files.access)} access rules, {len(files.roles)} role links, {len(files.routes)} routes, "
-          f"{len(files.limits)} limits, {len(files.tenants)} tenants: {len(errors)} error(s), "
-          f"{len(problems) - len(errors)} warning(s)", file=sys.stderr)
+    print(f"checked {data_dir}: {len(files.access)} access rules, {len(files.roles)} role links, "
+          f"{len(files.routes)} routes, {len(files.limits)} limits, {len(files.tenants)} tenants: "
+          f"{len(errors)} error(s), {len(problems) - len(errors)} warning(s)", file=sys.stderr)
     return 1 if errors else 0
 
 

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from policy.engine import Policy
-from policy.files import PolicyFiles, Problem, glob_regex, load_policy_files
+from policy.files import PolicyFiles, Problem, RouteRule, glob_regex, load_policy_files
 from proxy.control import ProviderKey
 from proxy.metering import Prices, load_prices
 from proxy.overrides import is_glob
@@ -47,6 +47,10 @@ def check_policy_set(data_dir: Path, keys: Mapping[str, ProviderKey] | None
     problems = files.problems + price_problems
     if keys is not None:
         problems += route_key_problems(files, keys)
+    if not files.errors:  # a file with errors loaded only in part: what it seems to lack would mislead
+        problems += unrouted_access_warnings(files)
+        if keys is not None:
+            problems += unrouted_key_warnings(files, keys)
     problems += unpriced_glob_warnings(files, prices)
     return files, prices, sorted(problems, key=lambda p: (p.file, p.line, p.severity))
 
@@ -65,14 +69,14 @@ def route_key_problems(files: PolicyFiles, keys: Mapping[str, ProviderKey]) -> l
     """A route may only name keys that exist, serve its provider, and belong to its tenant or the operator."""
     problems = []
     for route in files.routes:
-        provider = route.model_glob.split("/", 1)[0] if "/" in route.model_glob else None
-        literal_provider = provider if provider and not any(c in provider for c in "*?") else None
+        literal_provider = route_provider(route.model_glob)
         usable = 0
         for key_id in route.key_ids:
             key = keys.get(key_id)
             error = None
             if key is None:
-                error = f"key {key_id!r} does not exist (add it with `tollway keys add`)"
+                error = (f"key {key_id!r} does not exist: add it with `{keys_add_command(route, key_id)}` "
+                         "(the provider key on stdin), or take it out of this route")
             elif key.owner_tenant is not None and key.owner_tenant != route.tenant:
                 error = (f"key {key_id!r} belongs to tenant {key.owner_tenant!r}; a route for "
                          f"{route.tenant!r} may not use it")
@@ -88,6 +92,51 @@ def route_key_problems(files: PolicyFiles, keys: Mapping[str, ProviderKey]) -> l
                 usable += 1
         if usable == 0 and all(keys.get(k) for k in route.key_ids):
             problems.append(Problem("policy/routes.csv", route.line, "no usable key left in this route", "warning"))
+    return problems
+
+
+def route_provider(glob: str) -> str | None:
+    """The one provider a model glob names (`openai` for `openai/gpt-4o*`); None for `*` or `open*/...`."""
+    provider, slash, _ = glob.partition("/")
+    return provider if slash and provider and not is_glob(provider) else None
+
+
+def keys_add_command(route: RouteRule, key_id: str, tollway: str = "tollway") -> str:
+    """The command that adds `key_id` as `route` uses it: its provider, and its tenant's (BYOK) or the operator's."""
+    owner = "--operator" if route.tenant == "*" else f"--tenant {route.tenant}"
+    return f"{tollway} keys add {key_id} --provider {route_provider(route.model_glob) or 'PROVIDER'} {owner}"
+
+
+def unrouted_key_warnings(files: PolicyFiles, keys: Mapping[str, ProviderKey]) -> list[Problem]:
+    """Active keys that no route names: the gateway never uses them."""
+    named = {key_id for route in files.routes for key_id in route.key_ids}
+    return [Problem("policy/routes.csv", 0, f"key {key.key_id!r} ({key.provider}, owner "
+                    f"{key.owner_tenant or 'operator'}) is on no route: the gateway never uses it; name it in a "
+                    f"route, or `tollway keys revoke {key.key_id}`", "warning")
+            for key in sorted(keys.values(), key=lambda k: k.key_id)
+            if key.status == "active" and key.key_id not in named]
+
+
+def unrouted_access_warnings(files: PolicyFiles) -> list[Problem]:
+    """Allow rules for a provider that no route serves for the tenant: those calls get 403 "No key route".
+
+    Only rules naming one provider are checked, against routes for that provider (or any) in that
+    tenant (or `*`); one warning per rule, naming every tenant it leaves without a route.
+    """
+    problems = []
+    for rule in files.access:
+        provider = route_provider(rule.model_glob)
+        if rule.effect != "allow" or provider is None:
+            continue
+        tenants = sorted(files.tenants) if rule.tenant == "*" else [rule.tenant]
+        unrouted = [t for t in tenants if not any(
+            route.tenant in ("*", t) and glob_regex(route.model_glob.partition("/")[0]).match(provider)
+            for route in files.routes)]
+        if unrouted:
+            who = f"tenant {unrouted[0]}" if len(unrouted) == 1 else f"tenants {', '.join(unrouted)}"
+            problems.append(Problem("policy/access.csv", rule.line, f"allows {rule.model_glob} in {who}, but no route "
+                                    f"in policy/routes.csv serves {provider} there: those calls get 403 \"No key "
+                                    "route\" until a route and its key are added", "warning"))
     return problems
 
 

@@ -8,22 +8,29 @@ a command prints one JSON document on stdout; messages go to stderr. Exit codes:
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import re
 import shutil
 import sys
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from policy.files import load_policy_files
+from policy.files import RouteRule, load_policy_files
 from proxy.control import ControlError, ControlStore, utcnow
 from proxy.crypto import Keyring, SecretError, load_master_key, write_master_key
 from proxy.errors import StartupError
-from proxy.settings import SettingsError, load_settings, resolve_data_dir
+from proxy.settings import BUILTIN_PROVIDERS, SettingsError, load_settings, resolve_data_dir
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data"
 SAMPLE_FILES = ("tollway.toml", "tenants.csv", "pricing.csv", "policy/model.conf", "policy/access.csv",
                 "policy/routes.csv", "policy/limits.csv")
+#: Commands that run without a deployment directory: they create one, or need none.
+NO_DEPLOYMENT_NEEDED = ("init", "demo", "simulator")
+SIMULATOR_PORT = 9090
+SIMULATOR_URL = f"http://127.0.0.1:{SIMULATOR_PORT}"
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -36,58 +43,168 @@ def say(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def emit(args: argparse.Namespace, document: object, human: str) -> None:
-    """`--json`: the document on stdout; otherwise the human text."""
+def emit(args: argparse.Namespace, document: object, human: str | None) -> None:
+    """`--json`: the document on stdout; otherwise the human text (None: nothing on stdout)."""
     if getattr(args, "json", False):
         print(json.dumps(document, indent=2, default=str))
-    else:
+    elif human is not None:
         print(human)
 
 
-def open_store(args: argparse.Namespace) -> ControlStore:
-    data_dir = resolve_data_dir(args.data_dir)
+def require_deployment(data_dir: Path) -> Path:
+    """`data_dir` if it holds a deployment (any file `tollway init` writes); else why not, and the next step."""
     if not data_dir.is_dir():
+        raise CommandError(f"no deployment at {data_dir} (no such directory): run `tollway init {data_dir}` first")
+    if not any((data_dir / name).exists() for name in ("control.db", *SAMPLE_FILES)):
         raise CommandError(f"no deployment at {data_dir}: run `tollway init {data_dir}` first")
+    return data_dir
+
+
+def open_store(args: argparse.Namespace) -> ControlStore:
+    data_dir = require_deployment(resolve_data_dir(args.data_dir))
+    if not (data_dir / "control.db").exists():
+        raise CommandError(f"no control.db in {data_dir}: run `tollway init {data_dir}` first")
     return ControlStore(data_dir / "control.db", Keyring(load_master_key(data_dir)))
 
 
 # --- init ---------------------------------------------------------------------------------------
-def init_deployment(target: Path) -> tuple[list[str], Path]:
-    """Copy the samples (keeping existing files), create the master key and `control.db`."""
+def init_deployment(target: Path, simulator_url: str | None = None) -> tuple[list[str], Path]:
+    """Copy the samples (keeping existing files), create the master key and `control.db`.
+
+    With `simulator_url`, the `tollway.toml` written points every built-in provider at that simulator.
+    """
     (target / "policy").mkdir(parents=True, exist_ok=True)
     written = []
     for name in SAMPLE_FILES:
         dest = target / name
         if not dest.exists():
-            shutil.copyfile(SAMPLES / name, dest)
+            if name == "tollway.toml" and simulator_url:
+                dest.write_text(simulated_toml((SAMPLES / name).read_text(), simulator_url))
+            else:
+                shutil.copyfile(SAMPLES / name, dest)
             written.append(name)
     key_file = write_master_key(target)
     ControlStore(target / "control.db", Keyring(load_master_key(target))).close()
     return written, key_file
 
 
+def simulator_base_urls(simulator_url: str) -> dict[str, str]:
+    """Each built-in provider's base_url on the simulated provider at `simulator_url`."""
+    return {name: f"{simulator_url.rstrip('/')}/{name}" for name in BUILTIN_PROVIDERS}
+
+
+def simulated_toml(sample: str, simulator_url: str) -> str:
+    """The sample tollway.toml with every built-in provider's base_url on the simulator (comments kept)."""
+    for name, url in simulator_base_urls(simulator_url).items():
+        real = f'base_url = "{BUILTIN_PROVIDERS[name]["base_url"]}"'
+        if real not in sample:
+            raise CommandError(f"the sample tollway.toml has no line {real}: cannot point {name} at the simulator")
+        sample = sample.replace(real, f'base_url = "{url}"  # `tollway simulator`; for real calls: '
+                                      f'{BUILTIN_PROVIDERS[name]["base_url"]}', 1)
+    return sample
+
+
+def _simulator_url(text: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/]+/?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: give the simulator's URL, e.g. {SIMULATOR_URL}")
+    return text.rstrip("/")
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     target = Path(args.dir or args.data_dir or "./data").expanduser().resolve()
-    written, key_file = init_deployment(target)
+    simulator_url = (args.simulator_url or SIMULATOR_URL) if args.simulated or args.simulator_url else None
+    written, key_file = init_deployment(target, simulator_url)
     say(f"deployment ready in {target} ({len(written)} sample files written, existing files kept)")
-    say(f"next: add a provider key:  echo \"$OPENAI_API_KEY\" | tollway --data-dir {target} keys add "
-        "operator-openai --provider openai --operator")
-    emit(args, {"data_dir": str(target), "written": written, "master_key_file": str(key_file)}, str(target))
+    if simulator_url and "tollway.toml" not in written:
+        say(f"warning: {target / 'tollway.toml'} already existed and was kept: point its [providers.*] base_url "
+            f"at {simulator_url}/openai, /anthropic and /gemini yourself, or delete it and run this again")
+    elif simulator_url:
+        port = urlsplit(simulator_url).port or SIMULATOR_PORT
+        say(f"providers point at the simulated provider on {simulator_url}: start it with `tollway simulator"
+            f"{'' if port == SIMULATOR_PORT else f' --port {port}'}` (it accepts any provider key)")
+    say(next_step(target))
+    emit(args, {"data_dir": str(target), "written": written, "master_key_file": str(key_file),
+                "simulator_url": simulator_url}, str(target))
     return 0
+
+
+def next_step(target: Path) -> str:
+    """What to do after `init`: add the keys that routes.csv names (the gateway starts once they exist)."""
+    from policy.loader import keys_add_command
+
+    first_route: dict[str, RouteRule] = {}
+    for route in load_policy_files(target).routes:
+        for key_id in route.key_ids:
+            first_route.setdefault(key_id, route)
+    commands = "".join(f"\n  echo \"$KEY\" | {keys_add_command(route, key_id, f'tollway --data-dir {target}')}"
+                       for key_id, route in first_route.items())
+    return ("next: add the keys policy/routes.csv names (the gateway starts once they exist; the key on stdin):"
+            + commands if commands else
+            "next: add a route to policy/routes.csv, and its key with `tollway keys add` (the key on stdin)")
 
 
 # --- serve --------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.gateway import Gateway
-    from proxy.server import build_server
+    from proxy.server import bind_socket, build_server
 
     settings = load_settings(resolve_data_dir(args.data_dir))
-    gateway = Gateway.load(settings)
+    refuse_if_served(settings.events_db)
     host, port = args.host or settings.server.host, args.port or settings.server.port
+    sock = bind_socket(host, port)
+    gateway = Gateway.load(settings)
     say(f"tollway serving {settings.data_dir} on http://{host}:{port}  "
         f"(providers: {', '.join(sorted(gateway.routes))})")
-    build_server(gateway, host, port).run()
+    build_server(gateway, host, port).run(sockets=[sock])
     return 0
+
+
+def refuse_if_served(events_db: Path) -> None:
+    """A second gateway on one directory: refused, naming the process that holds `events.duckdb`."""
+    from proxy.server import events_db_holder
+
+    holder = events_db_holder(events_db)
+    if holder:
+        raise CommandError(f"{events_db} is held by {holder}: another gateway serves this directory already; "
+                           "stop it first, or serve another --data-dir")
+
+
+# --- simulator ----------------------------------------------------------------------------------
+def cmd_simulator(args: argparse.Namespace) -> int:
+    from proxy.server import bind_socket
+    from proxy.simulator import serve
+
+    keys = dict(args.key or [])
+    sock = bind_socket(args.host, args.port)
+    with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C before the simulator's own handlers are in place
+        asyncio.run(serve(args.host, args.port, keys, record=False, lifelike=args.lifelike, sock=sock,
+                          on_ready=lambda url: announce_simulator(url, keys)))
+    say("simulator stopped")
+    return 0
+
+
+def announce_simulator(url: str, keys: dict[str, str]) -> None:
+    """Where the simulator listens, the keys it accepts, and its `tollway.toml` lines (those on stdout)."""
+    accepted = ", ".join(f"{family} only {key!r}" for family, key in keys.items()) or "any key"
+    say(f"simulated OpenAI, Anthropic and Gemini on {url} (no network; provider keys accepted: {accepted})")
+    say(f"for a new deployment: `tollway init DIR --simulated{'' if url == SIMULATOR_URL else ' --simulator-url ' + url}`"
+        "; for an existing one, these lines in its tollway.toml:")
+    print("".join(f'[providers.{name}]\nbase_url = "{base}"\n' for name, base in simulator_base_urls(url).items()),
+          end="", flush=True)
+    say("Ctrl-C stops it.")
+
+
+def port_number(text: str) -> int:
+    """A TCP port for --port: 1 to 65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: use a number from 1 to 65535")
+    return int(text)
+
+
+def _simulator_key(text: str) -> tuple[str, str]:
+    from proxy.simulator import _parse_key
+
+    return _parse_key(text)
 
 
 # --- keys ---------------------------------------------------------------------------------------
@@ -198,12 +315,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = commands.add_parser("init", parents=[common, as_json], help="create a deployment directory with samples")
     init.add_argument("dir", nargs="?", help="directory to create (default: --data-dir or ./data)")
+    init.add_argument("--simulated", action="store_true",
+                      help="point every built-in provider at the simulated provider (`tollway simulator`)")
+    init.add_argument("--simulator-url", type=_simulator_url,
+                      help=f"the simulator's URL (implies --simulated; default {SIMULATOR_URL})")
     init.set_defaults(func=cmd_init)
 
     serve = commands.add_parser("serve", parents=[common], help="run the gateway")
     serve.add_argument("--host", help="interface to listen on (default from tollway.toml)")
-    serve.add_argument("--port", type=int, help="port to listen on (default from tollway.toml)")
+    serve.add_argument("--port", type=port_number, help="port to listen on (default from tollway.toml)")
     serve.set_defaults(func=cmd_serve)
+
+    simulator = commands.add_parser("simulator", parents=[common],
+                                    help="run the simulated provider (OpenAI, Anthropic, Gemini) for offline trials",
+                                    description="Simulated OpenAI, Anthropic and Gemini APIs on one port, under "
+                                                "/openai, /anthropic and /gemini: no network, no provider account.")
+    simulator.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    simulator.add_argument("--port", type=port_number, default=SIMULATOR_PORT, help=f"port (default {SIMULATOR_PORT})")
+    simulator.add_argument("--key", action="append", type=_simulator_key, metavar="FAMILY=KEY",
+                           help="accept only KEY for FAMILY (openai, anthropic or gemini; repeatable); "
+                                "default: any key")
+    simulator.add_argument("--lifelike", action="store_true",
+                           help="real-world latency and reply lengths, and an occasional 429 or 503")
+    simulator.set_defaults(func=cmd_simulator)
 
     keys = commands.add_parser("keys", parents=[common], help="provider keys: add, list, rotate, revoke")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -251,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "data_dir"):
         args.data_dir = None
     try:
+        if args.command not in NO_DEPLOYMENT_NEEDED:
+            require_deployment(resolve_data_dir(args.data_dir))
         return args.func(args)
     except (CommandError, ControlError, SecretError, SettingsError, StartupError) as exc:
         say(f"error: {exc}")

@@ -42,6 +42,7 @@ import json
 import math
 import random
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -53,7 +54,7 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["SimRequest", "Simulator", "count_tokens", "create_sim_app", "main", "reply_text", "split_text"]
+__all__ = ["SimRequest", "Simulator", "count_tokens", "create_sim_app", "main", "reply_text", "serve", "split_text"]
 
 DEFAULT_OUTPUT_TOKENS = 12
 DEFAULT_CHUNKS = 5
@@ -1268,12 +1269,19 @@ def _parse_key(text: str) -> tuple[str, str]:
     return family, key
 
 
-async def _serve(host: str, port: int, keys: dict[str, str], record: bool, lifelike: bool) -> None:
+def _announce(url: str) -> None:
+    print(f"simulator listening on {url}", file=sys.stderr, flush=True)
+
+
+async def serve(host: str, port: int, keys: dict[str, str], record: bool, lifelike: bool, *,
+                sock: socket.socket | None = None, on_ready: Callable[[str], None] = _announce) -> None:
+    """Serve until SIGINT or SIGTERM. `sock`, already bound (as `tollway simulator` binds it), replaces
+    `port`; `on_ready` gets the URL once the simulator listens."""
     runner = _make_runner(create_sim_app(keys, record=record, lifelike=lifelike))
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await (web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port)).start()
     bound = runner.addresses[0]
-    print(f"simulator listening on http://{host}:{bound[1]}", file=sys.stderr, flush=True)
+    on_ready(f"http://{host}:{bound[1]}")
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1304,7 +1312,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests without x-sim-* headers get real-world latency, reply lengths and "
                              "occasional 429/503 answers")
     args = parser.parse_args(argv)
-    asyncio.run(_serve(args.host, args.port, dict(args.key), not args.no_record, args.lifelike))
+    asyncio.run(serve(args.host, args.port, dict(args.key), not args.no_record, args.lifelike))
     return 0
 
 

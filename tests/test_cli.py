@@ -1,5 +1,6 @@
-"""The real `tollway` command in a subprocess: init, keys, tokens, the audit log, the master key,
-`policy check` and `serve` refusing a broken policy."""
+"""The real `tollway` command in a subprocess: init (samples, `--simulated`), keys, tokens, the audit
+log, the master key, `policy check` and `serve` refusing a broken policy, a port in use or a second
+gateway on one directory, `tollway simulator`, and every command on a directory with no deployment."""
 
 from __future__ import annotations
 
@@ -7,16 +8,22 @@ import base64
 import json
 import secrets
 import shutil
+import signal
+import socket
 import sqlite3
 import stat
 import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 
 from proxy.control import GENESIS_HASH, audit_hash
-from tests.helpers import free_port, run_cli
+from proxy.demo import wait_healthy
+from proxy.settings import load_settings
+from tests.helpers import REPO, Deployment, GatewayProcess, free_port, run_cli
 
 SAMPLES = ("tollway.toml", "tenants.csv", "pricing.csv", "policy/model.conf", "policy/access.csv",
            "policy/routes.csv", "policy/limits.csv")
@@ -149,6 +156,61 @@ def test_init_again_keeps_existing_files_and_the_master_key(cli):
     assert [k["id"] for k in cli.json("keys", "list")] == ["k1"]
 
 
+def test_init_names_the_keys_the_sample_routes_need(tmp_path):
+    target = tmp_path / "deploy"
+    result = run_cli(None, "init", str(target))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[1:] == [
+        "next: add the keys policy/routes.csv names (the gateway starts once they exist; the key on stdin):",
+        f'  echo "$KEY" | tollway --data-dir {target} keys add acme-anthropic --provider anthropic --tenant acme',
+        f'  echo "$KEY" | tollway --data-dir {target} keys add operator-openai --provider openai --operator']
+
+
+@pytest.mark.parametrize("flags, url", [(["--simulated"], "http://127.0.0.1:9090"),
+                                        (["--simulated", "--simulator-url", "http://127.0.0.1:9191/"],
+                                         "http://127.0.0.1:9191"),
+                                        (["--simulator-url", "http://localhost:9191"], "http://localhost:9191")],
+                         ids=["default", "url", "url-alone"])
+def test_init_simulated_points_every_builtin_provider_at_the_simulator(tmp_path, flags, url):
+    target = tmp_path / "deploy"
+    result = run_cli(None, "init", str(target), *flags, "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert (doc["simulator_url"], sorted(doc["written"])) == (url, sorted(SAMPLES))
+    providers = load_settings(target).providers
+    assert {name: p.base_url for name, p in providers.items()} == {
+        "openai": f"{url}/openai", "anthropic": f"{url}/anthropic", "gemini": f"{url}/gemini"}
+    port = url.rsplit(":", 1)[1]
+    assert ("providers point at the simulated provider on " + url + ": start it with `tollway simulator"
+            + ("" if port == "9090" else f" --port {port}") + "` (it accepts any provider key)") in result.stderr
+    text = (target / "tollway.toml").read_text()
+    assert 'base_url = "' + url + '/openai"  # `tollway simulator`; for real calls: https://api.openai.com' in text
+    assert text.replace(url, "X") == (REPO / "data" / "tollway.toml").read_text().replace(
+        'base_url = "https://api.openai.com"',
+        'base_url = "X/openai"  # `tollway simulator`; for real calls: https://api.openai.com').replace(
+        'base_url = "https://api.anthropic.com"',
+        'base_url = "X/anthropic"  # `tollway simulator`; for real calls: https://api.anthropic.com').replace(
+        'base_url = "https://generativelanguage.googleapis.com"',
+        'base_url = "X/gemini"  # `tollway simulator`; for real calls: https://generativelanguage.googleapis.com')
+
+
+def test_init_simulated_keeps_an_existing_tollway_toml_and_says_so(cli):
+    before = (cli.data_dir / "tollway.toml").read_text()
+    result = cli.ok("init", str(cli.data_dir), "--simulated", data_dir=None)
+    assert (cli.data_dir / "tollway.toml").read_text() == before
+    assert (f"warning: {cli.data_dir / 'tollway.toml'} already existed and was kept: point its [providers.*] "
+            "base_url at http://127.0.0.1:9090/openai, /anthropic and /gemini yourself, or delete it and run this "
+            "again") in result.stderr
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:9090", "ftp://127.0.0.1:9090", "http://127.0.0.1:9090/sim"])
+def test_init_refuses_a_simulator_url_that_is_not_one(tmp_path, url):
+    result = run_cli(None, "init", str(tmp_path / "deploy"), "--simulated", "--simulator-url", url)
+    assert result.returncode == 2
+    assert f"{url!r}: give the simulator's URL, e.g. http://127.0.0.1:9090" in result.stderr
+    assert not (tmp_path / "deploy").exists()
+
+
 # --- keys -----------------------------------------------------------------------------------------------
 def test_keys_add_and_list_never_show_the_key(cli):
     d = cli.data_dir
@@ -278,10 +340,26 @@ def test_keys_unknown_id_is_refused(cli, action):
     assert "nope" in result.stderr
 
 
-def test_keys_without_a_deployment_is_refused(tmp_path):
-    result = run_cli(tmp_path / "missing", "keys", "list")
-    assert result.returncode == 1
-    assert "init" in result.stderr
+NEEDS_A_DEPLOYMENT = [("keys", "list"), ("tokens", "list"), ("credits", "list"), ("audit",), ("audit", "verify"),
+                      ("pricing", "check"), ("policy", "check"), ("report", "run"), ("serve",),
+                      ("policy", "explain", "--tenant", "acme", "--user", "bob@acme.com", "--model",
+                       "openai/gpt-4o-mini")]
+
+
+@pytest.mark.parametrize("args", NEEDS_A_DEPLOYMENT, ids=" ".join)
+def test_every_command_on_a_missing_directory_says_so_and_names_init(tmp_path, args):
+    missing = tmp_path / "nope"
+    result = run_cli(missing, *args)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"error: no deployment at {missing} (no such directory): run `tollway init {missing}` first\n"
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("args", [("keys", "list"), ("report", "run"), ("serve",)], ids=" ".join)
+def test_a_directory_without_a_deployment_is_named_as_such(tmp_path, args):
+    result = run_cli(tmp_path, *args)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"error: no deployment at {tmp_path}: run `tollway init {tmp_path}` first\n"
 
 
 # --- tokens ---------------------------------------------------------------------------------------------
@@ -554,6 +632,95 @@ def test_serve_refuses_bad_metering_settings_naming_the_key(cli, section, words)
     assert "Traceback" not in result.stderr
 
 
+def test_serve_on_a_port_in_use_says_so_and_exits_1(cli):
+    add_keys_the_sample_routes_name(cli)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("serve", "--port", str(port))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (f"error: port {port} on 127.0.0.1 is in use (by another program or another Tollway); "
+                             "stop it or pass --port\n")  # and nothing said "serving" first
+
+
+def test_a_second_gateway_on_one_directory_names_the_process_that_serves_it(tmp_path):
+    deployment = Deployment(tmp_path / "deploy", "http://127.0.0.1:9")
+    deployment.add_test_keys()
+    gateway = GatewayProcess(deployment).start()
+    try:
+        result = run_cli(deployment.path, "serve", "--port", str(free_port()))
+    finally:
+        assert gateway.stop() == 0
+    events = deployment.path / "events.duckdb"
+    assert (result.returncode, result.stdout) == (1, "")
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: {events} is held by process {gateway.proc.pid} (")
+    assert f"-m proxy.cli --data-dir {deployment.path} serve" in line
+    assert line.endswith("): another gateway serves this directory already; stop it first, or serve another "
+                         "--data-dir")
+
+
+def start_simulator(*args: str) -> tuple[subprocess.Popen, str]:
+    """`tollway simulator` on a free port, once it answers; returns the process and its URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "simulator", "--port", str(port), *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(f"{url}/_sim/health", proc, "simulator", timeout=20)
+    return proc, url
+
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_simulator_serves_the_three_providers_prints_its_toml_and_stops_cleanly(stop):
+    proc, url = start_simulator()
+    try:
+        answers = [httpx.post(f"{url}/openai/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer any"}),
+                   httpx.post(f"{url}/anthropic/v1/messages", headers={"x-api-key": "whatever-key"},
+                              json={"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": CHAT["messages"]}),
+                   httpx.post(f"{url}/gemini/v1beta/models/gemini-2.5-flash:generateContent",
+                              headers={"x-goog-api-key": "k"}, json={"contents": [{"parts": [{"text": "Hi"}]}]})]
+    finally:
+        proc.send_signal(stop)
+        out, err = proc.communicate(timeout=20)
+    assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+    assert answers[0].json()["choices"][0]["message"]["content"].startswith("This is a simulated reply from gpt-4o-mini")
+    assert proc.returncode == 0, err
+    assert out == (f'[providers.openai]\nbase_url = "{url}/openai"\n[providers.anthropic]\nbase_url = '
+                   f'"{url}/anthropic"\n[providers.gemini]\nbase_url = "{url}/gemini"\n')
+    assert err.splitlines() == [
+        f"simulated OpenAI, Anthropic and Gemini on {url} (no network; provider keys accepted: any key)",
+        f"for a new deployment: `tollway init DIR --simulated --simulator-url {url}`; for an existing one, these "
+        "lines in its tollway.toml:",
+        "Ctrl-C stops it.",
+        "simulator stopped"]
+
+
+def test_simulator_with_a_key_accepts_only_that_key():
+    proc, url = start_simulator("--key", "openai=sk-only-this")
+    try:
+        wrong, right = (httpx.post(f"{url}/openai/v1/chat/completions", json=CHAT,
+                                   headers={"authorization": f"Bearer {key}"}) for key in ("sk-other", "sk-only-this"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert (wrong.status_code, right.status_code, proc.returncode) == (401, 200, 0)
+    assert "(no network; provider keys accepted: openai only 'sk-only-this')" in err
+
+
+def test_simulator_on_a_port_in_use_says_so_and_exits_1():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = run_cli(None, "simulator", "--port", str(port))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (f"error: port {port} on 127.0.0.1 is in use (by another program or another Tollway); "
+                             "stop it or pass --port\n")
+
+
 # --- credits --------------------------------------------------------------------------------------------
 def credits_listed(cli: Cli) -> list[tuple[str, str]]:
     return [(c["tenant"], c["amount_usd"]) for c in cli.json("credits", "list")]
@@ -590,3 +757,17 @@ def test_credits_add_keeps_refusing_fractions_of_a_cent_and_a_missing_amount(cli
     assert result.stderr == "error: --amount has more than two decimals: credits are whole cents\n"
     assert cli("credits", "add", "--tenant", "acme").returncode == 2  # a usage error
     assert credits_listed(cli) == []
+
+
+def test_credits_add_says_what_it_added_on_stderr_and_prints_nothing_else(cli):
+    first = cli.ok("credits", "add", "--tenant", "acme", "--amount", "250", "--note", "PO 42")
+    assert first.stdout == ""
+    assert first.stderr == ("added 250 USD of prepaid credits to acme (Acme Corp), note 'PO 42'; acme's top-ups now "
+                            "total 250 USD (`tollway credits list` lists them)\n")
+    cli.ok("credits", "add", "--tenant", "globex", "--amount", "5")
+    second = cli("credits", "add", "--tenant", "acme", "--amount", "0.50", "--json")
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout) == {"id": 3, "tenant": "acme", "amount_usd": "0.50", "note": None,
+                                         "tenant_total_usd": "250.50"}
+    assert second.stderr == ("added 0.50 USD of prepaid credits to acme (Acme Corp); acme's top-ups now total "
+                             "250.50 USD (`tollway credits list` lists them)\n")

@@ -371,7 +371,7 @@ def test_route_problem_names_file_and_line(tmp_path, line, words):
 @pytest.mark.parametrize("tenants, line, words", [
     ("tenant,name,markup\nacme,Acme,0\n", 1, "header"),
     ("tenant,name,markup_pct,byok_fee_pct\nacme,Acme,0\n", 2, "4 columns"),
-    ("tenant,name,markup_pct,byok_fee_pct\nacme,Acme,-1,0\n", 2, "numbers >= 0"),
+    ("tenant,name,markup_pct,byok_fee_pct\nacme,Acme,-1,0\n", 2, "a number >= 0 and at most 1000"),
     ("tenant,name,markup_pct,byok_fee_pct\nacme,Acme,ten,0\n", 2, "numbers >= 0"),
     ("tenant,name,markup_pct,byok_fee_pct\nac me,Acme,0,0\n", 2, "tenant id"),
     ("tenant,name,markup_pct,byok_fee_pct\n*,Any,0,0\n", 2, "tenant id"),

@@ -35,10 +35,13 @@ p, *, gemini/*, operator-gemini
 LIMITS = "tenant,subject,metric,window,limit\nacme,tenant,usd,month,5000\nacme,*,requests,minute,60\n"
 FILES = {"tenants.csv": TENANTS, "policy/access.csv": ACCESS, "policy/routes.csv": ROUTES,
          "policy/limits.csv": LIMITS}
-#: The keys of the template deployment: (id, provider, owner tenant or None for the operator).
+#: The keys of the template deployment: (id, provider, owner tenant or None for the operator). The
+#: last two are revoked: a route may name them (they are skipped), and no route has to.
 KEYS = [("operator-openai", "openai", None), ("operator-gemini", "gemini", None),
         ("acme-anthropic", "anthropic", "acme"), ("globex-openai", "openai", "globex"),
         ("old-openai", "openai", None)]
+REVOKED = ("globex-openai", "old-openai")
+SUMMARY = "4 access rules, 1 role links, 3 routes, 2 limits, 2 tenants: 0 error(s), 0 warning(s)"
 
 
 def add_key(data_dir: Path, key_id: str, provider: str, tenant: str | None) -> None:
@@ -56,7 +59,8 @@ def template(tmp_path_factory) -> Path:
         (root / name).write_text(text)
     for key_id, provider, tenant in KEYS:
         add_key(root, key_id, provider, tenant)
-    assert run_cli(root, "keys", "revoke", "old-openai").returncode == 0
+    for key_id in REVOKED:
+        assert run_cli(root, "keys", "revoke", key_id).returncode == 0
     return root
 
 
@@ -78,7 +82,7 @@ def check(data_dir: Path, capsys) -> tuple[int, list[str], str]:
 def test_the_template_is_valid_without_warnings(deploy, capsys):
     code, problems, summary = check(deploy, capsys)
     assert (code, problems) == (0, [])
-    assert summary == "4 access rules, 1 role links, 3 routes, 2 limits, 2 tenants: 0 error(s), 0 warning(s)"
+    assert summary == f"checked {deploy}: {SUMMARY}"  # the summary names the directory it checked
 
 
 # (test id, {file: new content}, the exact problem lines in output order)
@@ -224,7 +228,25 @@ WARNINGS = [
      ["policy/routes.csv:5: warning: never used: line 3 (*, openai/*) matches first"]),
     ("shadowed-route-exact-model", {"policy/routes.csv": "p, *, *, operator-openai\np, globex, gemini/gemini-2.5-pro, "
                                                           "operator-gemini\n"},
-     ["policy/routes.csv:2: warning: never used: line 1 (*, *) matches first"]),
+     ["policy/routes.csv:0: warning: key 'acme-anthropic' (anthropic, owner acme) is on no route: the gateway "
+      "never uses it; name it in a route, or `tollway keys revoke acme-anthropic`",
+      "policy/routes.csv:2: warning: never used: line 1 (*, *) matches first"]),
+    # an active key that no route names; a tenant allowed a provider that no route serves for it
+    ("key-on-no-route", {"policy/routes.csv": "p, acme, anthropic/*, acme-anthropic\np, *, openai/*, operator-openai\n"},
+     ["policy/routes.csv:0: warning: key 'operator-gemini' (gemini, owner operator) is on no route: the gateway "
+      "never uses it; name it in a route, or `tollway keys revoke operator-gemini`"]),
+    ("allowed-provider-without-route", {"policy/access.csv": ACCESS + "p, *, globex, anthropic/claude-haiku-*, allow\n"},
+     ["policy/access.csv:7: warning: allows anthropic/claude-haiku-* in tenant globex, but no route in "
+      "policy/routes.csv serves anthropic there: those calls get 403 \"No key route\" until a route and its key "
+      "are added"]),
+    ("rule-for-every-tenant-without-route", {"policy/access.csv": ACCESS + "p, role:admins, *, anthropic/*, allow\n"},
+     ["policy/access.csv:7: warning: allows anthropic/* in tenant globex, but no route in policy/routes.csv serves "
+      "anthropic there: those calls get 403 \"No key route\" until a route and its key are added"]),
+    ("tenant-with-no-route-at-all", {"policy/routes.csv": "p, acme, anthropic/*, acme-anthropic\n"
+                                                           "p, acme, openai/*, operator-openai\n"
+                                                           "p, acme, gemini/*, operator-gemini\n"},
+     ["policy/access.csv:5: warning: allows openai/* in tenant globex, but no route in policy/routes.csv serves "
+      "openai there: those calls get 403 \"No key route\" until a route and its key are added"]),
 ]
 
 
@@ -262,20 +284,25 @@ def cli_check(data_dir: Path) -> tuple[int, list[str]]:
 def test_route_to_a_missing_key_is_an_error(deploy):
     (deploy / "policy/routes.csv").write_text("p, globex, gemini/*, globex-gemini\n" + ROUTES)
     code, problems = cli_check(deploy)
-    assert problems == ["policy/routes.csv:1: error: key 'globex-gemini' does not exist "
-                        "(add it with `tollway keys add`)"]
+    assert problems == ["policy/routes.csv:1: error: key 'globex-gemini' does not exist: add it with `tollway keys "
+                        "add globex-gemini --provider gemini --tenant globex` (the provider key on stdin), or take "
+                        "it out of this route"]
     assert code == 1
     add_key(deploy, "globex-gemini", "gemini", "globex")  # adding it with the CLI fixes the set
     assert cli_check(deploy) == (0, [])
 
 
 def test_route_to_a_revoked_key_is_a_warning_because_the_pool_skips_it(deploy):
-    (deploy / "policy/routes.csv").write_text("p, *, openai/*, old-openai|operator-openai\n")
+    others = "p, acme, anthropic/*, acme-anthropic\np, *, gemini/*, operator-gemini\n"
+    (deploy / "policy/routes.csv").write_text("p, *, openai/*, old-openai|operator-openai\n" + others)
     assert cli_check(deploy) == (0, ["policy/routes.csv:1: warning: key 'old-openai' is revoked; "
                                      "the route skips it"])
-    (deploy / "policy/routes.csv").write_text("p, *, openai/*, old-openai\n")
+    (deploy / "policy/routes.csv").write_text("p, *, openai/*, old-openai\n" + others)
     code, problems = cli_check(deploy)
-    assert problems == ["policy/routes.csv:1: warning: key 'old-openai' is revoked; the route skips it",
+    assert problems == ["policy/routes.csv:0: warning: key 'operator-openai' (openai, owner operator) is on no "
+                        "route: the gateway never uses it; name it in a route, or `tollway keys revoke "
+                        "operator-openai`",
+                        "policy/routes.csv:1: warning: key 'old-openai' is revoked; the route skips it",
                         "policy/routes.csv:1: warning: no usable key left in this route"]
     assert code == 0
 
@@ -287,6 +314,25 @@ def test_key_revoked_with_the_cli_turns_into_a_warning(deploy):
     assert problems == ["policy/routes.csv:4: warning: key 'operator-gemini' is revoked; the route skips it",
                         "policy/routes.csv:4: warning: no usable key left in this route"]
     assert code == 0
+
+
+def test_a_key_added_on_no_route_is_warned_until_it_is_revoked(deploy):
+    add_key(deploy, "spare-openai", "openai", None)
+    assert cli_check(deploy) == (0, [
+        "policy/routes.csv:0: warning: key 'spare-openai' (openai, owner operator) is on no route: the gateway "
+        "never uses it; name it in a route, or `tollway keys revoke spare-openai`"])
+    assert run_cli(deploy, "keys", "revoke", "spare-openai").returncode == 0
+    assert cli_check(deploy) == (0, [])
+
+
+def test_a_directory_without_a_deployment_is_named_once(tmp_path):
+    """Not one "file is missing" line per file, relative to a directory the output never names."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for target, why in ((tmp_path / "nope", " (no such directory)"), (empty, "")):
+        result = run_cli(target, "policy", "check")
+        assert (result.returncode, result.stdout) == (1, "")
+        assert result.stderr == f"error: no deployment at {target}{why}: run `tollway init {target}` first\n"
 
 
 def test_route_to_another_tenants_key_is_an_error(deploy):
@@ -304,7 +350,7 @@ def test_route_to_another_tenants_key_is_an_error(deploy):
 
 def test_route_to_another_providers_key_is_an_error(deploy):
     (deploy / "policy/routes.csv").write_text("p, *, openai/*, operator-gemini|operator-openai\n"
-                                              "p, *, gemini/*, operator-gemini\n")
+                                              "p, *, gemini/*, operator-gemini\np, acme, anthropic/*, acme-anthropic\n")
     code, problems = cli_check(deploy)
     assert problems == ["policy/routes.csv:1: error: key 'operator-gemini' is a gemini key, the route is for openai"]
     assert code == 1
@@ -312,9 +358,11 @@ def test_route_to_another_providers_key_is_an_error(deploy):
 
 def test_second_key_of_a_pool_is_checked_too(deploy):
     (deploy / "policy/routes.csv").write_text("p, acme, anthropic/*, acme-anthropic|ghost-key\n"
-                                              "p, *, openai/*, operator-openai\n")
+                                              "p, *, openai/*, operator-openai\np, *, gemini/*, operator-gemini\n")
     code, problems = cli_check(deploy)
-    assert problems == ["policy/routes.csv:1: error: key 'ghost-key' does not exist (add it with `tollway keys add`)"]
+    assert problems == ["policy/routes.csv:1: error: key 'ghost-key' does not exist: add it with `tollway keys add "
+                        "ghost-key --provider anthropic --tenant acme` (the provider key on stdin), or take it out "
+                        "of this route"]
     assert code == 1
 
 
@@ -369,7 +417,7 @@ def test_the_largest_limits_and_percentages_load(deploy, capsys):
                                         "globex,Globex Inc,0,999.99\n")
     code, problems, summary = check(deploy, capsys)
     assert (code, problems) == (0, [])
-    assert summary == "4 access rules, 1 role links, 3 routes, 4 limits, 2 tenants: 0 error(s), 0 warning(s)"
+    assert summary == f"checked {deploy}: " + SUMMARY.replace("2 limits", "4 limits")
     files = load_policy_files(deploy)
     assert [(r.line, r.metric, r.limit) for r in files.limits] == [
         (2, "usd", Decimal("1000000000")), (3, "requests", Decimal("1000000000000")),
@@ -397,7 +445,7 @@ def test_a_bom_opening_a_file_loads_as_if_absent(deploy, capsys, name):
     assert loaded(deploy) == without
     code, problems, summary = check(deploy, capsys)
     assert (code, problems) == (0, [])
-    assert summary == "4 access rules, 1 role links, 3 routes, 2 limits, 2 tenants: 0 error(s), 0 warning(s)"
+    assert summary == f"checked {deploy}: {SUMMARY}"
 
 
 def test_a_bom_on_every_file_with_crlf_line_ends_through_the_real_command(deploy):
@@ -405,8 +453,7 @@ def test_a_bom_on_every_file_with_crlf_line_ends_through_the_real_command(deploy
         (deploy / name).write_bytes(BOM + text.replace("\n", "\r\n").encode())
     result = run_cli(deploy, "policy", "check")
     assert result.returncode == 0, result.stderr
-    assert result.stderr.strip().splitlines() == [
-        "4 access rules, 1 role links, 3 routes, 2 limits, 2 tenants: 0 error(s), 0 warning(s)"]
+    assert result.stderr.strip().splitlines() == [f"checked {deploy}: {SUMMARY}"]
 
 
 @pytest.mark.parametrize(("name", "raw", "expected"), [
