@@ -143,19 +143,18 @@ def warn_if_stale(ctx: Context) -> None:
                    "`tollway report run` rebuilds them now.", icon=":material/schedule:")
 
 
-def money_columns(*names: str) -> dict:
-    """Column config showing USD with a currency sign and thousands separators."""
-    return {n: st.column_config.NumberColumn(n, format="dollar") for n in names}
-
-
-def count_columns(*names: str) -> dict:
-    return {n: st.column_config.NumberColumn(n, format="localized") for n in names}
-
-
-def for_display(frame: pl.DataFrame) -> pl.DataFrame:
-    """Decimal money as floats for the table widget (which formats them); the CSV downloads and
-    the report files keep the exact values."""
-    return frame.with_columns(pl.col(pl.Decimal).cast(pl.Float64))
+def show_table(frame: pl.DataFrame, **config) -> None:
+    """Draw a table as every page does: `figures.for_display` (money by magnitude, human headers, `—`
+    for missing text), money right-aligned, counts with thousands separators, `—` for missing numbers.
+    `config`: column configs by the frame's own column names, over those defaults."""
+    defaults = {}
+    for name, dtype in frame.schema.items():
+        if figures.is_money(name):
+            defaults[name] = st.column_config.TextColumn(alignment="right")
+        elif dtype.is_integer() and name != "line":
+            defaults[name] = st.column_config.NumberColumn(format="localized")
+    st.dataframe(figures.for_display(frame), hide_index=True, placeholder=figures.MISSING,
+                 column_config={figures.label(n): c for n, c in {**defaults, **config}.items()})
 
 
 def scope_label(ctx: Context) -> str:

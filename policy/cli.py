@@ -49,18 +49,30 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from policy.explain import explain, render
+    from policy.explain import explain, explain_operation, render
 
+    for flag, value, example in (("--model", args.model, "openai/gpt-4o-mini"),
+                                 ("--operation", args.operation, "openai/files.create")):
+        if value is not None and "/" not in value:
+            print(f"error: {flag} {value!r}: name it provider/..., e.g. {example}", file=sys.stderr)
+            return 2
+    if args.model is None and args.operation is None:
+        print("error: give --model, --operation or both", file=sys.stderr)
+        return 2
     data_dir = resolve_data_dir(args.data_dir)
     keys = _keys(data_dir)
     policies = _load(data_dir, keys)
     if policies is None:
         return 1
-    if "/" not in args.model:
-        print(f"error: --model {args.model!r}: name it provider/model, e.g. openai/gpt-4o-mini", file=sys.stderr)
-        return 2
-    result = explain(policies, keys, args.tenant, args.user, args.role or [], args.model)
-    print(json.dumps(result.as_json(), indent=2) if args.json else render(result))
+    roles = args.role or []
+    operation = explain_operation(policies, args.tenant, args.user, roles, args.operation) if args.operation else None
+    result = explain(policies, keys, args.tenant, args.user, roles, args.model) if args.model else None
+    if args.json:
+        document = result.as_json() if result else {"tenant": args.tenant, "user": args.user, "roles": roles}
+        print(json.dumps(document | ({"operation": operation.as_json()} if operation else {}), indent=2))
+    else:
+        lines = [render(result)] if result else [f"{args.user} in tenant {args.tenant}:"]
+        print("\n".join(lines + (operation.render() if operation else [])))
     return 0
 
 
@@ -80,9 +92,9 @@ def cmd_test(args: argparse.Namespace) -> int:
         print(problem)
     failed = [r for r in results if not r.passed]
     for r in failed:
-        rule = f"policy/access.csv:{r.rule_line}" if r.rule_line else "default deny"
-        print(f"{path.name}:{r.line}: FAIL {r.tenant} {r.user} [{'|'.join(r.roles)}] {r.model}: "
-              f"expected {r.expected}, got {r.actual} ({rule})")
+        called = " ".join(part for part in (r.model, r.operation) if part)
+        print(f"{path.name}:{r.line}: FAIL {r.tenant} {r.user} [{'|'.join(r.roles)}] {called}: "
+              f"expected {r.expected}, got {r.actual} ({r.rule})")
     print(f"{len(results)} cases, {len(results) - len(failed)} passed, {len(failed)} failed", file=sys.stderr)
     return 1 if failed or problems else 0
 
@@ -97,7 +109,8 @@ def register(commands, common: argparse.ArgumentParser, as_json: argparse.Argume
     explain.add_argument("--tenant", required=True, help="the tenant the request would come from")
     explain.add_argument("--user", required=True, help="the user id, as on the token or in the JWT")
     explain.add_argument("--role", action="append", help="a role the credential carries (repeatable)")
-    explain.add_argument("--model", required=True, help="provider/model, e.g. anthropic/claude-sonnet-4-5")
+    explain.add_argument("--model", help="provider/model, e.g. anthropic/claude-sonnet-4-5")
+    explain.add_argument("--operation", help="provider/operation, e.g. openai/files.create (policy/operations.csv)")
     explain.set_defaults(func=cmd_explain)
     test = actions.add_parser("test", parents=[common],
                               help="run a CSV of expected decisions (tenant,user,roles,model,expect)")

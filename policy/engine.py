@@ -15,7 +15,7 @@ from pathlib import Path
 import casbin
 from casbin import model as casbin_model
 
-from policy.files import AccessRule, LimitRule, PolicyFiles, RouteRule, glob_regex
+from policy.files import AccessRule, LimitRule, OperationRule, PolicyFiles, RouteRule, glob_regex
 
 # Casbin logs every denied request with its subject (a user id) at WARNING: keep user ids out of logs.
 logging.getLogger("casbin").setLevel(logging.ERROR)
@@ -36,6 +36,38 @@ m = (p.dom == "*" || p.dom == r.dom) && modelGlob(r.obj, p.obj)
 """
 
 
+#: operations.csv: the access model, with one difference in the matcher: see `operation_glob`.
+OPERATION_MODEL = """
+[request_definition]
+r = sub, dom, obj
+[policy_definition]
+p = sub, dom, obj, eft
+[role_definition]
+g = _, _, _
+[policy_effect]
+e = some(where (p.eft == allow)) && !some(where (p.eft == deny))
+[matchers]
+m = subjectMatch(r.sub, p.sub, r.dom) && (p.dom == "*" || p.dom == r.dom) && operationGlob(r.obj, p.obj, p.eft)
+"""
+#: Operations a rule allows only by naming them: `*` or `openai/*` never opens the admin API.
+EXPLICIT_OPERATIONS = ("admin", "other")
+
+
+def operation_glob(operation: str, glob: str, effect: str = "allow") -> bool:
+    """Does an operations.csv glob cover `provider/operation`? An allow covers `admin` and `other` only
+    when its operation part names them (`*/admin`, `openai/other`); a deny covers them like anything else.
+
+    >>> operation_glob("openai/files.create", "*/files.*"), operation_glob("openai/admin", "*")
+    (True, False)
+    >>> operation_glob("openai/admin", "*/admin"), operation_glob("openai/admin", "*", "deny")
+    (True, True)
+    """
+    if glob_regex(glob).match(operation) is None:
+        return False
+    name = operation.partition("/")[2]
+    return effect != "allow" or name not in EXPLICIT_OPERATIONS or glob.partition("/")[2] == name
+
+
 def model_glob(name: str, glob: str) -> bool:
     """`*` matches any run of characters (`/` included), `?` exactly one.
 
@@ -43,6 +75,12 @@ def model_glob(name: str, glob: str) -> bool:
     (True, False)
     """
     return glob_regex(glob).match(name) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class OperationDecision:
+    allowed: bool
+    rule: OperationRule | None  # the rule to show as the reason (None: default deny)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +110,8 @@ class Policy:
         self._model_text = conf.read_text(encoding="utf-8")
         tenants = {r.tenant for r in files.access} | {g.tenant for g in files.roles} | set(files.tenants)
         self._access = {t: self._access_enforcer(t) for t in tenants | {ANY_TENANT}}
+        self._operations = {t: self._operation_enforcer(t) for t in tenants | {ANY_TENANT}}
+        self._operation_cache: dict[tuple[str, tuple[str, ...], str], OperationDecision] = {}
         self._routes = self._route_enforcer()
         self._rules: dict[tuple[str, ...], AccessRule] = {}
         for rule in files.access:  # a duplicate line is reported by the first one
@@ -102,6 +142,28 @@ class Policy:
         route_ok, route_row = self._routes.enforce_ex(tenant, model)
         route = self._route_rules.get(tuple(route_row)) if route_ok and route_row else None
         return AccessDecision(bool(allowed), rule, route)
+
+    def decide_operation(self, tenant: str, subjects: tuple[str, ...], operation: str) -> OperationDecision:
+        """May these subjects call `provider/operation` (e.g. `openai/files.create`) in this tenant?"""
+        key = (tenant, subjects, operation)
+        cached = self._operation_cache.get(key)
+        if cached is None:
+            if len(self._operation_cache) >= _CACHE_LIMIT:
+                self._operation_cache.clear()
+            enforcer = self._operations.get(tenant) or self._operations[ANY_TENANT]
+            allowed = bool(enforcer.enforce(subjects, tenant, operation))
+            effect = "allow" if allowed else "deny"
+            rule = next((r for r in self.matching_operation_rules(tenant, subjects, operation) if r.effect == effect),
+                        None)
+            cached = self._operation_cache[key] = OperationDecision(allowed, rule)
+        return cached
+
+    def matching_operation_rules(self, tenant: str, subjects: tuple[str, ...], operation: str) -> list[OperationRule]:
+        """Every operations rule that applies to this call, in file order (for `policy explain`)."""
+        roles = (self._access.get(tenant) or self._access[ANY_TENANT]).get_role_manager()
+        return [r for r in self.files.operations
+                if r.tenant in (tenant, ANY_TENANT) and operation_glob(operation, r.operation_glob, r.effect)
+                and subject_matches(roles, subjects, r.subject, tenant)]
 
     def limits_for(self, tenant: str, user: str, subjects: tuple[str, ...]) -> list[tuple[LimitRule, bool]]:
         """The limits.csv rules that apply, each with whether it counts per user (else the whole tenant)."""
@@ -146,8 +208,15 @@ class Policy:
         return held
 
     def _access_enforcer(self, tenant: str) -> casbin.Enforcer:
-        enforcer = casbin.Enforcer(self._load_model(self._model_text))
-        rules = _unique([r.as_row() for r in self.files.access if r.tenant in (tenant, ANY_TENANT)])
+        return self._enforcer(self._model_text, self.files.access, tenant)
+
+    def _operation_enforcer(self, tenant: str) -> casbin.Enforcer:
+        return self._enforcer(OPERATION_MODEL, self.files.operations, tenant)
+
+    def _enforcer(self, model_text: str, rows: list[AccessRule] | list[OperationRule], tenant: str) -> casbin.Enforcer:
+        """Rules of `tenant` and `*`, with the access file's role links."""
+        enforcer = casbin.Enforcer(self._load_model(model_text))
+        rules = _unique([r.as_row() for r in rows if r.tenant in (tenant, ANY_TENANT)])
         links = _unique([[g.user, g.role, g.tenant] for g in self.files.roles if g.tenant in (tenant, ANY_TENANT)])
         if rules:
             enforcer.add_policies(rules)
@@ -157,6 +226,7 @@ class Policy:
         enforcer.add_function("subjectMatch", lambda subjects, rule_subject, domain: subject_matches(
             roles, subjects, rule_subject, domain))
         enforcer.add_function("modelGlob", model_glob)
+        enforcer.add_function("operationGlob", operation_glob)
         return enforcer
 
     def _route_enforcer(self) -> casbin.Enforcer:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from policy.engine import EXPLICIT_OPERATIONS
 from policy.files import LimitRule, RouteRule
 from policy.loader import PolicySet
 from proxy.control import ProviderKey
@@ -77,6 +78,49 @@ def explain(policies: PolicySet, keys: Mapping[str, ProviderKey] | None, tenant:
     price = policies.prices.price(provider, name, book_provider(provider, provider), datetime.now(UTC))
     return Explanation(tenant, user, roles, model, decision.allowed,
                        decided.line if decided else None, matching, decision.route, choices, limits, price)
+
+
+@dataclass(frozen=True)
+class OperationExplanation:
+    operation: str
+    allowed: bool
+    deciding: str  # where the deciding rule is, or why none decided
+    matching: list[dict]
+
+    def as_json(self) -> dict:
+        return {"operation": self.operation, "decision": "allow" if self.allowed else "deny",
+                "deciding_rule": self.deciding, "matching_rules": self.matching}
+
+    def render(self) -> list[str]:
+        lines = [f"  operation {self.operation}: {'ALLOW' if self.allowed else 'DENY'}",
+                 f"    decided by: {self.deciding}"]
+        for rule in self.matching:
+            mark = "  ← decides" if rule["decided"] else ""
+            lines.append(f"      {rule['line']}: p, {rule['subject']}, {rule['tenant']}, {rule['operation']}, "
+                         f"{rule['effect']}{mark}")
+        return lines
+
+
+def explain_operation(policies: PolicySet, tenant: str, user: str, roles: list[str],
+                      operation: str) -> OperationExplanation:
+    """Why `provider/operation` would be allowed or denied (policy/operations.csv)."""
+    subjects = (user, *(f"role:{r}" for r in roles))
+    policy = policies.policy
+    decision = policy.decide_operation(tenant, subjects, operation)
+    matching = [{"line": _operation_line(r.line), "subject": r.subject, "tenant": r.tenant,
+                 "operation": r.operation_glob, "effect": r.effect, "decided": r is decision.rule}
+                for r in policy.matching_operation_rules(tenant, subjects, operation)]
+    if decision.rule is not None:
+        deciding = _operation_line(decision.rule.line)
+    elif operation.partition("/")[2] in EXPLICIT_OPERATIONS:
+        deciding = f"no rule names {operation.partition('/')[2]!r} (default deny: `*` never allows it)"
+    else:
+        deciding = "no rule matched (default deny)"
+    return OperationExplanation(operation, decision.allowed, deciding, matching)
+
+
+def _operation_line(line: int) -> str:
+    return f"policy/operations.csv:{line}" if line else "the default operations policy (no policy/operations.csv)"
 
 
 def _key_choice(key_id: str, keys: Mapping[str, ProviderKey] | None, tenant: str, provider: str) -> KeyChoice:

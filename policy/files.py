@@ -20,9 +20,19 @@ WINDOWS = ("minute", "hour", "day", "month")
 LIMITS_HEADER = ["tenant", "subject", "metric", "window", "limit"]
 #: Every file of a policy set, relative to the deployment directory.
 POLICY_FILES = ("tenants.csv", "pricing.csv", "policy/model.conf", "policy/access.csv", "policy/routes.csv",
-                "policy/limits.csv")
+                "policy/limits.csv", "policy/operations.csv")
 _NAME = re.compile(r"^[A-Za-z0-9._@:\-]+$")
 _GLOB = re.compile(r"^[A-Za-z0-9._@:/\-*?]+$")
+_OPERATION_GLOB = re.compile(r"^[A-Za-z0-9_\-*?]+/[A-Za-z0-9_.*?]+$")
+#: What applies when a deployment has no policy/operations.csv (the sample `tollway init` writes says the
+#: same): inference, model lists, token counting, files, batches and stored responses for everyone; no
+#: fine-tuning; `admin` and `other` only where a rule names them (see `policy.engine`).
+DEFAULT_OPERATIONS = (
+    "*/chat.completions.*", "*/completions.create", "*/responses.*", "*/embeddings.create", "*/moderations.create",
+    "*/images.*", "*/audio.*", "*/realtime*", "*/models.*", "*/messages.*", "*/generate_content*", "*/count_tokens",
+    "*/embed_content", "*/batch_embed_contents", "*/files.*", "*/uploads.*", "*/batches.*", "*/cached_contents.*",
+    "*/vector_stores.*",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +108,23 @@ class AccessRule:
 
 
 @dataclass(frozen=True, slots=True)
+class OperationRule:
+    line: int  # 0: a built-in default (no policy/operations.csv)
+    subject: str
+    tenant: str
+    operation_glob: str  # provider/operation with * and ?, e.g. */fine_tuning.*
+    effect: str
+
+    def as_row(self) -> list[str]:
+        return [self.subject, self.tenant, self.operation_glob, self.effect]
+
+
+def default_operation_rules() -> list[OperationRule]:
+    return ([OperationRule(0, "*", "*", glob, "allow") for glob in DEFAULT_OPERATIONS]
+            + [OperationRule(0, "*", "*", "*/fine_tuning.*", "deny")])
+
+
+@dataclass(frozen=True, slots=True)
 class RoleLink:
     line: int
     user: str
@@ -137,6 +164,7 @@ class PolicyFiles:
     roles: list[RoleLink] = field(default_factory=list)
     routes: list[RouteRule] = field(default_factory=list)
     limits: list[LimitRule] = field(default_factory=list)
+    operations: list[OperationRule] = field(default_factory=default_operation_rules)
     tenants: dict[str, Tenant] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)  # file -> sha256, for the audit trail
     problems: list[Problem] = field(default_factory=list)
@@ -170,6 +198,7 @@ def load_policy_files(data_dir: Path) -> PolicyFiles:
     _load_access(data_dir / "policy" / "access.csv", files)
     _load_routes(data_dir / "policy" / "routes.csv", files)
     _load_limits(data_dir / "policy" / "limits.csv", files)
+    _load_operations(data_dir / "policy" / "operations.csv", files)
     _warn_duplicates(files)
     return files
 
@@ -248,16 +277,49 @@ def _load_access(path: Path, files: PolicyFiles) -> None:
 
 
 def _access_rule(name: str, line: int, rest: list[str], files: PolicyFiles) -> AccessRule | None:
+    fields = _permission(name, line, rest, files, "model-glob", _glob_problem)
+    return AccessRule(line, *fields) if fields else None
+
+
+def _permission(name: str, line: int, rest: list[str], files: PolicyFiles, what: str, glob_problem
+                ) -> list[str] | None:
+    """The fields of a p line (subject, tenant, glob, effect) once valid, else None with its problem noted."""
     if len(rest) != 4:
-        files.problems.append(Problem(name, line, f"p needs 4 fields (subject, tenant, model-glob, effect), got {len(rest)}"))
+        files.problems.append(Problem(name, line, f"p needs 4 fields (subject, tenant, {what}, effect), got {len(rest)}"))
         return None
     subject, tenant, glob, effect = rest
     problem = (_empty(rest) or _subject_problem(subject) or _tenant_problem(tenant, files.tenants)
-               or _glob_problem(glob) or (None if effect in EFFECTS else f"unknown effect {effect!r}: use allow or deny"))
+               or glob_problem(glob) or (None if effect in EFFECTS else f"unknown effect {effect!r}: use allow or deny"))
     if problem:
         files.problems.append(Problem(name, line, problem))
         return None
-    return AccessRule(line, subject, tenant, glob, effect)
+    return rest
+
+
+def _load_operations(path: Path, files: PolicyFiles) -> None:
+    """`p, subject, tenant, provider/operation-glob, effect` lines; without the file, the defaults apply."""
+    name = _relative(path)
+    if not path.exists():
+        files.problems.append(Problem(name, 0, "file is missing: the default operations policy applies (inference, "
+                                      "models, token counting, files, batches, stored responses; no fine-tuning, "
+                                      "admin or other); `tollway init` writes it as a sample", "warning"))
+        return
+    files.operations = []
+    for line, fields in _read(path, files.problems):
+        if fields[0] != "p":
+            files.problems.append(Problem(name, line, f"unknown rule type {fields[0]!r}: operations use p lines "
+                                          "(roles come from the g lines of policy/access.csv)"))
+            continue
+        rule = _permission(name, line, fields[1:], files, "provider/operation-glob", _operation_glob_problem)
+        if rule:
+            files.operations.append(OperationRule(line, *rule))
+
+
+def _operation_glob_problem(glob: str) -> str | None:
+    if glob == "*" or _OPERATION_GLOB.match(glob):
+        return None
+    return (f"bad operation glob {glob!r}: use provider/operation with * and ? wildcards, "
+            "e.g. openai/files.* or */fine_tuning.*")
 
 
 def _role_link(name: str, line: int, rest: list[str], files: PolicyFiles) -> RoleLink | None:

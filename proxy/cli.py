@@ -26,7 +26,7 @@ from proxy.settings import BUILTIN_PROVIDERS, SettingsError, load_settings, reso
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data"
 SAMPLE_FILES = ("tollway.toml", "tenants.csv", "pricing.csv", "policy/model.conf", "policy/access.csv",
-                "policy/routes.csv", "policy/limits.csv")
+                "policy/routes.csv", "policy/limits.csv", "policy/operations.csv")
 #: Commands that run without a deployment directory: they create one, or need none.
 NO_DEPLOYMENT_NEEDED = ("init", "demo", "simulator")
 SIMULATOR_PORT = 9090

@@ -4,6 +4,7 @@
     ├── Unauthenticated          401  unauthenticated  (code invalid_tollway_credential)
     ├── Forbidden                403  denied
     │   ├── PolicyDenied
+    │   ├── OperationDenied           (code operation_not_allowed: policy/operations.csv)
     │   ├── NoRoute
     │   ├── UnknownTenant             (code unknown_tenant: the credential names no tenant of tenants.csv)
     │   └── ModelUnpriced             (code model_unpriced: no price, and a usd limit applies)
@@ -51,6 +52,10 @@ class Forbidden(TollwayError):
 
 class PolicyDenied(Forbidden):
     pass
+
+
+class OperationDenied(Forbidden):
+    code = "operation_not_allowed"
 
 
 class NoRoute(Forbidden):

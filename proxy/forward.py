@@ -26,6 +26,7 @@ from proxy.errors import (
     BodyTimeout,
     BodyTooLarge,
     InternalError,
+    OperationDenied,
     PolicyDenied,
     StoreUnavailable,
     TollwayError,
@@ -152,6 +153,9 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
                             "Ask your Tollway operator to add it to tenants.csv, or for a credential of your tenant.")
     event.tenant = identity.tenant
     event.user_pseudonym = gw.pseudonymize(identity.tenant, identity.user)
+    if not policies.policy.decide_operation(identity.tenant, identity.subjects, event.endpoint).allowed:
+        raise OperationDenied(f"Tenant {identity.tenant!r} may not call {event.endpoint!r}. Ask your governance lead "
+                              "to allow it in policy/operations.csv.")
 
     call.body = parse_json_body(raw)
     is_models, model_id = adapter.model_path(scope["method"], path)

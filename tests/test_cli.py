@@ -26,7 +26,8 @@ from proxy.settings import load_settings
 from tests.helpers import REPO, Deployment, GatewayProcess, free_port, run_cli
 
 SAMPLES = ("tollway.toml", "tenants.csv", "pricing.csv", "policy/model.conf", "policy/access.csv",
-           "policy/routes.csv", "policy/limits.csv")
+           "policy/routes.csv", "policy/limits.csv",
+           "policy/operations.csv")
 
 
 class Cli:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import duckdb
 import polars as pl
+import pyarrow as pa
 import pytest
 import streamlit as st
 import streamlit.testing.v1.app_test as app_test_module
@@ -29,11 +30,12 @@ from streamlit.testing.v1 import AppTest
 import dashboard
 from analytics.csv_safety import write_csv
 from analytics.jobs import build_reports, load_billing_inputs
-from dashboard.figures import money
+from dashboard.figures import LABELS, label, money
 from proxy.cli import main as cli_main
 from proxy.control import ControlStore
 from proxy.crypto import Keyring, load_master_key
 from proxy.events import COLUMNS, CREATE_TABLE, Event, Pseudonymizer
+from proxy.limiter import ADMITTED
 from tests.helpers import HISTORY_WORKLOADS, deployment_with_history
 
 APP = str((Path(dashboard.__file__).parent / "streamlit_app.py").resolve())
@@ -105,15 +107,37 @@ def metric(at: AppTest, label: str) -> str:
 
 
 def table(at: AppTest, *columns: str, exact: bool = False) -> pl.DataFrame:
-    """The one table on the page that has all these columns (`exact`: only these), as a Polars frame."""
+    """The one table on the page that has all these columns (`exact`: only these), as a Polars frame.
+    Columns are named as in the reports (`cost_usd`); the page shows their labels (`Cost (USD)`), which
+    are mapped back here."""
+    headers = [label(c) for c in columns]
     found = [df.value for df in at.dataframe
-             if (list(df.value.columns) == list(columns) if exact else set(columns) <= set(df.value.columns))]
-    assert len(found) == 1, f"{len(found)} tables with {columns}: {[list(d.value.columns) for d in at.dataframe]}"
-    return pl.from_pandas(found[0])
+             if (list(df.value.columns) == headers if exact else set(headers) <= set(df.value.columns))]
+    assert len(found) == 1, f"{len(found)} tables with {headers}: {[list(d.value.columns) for d in at.dataframe]}"
+    names = {header: name for name, header in LABELS.items()}
+    return pl.from_pandas(found[0]).rename(lambda header: names.get(header, header))
+
+
+def headers(at: AppTest) -> list[list[str]]:
+    """The headers of every table on the page, as shown."""
+    return [list(df.value.columns) for df in at.dataframe]
+
+
+def cells(at: AppTest) -> set[str]:
+    """The text of every table cell on the page, as the table widget gets it."""
+    return {str(v) for df in at.dataframe for column in df.value.columns for v in df.value[column].tolist()}
 
 
 def texts(at: AppTest, kind: str) -> list[str]:
     return [e.value for e in getattr(at, kind)]
+
+
+def chart(at: AppTest, title: str) -> tuple[dict, pl.DataFrame]:
+    """The Vega-Lite spec and the data of the one chart with this title."""
+    found = [c for c in at.get("vega_lite_chart") if json.loads(c.proto.spec).get("title") == title]
+    assert len(found) == 1, [json.loads(c.proto.spec).get("title") for c in at.get("vega_lite_chart")]
+    [dataset] = found[0].proto.datasets
+    return json.loads(found[0].proto.spec), pl.from_arrow(pa.ipc.open_stream(dataset.data.data).read_all())
 
 
 def report(data_dir: Path, name: str) -> pl.DataFrame:
@@ -149,9 +173,12 @@ def dsum(frame: pl.DataFrame, column: str = "cost_usd") -> Decimal:
     return sum(frame[column].drop_nulls().to_list(), Decimal(0))
 
 
-def floats(frame: pl.DataFrame) -> pl.DataFrame:
-    """As a table widget shows money: Decimals as floats."""
-    return frame.with_columns(pl.col(pl.Decimal).cast(pl.Float64))
+def as_shown(frame: pl.DataFrame) -> pl.DataFrame:
+    """A report frame as a table shows it: money (`*_usd`) as `money` text (its rule is checked on
+    hand-written amounts in test_dashboard_figures.py), missing text as an em dash."""
+    return frame.with_columns(*(pl.Series(c, [money(v) for v in frame[c]], dtype=pl.String)
+                                for c in frame.columns if c.endswith("_usd")),
+                              pl.col(pl.String).fill_null("—"))
 
 
 def csv_rules(path: Path, kind: str) -> list[tuple[int, list[str]]]:
@@ -188,12 +215,14 @@ PSEUDONYMS = Pseudonymizer(b"k" * 32)
 
 def usage_event(ts: datetime, tenant: str, model: str, cost: str | None, *, user: str = "u@example.com",
                 outcome: str = "ok", mode: str | None = "unified") -> Event:
-    """One event as the gateway records it: usage reported; `cost` None means the model has no price."""
+    """One event as the gateway records it: usage reported; `cost` None means the model has no price.
+    A refusal has no key; an admitted call that failed (`upstream_error`: a 404 for a misspelt model)
+    has its key, but no usage."""
     provider = model.split("/", 1)[0]
-    ok = outcome == "ok"
+    ok, admitted = outcome == "ok", outcome in ADMITTED
     return Event(uuid.uuid4(), ts, tenant, PSEUDONYMS(tenant, user), "token", provider, model, "chat/completions",
-                 streamed=False, status_code=200 if ok else 403, outcome=outcome,
-                 key_id=f"operator-{provider}" if ok else None, billing_mode=mode if ok else None,
+                 streamed=False, status_code={"ok": 200, "upstream_error": 404}.get(outcome, 403), outcome=outcome,
+                 key_id=f"operator-{provider}" if admitted else None, billing_mode=mode if admitted else None,
                  input_tokens=1000 if ok else None, output_tokens=200 if ok else None,
                  cached_input_tokens=0 if ok else None, usage_source="reported" if ok else "none",
                  cost_usd=Decimal(cost) if cost is not None else None, latency_ms=250.0, attempts=1 if ok else 0)
@@ -215,6 +244,31 @@ def this_month_at(day: int, hour: int = 12) -> datetime:
     return datetime.now(UTC).replace(day=day, hour=hour, minute=0, second=0, microsecond=0)
 
 
+def subcent_single_day(data_dir: Path) -> Path:
+    """A new deployment's first day: sub-cent spend today (UTC) only, after two days at the end of the
+    previous month (so that month is only partly covered); a refused model, a misspelt one the provider
+    rejected, a rate-limited call, and a user (bob) whose only call was refused."""
+    init_deployment(data_dir)
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=1, microsecond=0)
+    first = today.replace(day=1)
+    record_and_build(data_dir, [
+        usage_event(first - timedelta(days=2), "acme", "openai/gpt-4o-mini", "0.0004", user="alice@acme.com"),
+        usage_event(first - timedelta(days=1), "acme", "openai/gpt-4o-mini", "0.0005", user="alice@acme.com"),
+        usage_event(today, "acme", "openai/gpt-4o-mini", "0.0001", user="alice@acme.com"),
+        usage_event(today, "acme", "openai/gpt-4o-mini", "0.0001", user="alice@acme.com"),
+        usage_event(today, "acme", "openai/gpt-4o-mini", None, user="alice@acme.com", outcome="rate_limited"),
+        usage_event(today, "acme", "anthropic/claude-opus-4-1", None, user="bob@acme.com", outcome="denied"),
+        usage_event(today, "globex", "openai/gpt-4.1", "0.00012345", user="carol@globex.com"),
+        usage_event(today, "globex", "openai/gpt-4o-mnii", None, user="carol@globex.com", outcome="upstream_error"),
+    ])
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def subcent(tmp_path_factory) -> Path:
+    return subcent_single_day(tmp_path_factory.mktemp("subcent") / "data")
+
+
 # --- Overview ----------------------------------------------------------------------------------------
 def test_overview_headline_is_the_newest_months_tenant_costs(history, monkeypatch):
     at = open_app(monkeypatch, history)
@@ -231,7 +285,7 @@ def test_overview_headline_is_the_newest_months_tenant_costs(history, monkeypatc
     assert not any("no price" in w for w in texts(at, "warning"))  # every history model is priced
     spend_table = table(at, "tenant", "cost_usd")
     expected = rows.group_by("tenant").agg(pl.col("cost_usd").sum(), pl.col("requests").sum()).sort("tenant")
-    assert_frame_equal(spend_table.select("tenant", "cost_usd", "requests").sort("tenant"), floats(expected),
+    assert_frame_equal(spend_table.select("tenant", "cost_usd", "requests").sort("tenant"), as_shown(expected),
                        check_dtypes=False)
 
 
@@ -319,7 +373,7 @@ def test_overview_spend_of_an_all_unpriced_tenant_is_unknown_not_zero(tmp_path, 
     data = all_unpriced_globex(tmp_path / "data")
     at = open_app(monkeypatch, data)
     choose(at, "tenant", "globex")
-    assert metric(at, "Spend") == money(None) == "–"
+    assert metric(at, "Spend") == money(None) == "—"
     assert metric(at, "Unpriced requests") == "2"
 
 
@@ -328,10 +382,10 @@ def test_spend_tables_do_not_show_zero_for_an_all_unpriced_tenant(tmp_path, monk
     at = open_app(monkeypatch, data)
     overview = table(at, "tenant", "cost_usd").filter(pl.col("tenant") == "globex")
     assert overview["unpriced_requests"].to_list() == [2]
-    assert overview["cost_usd"].to_list() == [None], "Overview shows a made-up $0.00"
+    assert overview["cost_usd"].to_list() == ["—"], "Overview shows a made-up $0.00"
     goto(at, "tenants")
     tenants = table(at, "tenant", "total_usd").filter(pl.col("tenant") == "globex")
-    assert tenants["total_usd"].to_list() == [None], "Tenants shows a made-up $0.00"
+    assert tenants["total_usd"].to_list() == ["—"], "Tenants shows a made-up $0.00"
 
 
 # --- Tenants -----------------------------------------------------------------------------------------
@@ -347,10 +401,10 @@ def test_tenants_table_totals_match_tenant_costs(history, monkeypatch):
                 .sort("tenant"))
     shown = table(at, "tenant", "total_usd").sort("tenant")
     assert shown["tenant"].to_list() == ["acme", "globex"]
-    assert_frame_equal(shown.select(expected.columns), floats(expected), check_dtypes=False)
+    assert_frame_equal(shown.select(expected.columns), as_shown(expected), check_dtypes=False)
     # largest spender first
-    assert table(at, "tenant", "total_usd")["total_usd"].to_list() == sorted(shown["total_usd"].to_list(),
-                                                                              reverse=True)
+    largest_first = expected.sort("total_usd", descending=True)["tenant"].to_list()
+    assert table(at, "tenant", "total_usd")["tenant"].to_list() == largest_first
 
 
 def test_tenant_page_shows_terms_routes_and_budget(history, monkeypatch):
@@ -361,34 +415,35 @@ def test_tenant_page_shows_terms_routes_and_budget(history, monkeypatch):
     assert any(f"**{terms['name']}**" in m and f"**{terms['markup_pct']}%**" in m
                and f"**{terms['byok_fee_pct']}%**" in m for m in texts(at, "markdown"))
 
-    routes = table(at, "keys (in failover order)")
+    routes = table(at, "keys", "applies_to")
     expected = [(line, f[1], " → ".join(f[2].split("|"))) for line, f in csv_rules(history / "policy/routes.csv", "p")
                 if f[0] in ("acme", "*")]
-    assert list(zip(routes["line"], routes["models"], routes["keys (in failover order)"], strict=True)) == expected
+    assert list(zip(routes["line"], routes["models"], routes["keys"], strict=True)) == expected
     anthropic = routes.filter(pl.col("models") == "anthropic/*").row(0, named=True)  # the first match wins
-    assert anthropic["keys (in failover order)"] == "acme-anthropic"
-    assert anthropic["billing mode"] == "byok" and anthropic["applies to"] == "this tenant"
+    assert anthropic["keys"] == "acme-anthropic"
+    assert anthropic["billing_mode"] == "byok" and anthropic["applies_to"] == "this tenant"
     openai = routes.filter(pl.col("models") == "openai/*").row(0, named=True)
-    assert openai["billing mode"] == "unified" and openai["applies to"] == "every tenant (*)"
+    assert openai["billing_mode"] == "unified" and openai["applies_to"] == "every tenant (*)"
 
     budgets = table(at, "limit_usd", "spent_usd")
     assert set(budgets["tenant"]) == {"acme"}
     monthly = budgets.filter((pl.col("window") == "month") & (pl.col("subject") == "tenant")).row(0, named=True)
     limit = next(Decimal(f[4]) for _, f in limit_rows(history / "policy/limits.csv")
                  if f[:4] == ["acme", "tenant", "usd", "month"])
-    assert monthly["limit_usd"] == float(limit)
+    assert monthly["limit_usd"] == money(limit)
+    assert monthly["user_pseudonym"] == "—"  # a tenant-wide budget has no user: no "None" cell
     status = report(history, "budget_status").filter((pl.col("tenant") == "acme") & (pl.col("window") == "month")
                                                      & (pl.col("subject") == "tenant"))
-    assert monthly["spent_usd"] == pytest.approx(float(status["spent_usd"][0]), abs=1e-9)
-    assert monthly["spent_usd"] > 0 or not history_this_month()
+    assert monthly["spent_usd"] == money(status["spent_usd"][0])
+    assert status["spent_usd"][0] > 0 or not history_this_month()
 
 
 def test_tenant_without_history_gets_no_routes_of_another_tenant(history, monkeypatch):
     at = open_app(monkeypatch, history, "tenants")
     choose(at, "tenant", "globex")
-    routes = table(at, "keys (in failover order)")
-    assert "acme-anthropic" not in " ".join(routes["keys (in failover order)"])
-    assert set(routes["applies to"]) == {"every tenant (*)"}
+    routes = table(at, "keys", "applies_to")
+    assert "acme-anthropic" not in " ".join(routes["keys"])
+    assert set(routes["applies_to"]) == {"every tenant (*)"}
     assert any("**Globex Inc**" in m for m in texts(at, "markdown"))
 
 
@@ -400,11 +455,11 @@ def test_billing_statements_table_matches_statements_parquet(history, monkeypatc
     statements = report(history, "statements")
     shown = table(at, "unified_cost_usd")
     assert shown.columns == STATEMENT_COLUMNS
-    assert_frame_equal(shown, floats(statements.filter(pl.col("period") == newest)), check_dtypes=False)
+    assert_frame_equal(shown, as_shown(statements.filter(pl.col("period") == newest)), check_dtypes=False)
 
     choose(at, "tenant", "globex")
     assert_frame_equal(table(at, "unified_cost_usd"),
-                       floats(statements.filter((pl.col("period") == newest) & (pl.col("tenant") == "globex"))),
+                       as_shown(statements.filter((pl.col("period") == newest) & (pl.col("tenant") == "globex"))),
                        check_dtypes=False)
     due = statements.filter((pl.col("period") == newest) & (pl.col("tenant") == "globex"))
     assert metric(at, "Amount due") == money(dsum(due, "amount_due_usd"))
@@ -429,7 +484,7 @@ def test_billing_download_is_the_statements_csv(history, monkeypatch, downloads)
     name, body = downloaded()
     assert name == "statements-all-all-tenants.csv"
     assert body == (history / "reports" / "statements.csv").read_bytes()
-    assert_frame_equal(table(at, "unified_cost_usd"), floats(report(history, "statements")), check_dtypes=False)
+    assert_frame_equal(table(at, "unified_cost_usd"), as_shown(report(history, "statements")), check_dtypes=False)
 
 
 def test_billing_download_neutralises_formula_tenants_like_the_report_csv(tmp_path, monkeypatch, downloads):
@@ -458,11 +513,11 @@ def test_billing_credit_balance_reflects_the_top_up(history, monkeypatch):
     applied = dsum(globex, "credits_applied_usd")
     assert applied > 0 or not history_this_month()  # globex's unified usage this month used some of it
     balances = table(at, "tenant", "period", "credits_closing_usd", "amount_due_usd", exact=True)
-    assert balances.rows() == [("globex", globex["period"][-1], float(Decimal("50") - applied),
-                                float(globex["amount_due_usd"][-1]))]
+    assert balances.rows() == [("globex", globex["period"][-1], money(Decimal("50") - applied),
+                                money(globex["amount_due_usd"][-1]))]
     assert any(e.label == "Top-ups (1)" for e in at.expander)
     ledger = table(at, "amount_usd", "note")
-    assert ledger.select("tenant", "amount_usd", "note").rows() == [("globex", "50", "prepaid")]
+    assert ledger.select("tenant", "amount_usd", "note").rows() == [("globex", "$50.00", "prepaid")]
 
 
 # --- Users -------------------------------------------------------------------------------------------
@@ -498,11 +553,11 @@ def test_users_page_shows_pseudonyms_only_sorted_by_spend(history, monkeypatch):
 
     top = table(at, "user_pseudonym", "cost_usd")
     assert top.height == users.height
-    assert top["cost_usd"].to_list() == sorted(top["cost_usd"].to_list(), reverse=True)
+    by_user = dict(zip(users["user_pseudonym"], users["cost_usd"], strict=True))
+    assert [by_user[p] for p in top["user_pseudonym"]] == sorted(users["cost_usd"], reverse=True)  # largest first
     assert sorted(top["user_pseudonym"]) == sorted(users["user_pseudonym"])
     assert all(str(uuid.UUID(p)) == p for p in top["user_pseudonym"])
-    by_user = dict(zip(users["user_pseudonym"], users["cost_usd"], strict=True))
-    assert all(cost == float(by_user[p]) for p, cost in top.select("user_pseudonym", "cost_usd").rows())
+    assert all(cost == money(by_user[p]) for p, cost in top.select("user_pseudonym", "cost_usd").rows())
 
     assert top["user_pseudonym"][0] in "\n".join(_rendered(at._tree))  # the walk does reach the table
     assert user_ids_shown(at) == set()
@@ -580,6 +635,102 @@ def test_policy_page_shows_an_invalid_edit_and_the_last_refused_one(history, tmp
     refused = [m for m in texts(at, "markdown") if m.startswith("**Last refused edit:**")]
     assert len(refused) == 1 and "still runs the version before it" in refused[0]
     assert "policy/access.csv:9: error: x" in texts(at, "code")
+
+
+# --- sub-cent amounts, one day of data, a partly covered previous month ---------------------------------
+def test_subcent_overview_reads_the_same_in_cards_table_and_chart(subcent, monkeypatch):
+    at = open_app(monkeypatch, subcent)
+    assert metric(at, "Spend") == "$0.0003235"  # 0.0001 + 0.0001 + 0.00012345, four significant digits
+    assert metric(at, "Spend today (UTC)") == "$0.0003235"
+    assert metric(at, "Requests") == "6"
+    assert metric(at, "Error rate") == "16.7%"  # 1 of 6: the misspelt model's 404
+    assert metric(at, "Refusal rate") == "33.3%"  # the denied model and the rate-limited call
+    assert headers(at) == [["Tenant", "Requests", "Errors", "Refusals", "Input tokens", "Output tokens", "Cost (USD)",
+                            "Unpriced requests"]]
+    assert table(at, "tenant", "cost_usd").rows() == [("acme", 4, 0, 2, 2000, 400, "$0.0002", 0),
+                                                      ("globex", 2, 1, 0, 1000, 200, "$0.0001235", 0)]
+    spec, daily = chart(at, "Daily spend by tenant")
+    assert spec["encoding"]["y"]["axis"]["format"] == "$,.5f"  # ticks 0.00005 apart, not all "$0.00"
+    today = datetime.now(UTC).date().isoformat()
+    assert spec["encoding"]["x"]["scale"]["domain"] == [today]  # one day of data: one band, one label
+    assert daily.select("tenant", "spend").sort("tenant").rows() == [("acme", "$0.0002"), ("globex", "$0.0001235")]
+
+
+def test_a_partly_covered_previous_month_gets_no_percentage(subcent, monkeypatch):
+    """History from the previous month's last two days: no "+324 %" against two days of spend."""
+    at = open_app(monkeypatch, subcent)
+    [spend] = [m for m in at.metric if m.label == "Spend"]
+    assert not spend.delta
+    first = datetime.now(UTC).date().replace(day=1)
+    before, start = (first - timedelta(days=1)).strftime("%Y-%m"), first - timedelta(days=2)
+    assert (f"No spend change shown: the previous period ({before}) is only partly covered "
+            f"(the history starts {start}).") in texts(at, "caption")
+
+
+def test_a_fully_covered_previous_month_is_compared_over_the_same_days(tmp_path, monkeypatch):
+    data = init_deployment(tmp_path / "data")
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=1, microsecond=0)
+    first_before = (today.replace(day=1) - timedelta(days=1)).replace(day=1)
+    record_and_build(data, [usage_event(first_before, "acme", "openai/gpt-4o-mini", "0.0010"),
+                            usage_event(today, "acme", "openai/gpt-4o-mini", "0.0005")])
+    at = open_app(monkeypatch, data)
+    [spend] = [m for m in at.metric if m.label == "Spend"]
+    assert (spend.value, spend.delta) == ("$0.0005", "-50.0%")
+    assert (f"Spend change is against the same {today.day} days of {first_before:%Y-%m} ($0.0010)."
+            in texts(at, "caption"))
+
+
+def test_subcent_tenants_page_keeps_refused_and_misspelt_models_out_of_spend_charts(subcent, monkeypatch):
+    at = open_app(monkeypatch, subcent, "tenants")
+    assert table(at, "tenant", "total_usd").rows() == [("acme", 4, "$0.0002", "$0.00", "$0.0002"),
+                                                       ("globex", 2, "$0.0001235", "$0.00", "$0.0001235")]
+    _, by_model = chart(at, "Daily spend by model")  # not the denied anthropic/claude-opus-4-1, nor the 404
+    assert by_model.select("model", "spend").rows() == [("openai/gpt-4.1", "$0.0001235"),  # openai/gpt-4o-mnii
+                                                        ("openai/gpt-4o-mini", "$0.0002")]
+    _, by_mode = chart(at, "Daily spend by billing mode")
+    assert by_mode["billing_mode"].to_list() == ["unified"]  # refusals have no billing mode: no "unknown"
+    budgets = table(at, "limit_usd", "spent_usd")
+    assert budgets.select("tenant", "window", "subject", "user_pseudonym", "spent_usd", "limit_usd").rows() == [
+        ("acme", "month", "tenant", "—", "$0.0002", "$5,000.00")]
+    assert headers(at)[1] == ["Tenant", "Window", "Subject", "User (pseudonym)", "Spent (USD)", "Limit (USD)", "Used",
+                              "Forecast (USD)", "Forecast over limit"]
+
+
+def test_subcent_users_billing_and_policy_pages(subcent, monkeypatch):
+    at = open_app(monkeypatch, subcent, "users")
+    users = table(at, "user_pseudonym", "cost_usd")
+    assert users.select("tenant", "requests", "cost_usd").rows() == [
+        ("acme", 3, "$0.0002"), ("globex", 2, "$0.0001235"), ("acme", 1, "$0.00")]  # bob: refused, used nothing
+    spec, bars = chart(at, "Spend per user (first 8 characters of the pseudonym)")
+    assert spec["encoding"]["x"]["axis"]["format"] == "$,.5f"
+    assert bars["spend"].to_list() == ["$0.0002", "$0.0001235", "$0.00"]
+
+    goto(at, "billing")
+    assert headers(at)[0] == ["Period", "Tenant", "Unified cost (USD)", "Markup (USD)", "BYOK cost (USD)",
+                              "BYOK fee (USD)", "Charges (USD)", "Credits at opening (USD)", "Credits added (USD)",
+                              "Credits applied (USD)", "Credits at closing (USD)", "Amount due (USD)",
+                              "Unpriced requests", "Adjustments (USD)", "Closed"]
+    statements = table(at, "unified_cost_usd")
+    assert set(statements["unified_cost_usd"]) == {"$0.00"}  # statements are in cents: the billing job rounds
+
+    goto(at, "policy")
+    assert table(at, "outcome", "count", exact=False).select("tenant", "model", "outcome", "count").rows() == [
+        ("acme", "anthropic/claude-opus-4-1", "denied", 1), ("acme", "openai/gpt-4o-mini", "rate_limited", 1)]
+    assert headers(at)[-1] == ["Tenant", "Model", "Outcome", "Refused requests"]
+
+
+@pytest.mark.parametrize("deployment", ["subcent", "history"])
+def test_every_table_has_human_headers_and_no_none_cells(deployment, request, monkeypatch):
+    at = open_app(monkeypatch, request.getfixturevalue(deployment))
+    for tenant in ("All tenants", "acme"):
+        choose(at, "tenant", tenant)
+        for page in PAGES:
+            goto(at, page)
+            assert at.dataframe, page
+            shown = [h for hs in headers(at) for h in hs]
+            assert all("_" not in h and h[0].isupper() for h in shown), (page, shown)
+            assert not {"None", "nan", "NaN", "<NA>", "NaT"} & cells(at), (page, tenant)
+            assert {df.proto.placeholder for df in at.dataframe} == {"—"}  # a missing number is drawn as —
 
 
 # --- missing, empty, stale, damaged -------------------------------------------------------------------

@@ -71,25 +71,73 @@ def refused(*rows: tuple) -> pl.DataFrame:
     (D("-1234.565"), "-$1,234.57"),
     (D("0"), "$0.00"),
     (D("-0.000"), "$0.00"),
-    (D("0.0042"), "$0.0042"),  # under a cent: four places, so it does not read as free
+    (D("0.0042"), "$0.0042"),  # under a cent: four significant digits, so it does not read as free
     (D("-0.0042"), "-$0.0042"),
+    (D("0.0002"), "$0.0002"),
+    (D("0.000200000"), "$0.0002"),  # as a Decimal(38, 9) report column holds it
+    (D("0.0001234"), "$0.0001234"),
+    (D("0.00012345"), "$0.0001235"),  # four significant digits, half-up
+    (D("0.00421"), "$0.00421"),
+    (D("0.005"), "$0.0050"),  # at least four decimals
+    (D("0.00004"), "$0.00004"),
+    (D("0.000000123"), "$0.000000123"),
+    (D("0.0099996"), "$0.01"),  # rounds up to a cent: shown in cents
     (D("0.01"), "$0.01"),
-    (None, "–"),
+    (0.0002, "$0.0002"),  # a float (chart data) reads the same
+    ("50", "$50.00"),  # as control.db stores credits
+    (None, "—"),
 ])
 def test_money(value, text):
     assert figures.money(value) == text
 
 
-def test_money_never_reads_a_nonzero_amount_as_free():
-    assert figures.money(D("0.00004")) not in ("$0.0000", "$0.00")
+@pytest.mark.parametrize(("largest", "fmt"), [
+    (1234.5, "$,.2f"), (12.0, "$,.2f"), (0.5, "$,.2f"), (0.2, "$,.2f"),  # ticks a cent or more apart
+    (0.05, "$,.3f"),  # ticks 0.005 apart
+    (0.0002, "$,.5f"),  # ticks 0.00002 apart
+    (0.0, "$,.2f"), (None, "$,.2f"),  # no data: an axis of zeros
+])
+def test_money_axis_format_by_magnitude(largest, fmt):
+    assert figures.money_axis_format(largest) == fmt
+
+
+@pytest.mark.parametrize(("column", "header"), [
+    ("cost_usd", "Cost (USD)"), ("credits_opening_usd", "Credits at opening (USD)"),
+    ("user_pseudonym", "User (pseudonym)"), ("input_tokens", "Input tokens"), ("count", "Refused requests"),
+    ("keys", "Keys (in failover order)"),
+    ("some_new_usd", "Some new (USD)"), ("brand_new_column", "Brand new column"),  # not in LABELS: still words
+])
+def test_label(column, header):
+    assert figures.label(column) == header
+
+
+def test_for_display_formats_money_fills_missing_text_and_labels_headers():
+    frame = pl.DataFrame({
+        "tenant": ["acme", "globex", "initech"],
+        "user_pseudonym": ["u-1", None, "u-3"],
+        "requests": [1234, 2, None],
+        "cost_usd": pl.Series([D("1234.565"), D("0.0002"), None], dtype=MONEY),
+        "limit_usd": [5000.0, 0.0, None],
+        "closed": [True, False, None],
+    })
+    assert_frame_equal(figures.for_display(frame), pl.DataFrame({
+        "Tenant": ["acme", "globex", "initech"],
+        "User (pseudonym)": ["u-1", "—", "u-3"],
+        "Requests": [1234, 2, None],  # numbers stay numbers: the table widget draws None as —
+        "Cost (USD)": ["$1,234.57", "$0.0002", "—"],
+        "Limit (USD)": ["$5,000.00", "$0.00", "—"],
+        "Closed": [True, False, None],
+    }))
+    assert figures.for_display(frame.clear()).columns == ["Tenant", "User (pseudonym)", "Requests", "Cost (USD)",
+                                                          "Limit (USD)", "Closed"]
 
 
 def test_count_percent_and_duration():
     assert figures.count(12345) == "12,345"
     assert figures.count(0) == "0"
-    assert figures.count(None) == "–"
+    assert figures.count(None) == "—"
     assert figures.percent(12.345) == "12.3%"
-    assert figures.percent(None) == "–"
+    assert figures.percent(None) == "—"
     assert [figures.duration(s) for s in (45, 60, 12 * 60, 3600, 86400, 2 * 86400, 5 * 86400)] \
         == ["45 s", "1 min", "12 min", "1 h", "24 h", "2 days", "5 days"]
 
@@ -141,12 +189,24 @@ def test_known_sum_is_exact_and_never_a_made_up_zero():
     assert figures.known_sum(pl.DataFrame({"x": pl.Series([D("1.5")], dtype=MONEY)}), "x") == D("1.5")
 
 
+def test_known_sum_and_cost_of_refused_calls_is_zero_not_unknown():
+    """A row without a cost is unknown only when it counts unpriced requests; refused or failed calls used
+    nothing, so they cost nothing."""
+    rows = pl.DataFrame({"tenant": ["acme", "acme", "globex"],
+                         "cost_usd": pl.Series([None, None, None], dtype=MONEY), "unpriced_requests": [0, 0, 3]})
+    assert figures.known_sum(rows[:2]) == D(0)  # refusals only: $0.00
+    assert figures.known_sum(rows[2:]) is None  # unpriced usage and nothing known: unknown
+    assert figures.known_sum(rows) == D(0)  # the known part (the unpriced requests are warned about apart)
+    assert rows.group_by("tenant").agg(figures.known_cost()).sort("tenant")["cost_usd"].to_list() == [D(0), None]
+    assert rows.select(figures.cost_or_zero())["cost_usd"].to_list() == [D(0), D(0), None]
+
+
 # --- overview -------------------------------------------------------------------------------------------
 OVERVIEW_COSTS = costs(
     (date(2026, 3, 1), "acme", "openai", "openai/gpt", "unified", 10, 2, "1.50", 0, 100.0, 200.0),
     (date(2026, 3, 10), "acme", "anthropic", "anthropic/claude", "byok", 5, 1, "0.25", 0, 400.0, 900.0),
     (date(2026, 3, 10), "globex", "openai", "openai/new", "unified", 4, 0, None, 4, None, None),  # all unpriced
-    (date(2026, 2, 5), "acme", "openai", "openai/gpt", "unified", 3, 0, "2.00", 0, 50.0, 60.0),
+    (date(2026, 2, 1), "acme", "openai", "openai/gpt", "unified", 3, 0, "2.00", 0, 50.0, 60.0),
     (date(2026, 2, 20), "acme", "openai", "openai/gpt", "unified", 3, 0, "7.00", 0, 50.0, 60.0),
 )
 OVERVIEW_DENIALS = refused(
@@ -162,7 +222,8 @@ def test_overview_of_the_current_month_compares_the_same_days():
     assert got == figures.Overview(
         spend=D("1.75"), spend_today=D("0.25"), requests=19, errors=1, refusals=2, unpriced_requests=4,
         p50_latency_ms=(100 * 10 + 400 * 5) / 15, p95_latency_ms=(200 * 10 + 900 * 5) / 15,
-        previous_spend=D("2.00"), compared_days=10)  # Feb 20 is after day 10: left out
+        previous_spend=D("2.00"), compared_days=10,  # Feb 20 is after day 10: left out
+        history_start=date(2026, 2, 1), previous_covered=True)
     assert got.trend == pytest.approx(-12.5)
     assert got.error_rate == pytest.approx(100 / 19)
     assert got.refusal_rate == pytest.approx(200 / 19)
@@ -191,6 +252,60 @@ def test_overview_of_an_empty_month():
     assert got.spend == D(0) and got.requests == 0
     assert got.error_rate is None and got.refusal_rate is None and got.trend is None
     assert got.p50_latency_ms is None
+
+
+def test_overview_does_not_compare_against_a_partly_covered_month():
+    """The demo's "+324 %": history from Feb 18, so Mar 1-10 against Feb 1-10 compared against 3 days."""
+    rows = costs((date(2026, 2, 18), "acme", "openai", "openai/gpt", "unified", 3, 0, "0.50", 0, 1.0, 1.0),
+                 (date(2026, 3, 2), "acme", "openai", "openai/gpt", "unified", 9, 0, "2.12", 0, 1.0, 1.0))
+    current = figures.overview(rows, refused(), "2026-03", None, date(2026, 3, 10))
+    assert current.history_start == date(2026, 2, 18) and not current.previous_covered
+    assert current.previous_spend == D("0.00") and current.trend is None
+    past = figures.overview(rows, refused(), "2026-03", None, date(2026, 4, 2))  # whole months: still partial
+    assert past.previous_spend == D("0.50") and past.trend is None
+    later = figures.overview(rows, refused(), "2026-04", None, date(2026, 4, 2))
+    assert later.previous_covered and later.previous_spend == D("2.12") and later.trend == -100.0  # none in April
+
+
+def test_overview_compares_a_month_covered_from_its_first_day():
+    rows = costs((date(2026, 2, 1), "acme", "openai", "openai/gpt", "unified", 3, 0, "0.50", 0, 1.0, 1.0),
+                 (date(2026, 2, 28), "acme", "openai", "openai/gpt", "unified", 3, 0, "9.00", 0, 1.0, 1.0),
+                 (date(2026, 3, 2), "acme", "openai", "openai/gpt", "unified", 9, 0, "2.00", 0, 1.0, 1.0))
+    got = figures.overview(rows, refused(), "2026-03", "acme", date(2026, 3, 31))  # Feb has 28 days: all of it
+    assert got.previous_covered and got.compared_days == 31
+    assert got.previous_spend == D("9.50") and got.trend == pytest.approx((2 - 9.5) * 100 / 9.5)
+    assert figures.overview(rows, refused(), "2026-02", None, date(2026, 3, 31)).trend is None  # Jan: none
+
+
+def test_overview_of_a_month_with_refusals_only_spent_nothing():
+    rows = costs((date(2026, 3, 1), "acme", "anthropic", "anthropic/opus", None, 3, 3, None, 0, 1.0, 1.0))
+    got = figures.overview(rows, refused((date(2026, 3, 1), "acme", "denied", "anthropic/opus", 3)), "2026-03",
+                           None, date(2026, 3, 5))
+    assert (got.spend, got.requests, got.errors, got.refusals) == (D(0), 3, 0, 3)
+
+
+def test_overview_without_history():
+    got = figures.overview(OVERVIEW_COSTS.clear(), OVERVIEW_DENIALS.clear(), "2026-03", None, date(2026, 3, 10))
+    assert got.history_start is None and not got.previous_covered and got.trend is None
+
+
+def test_overview_counts_refusals_apart_from_errors():
+    """tenant_costs' `errors` counts every request that was not ok; the denials report says which of
+    those were refusals. Unattributed refusals (no tenant or no model) are in neither report's rows."""
+    rows = costs((date(2026, 3, 1), "acme", "openai", "openai/gpt", "unified", 10, 3, "1", 0, 1.0, 1.0),
+                 (date(2026, 3, 1), "acme", "openai", "openai/gpt", None, 4, 4, None, 0, 1.0, 1.0),
+                 (date(2026, 3, 1), "acme", "openai", "openai/gtp-4o", None, 2, 2, None, 0, 1.0, 1.0))
+    denied = refused((date(2026, 3, 1), "acme", "denied", "openai/gpt", 3),
+                     (date(2026, 3, 1), "acme", "rate_limited", "openai/gpt", 1),
+                     (date(2026, 3, 1), "acme", "denied", "openai/gtp-4o", 2),
+                     (date(2026, 3, 1), None, "unauthenticated", "openai/gpt", 7),
+                     (date(2026, 3, 1), "acme", "bad_request", None, 5))
+    got = figures.overview(rows, denied, "2026-03", None, date(2026, 3, 5))
+    assert (got.requests, got.errors, got.refusals) == (16, 3, 6)
+    table = figures.spend_table(figures.scoped(rows, "2026-03", "acme"), denied, "model")
+    assert table.select("model", "requests", "errors", "refusals").rows() == [
+        ("openai/gpt", 14, 3, 4), ("openai/gtp-4o", 2, 0, 2)]
+    assert table["errors"].sum() == got.errors and table["refusals"].sum() == got.refusals
 
 
 def test_overview_errors_never_go_negative():
@@ -224,17 +339,41 @@ def test_spend_by_dimension_per_day():
                  (date(2026, 3, 1), "acme", "anthropic", "anthropic/c", None, 4, 0, "2.00", 0, 1.0, 1.0))
     assert_frame_equal(figures.spend_by(rows, "provider"), pl.DataFrame(
         {"day": [date(2026, 3, 1), date(2026, 3, 1), date(2026, 3, 2)], "provider": ["anthropic", "openai", "openai"],
-         "requests": [4, 5, 1], "cost_usd": [2.0, 0.75, 1.25]}))
+         "requests": [4, 5, 1], "cost_usd": [2.0, 0.75, 1.25], "spend": ["$2.00", "$0.75", "$1.25"]}))
     by_mode = figures.spend_by(rows, "billing_mode")
     assert by_mode.filter(pl.col("billing_mode") == "unknown")["cost_usd"].to_list() == [2.0]  # null mode named
+
+
+def test_spend_by_leaves_refused_and_failed_only_models_out():
+    rows = costs((date(2026, 3, 1), "acme", "openai", "openai/gpt-4o-mini", "unified", 2, 0, "0.0002", 0, 1.0, 1.0),
+                 (date(2026, 3, 1), "acme", "openai", "openai/gpt-4o-mini", None, 3, 3, None, 0, 1.0, 1.0),  # denied
+                 (date(2026, 3, 1), "acme", "anthropic", "anthropic/claude-opus-4", None, 5, 5, None, 0, 1.0, 1.0),
+                 (date(2026, 3, 2), "acme", "openai", "openai/gpt-4o-mnii", "unified", 1, 1, None, 0, 1.0, 1.0),  # 404
+                 (date(2026, 3, 2), "acme", "openai", "openai/free", "unified", 1, 0, "0", 0, 1.0, 1.0),  # free, ok
+                 (date(2026, 3, 2), "acme", "openai", "openai/new", "unified", 1, 0, None, 1, 1.0, 1.0))  # unpriced
+    assert_frame_equal(figures.spend_by(rows, "model"), pl.DataFrame(
+        {"day": [date(2026, 3, 1), date(2026, 3, 2), date(2026, 3, 2)],
+         "model": ["openai/gpt-4o-mini", "openai/free", "openai/new"], "requests": [2, 1, 1],
+         "cost_usd": [0.0002, 0.0, None], "spend": ["$0.0002", "$0.00", "—"]}))
+    assert figures.spend_by(rows, "billing_mode")["billing_mode"].to_list() == ["unified", "unified"]
+    assert figures.spend_by(rows.clear(), "model").columns == ["day", "model", "requests", "cost_usd", "spend"]
+
+
+def test_days_between_fills_gaps_and_handles_one_day():
+    one = costs((date(2026, 3, 5), "acme", "openai", "openai/a", "unified", 1, 0, "1", 0, 1.0, 1.0))
+    assert figures.days_between(one) == [date(2026, 3, 5)]
+    two = pl.concat([one, costs((date(2026, 3, 2), "acme", "openai", "openai/a", "unified", 1, 0, "1", 0, 1.0, 1.0))])
+    assert figures.days_between(two) == [date(2026, 3, 2), date(2026, 3, 3), date(2026, 3, 4), date(2026, 3, 5)]
+    assert figures.days_between(one.clear()) == []
 
 
 def test_spend_table_largest_first():
     rows = costs((date(2026, 3, 1), "acme", "openai", "openai/a", "unified", 1, 1, "1.25", 0, 1.0, 1.0),
                  (date(2026, 3, 2), "acme", "openai", "openai/a", "unified", 2, 0, "0.50", 0, 1.0, 1.0),
                  (date(2026, 3, 1), "globex", "openai", "openai/a", "unified", 3, 0, "2.00", 1, 1.0, 1.0))
-    assert_frame_equal(figures.spend_table(rows, "tenant"), pl.DataFrame(
-        {"tenant": ["globex", "acme"], "requests": [3, 3], "errors": [0, 1], "input_tokens": [300, 300],
+    assert_frame_equal(figures.spend_table(rows, refused(), "tenant"), pl.DataFrame(
+        {"tenant": ["globex", "acme"], "requests": [3, 3], "errors": [0, 1], "refusals": [0, 0],
+         "input_tokens": [300, 300],
          "output_tokens": [30, 30], "cost_usd": pl.Series([D("2.00"), D("1.75")], dtype=MONEY),
          "unpriced_requests": [1, 0]}))
 
@@ -242,7 +381,7 @@ def test_spend_table_largest_first():
 def test_spend_table_keeps_unknown_spend_unknown():
     rows = costs((date(2026, 3, 1), "acme", "openai", "openai/a", "unified", 1, 0, "1.25", 0, 1.0, 1.0),
                  (date(2026, 3, 1), "globex", "openai", "openai/new", "unified", 3, 0, None, 3, 1.0, 1.0))
-    table = figures.spend_table(rows, "tenant")
+    table = figures.spend_table(rows, refused(), "tenant")
     assert table.filter(pl.col("tenant") == "globex")["cost_usd"].to_list() == [None]
     assert table["tenant"].to_list() == ["acme", "globex"]  # unknown sorts last
 
@@ -255,7 +394,8 @@ def test_cumulative_spend_runs_through_the_month():
                  (date(2026, 3, 2), "globex", "openai", "openai/a", "unified", 1, 0, "9.00", 0, 1.0, 1.0),
                  (date(2026, 2, 28), "acme", "openai", "openai/a", "unified", 1, 0, "9.00", 0, 1.0, 1.0))
     assert_frame_equal(figures.cumulative_spend(rows, "2026-03", "acme"), pl.DataFrame(
-        {"day": [date(2026, 3, 1), date(2026, 3, 2), date(2026, 3, 3)], "spent_usd": [0.75, 0.75, 2.0]}))
+        {"day": [date(2026, 3, 1), date(2026, 3, 2), date(2026, 3, 3)], "spent_usd": [0.75, 0.75, 2.0],
+         "spent": ["$0.75", "$0.75", "$2.00"]}))
 
 
 # --- budgets, users, billing, denials ---------------------------------------------------------------------
@@ -289,6 +429,14 @@ def test_top_spenders_by_cost_then_requests():
     assert top.columns == ["tenant", "user_pseudonym", "requests", "input_tokens", "output_tokens", "cost_usd",
                            "unpriced_requests"]
     assert figures.top_spenders(users, "2026-03", "acme", limit=2)["user_pseudonym"].to_list() == ["u-b", "u-a"]
+
+
+def test_spender_bars_label_users_by_pseudonym_prefix():
+    top = pl.DataFrame([("2026-03", "acme", "0c9e7a1d-5b2f-4f4e-9a51-1f2d3c4b5a69", 5, 1, 1, D("0.0002"), 0),
+                        ("2026-03", "globex", "7d1f0e2c-8a3b-4c5d-9e6f-0a1b2c3d4e5f", 1, 1, 1, None, 1)],
+                       schema=USERS_SCHEMA, orient="row").drop("month")
+    assert_frame_equal(figures.spender_bars(top), pl.DataFrame(
+        {"user": ["acme · 0c9e7a1d", "globex · 7d1f0e2c"], "cost_usd": [0.0002, None], "spend": ["$0.0002", "—"]}))
 
 
 def test_credit_balances_at_each_tenants_latest_statement():
@@ -442,8 +590,9 @@ def test_control_fingerprint_changes_on_a_commit(deployment):
 
 
 def test_read_policy_validates_routes_against_keys(deployment):
+    (deployment / "policy" / "routes.csv").write_text("p, *, openai/*, operator-openai\n")  # not the samples'
     view = read_policy(deployment, [])
-    [error] = view.errors  # the sample route names a key that was never added
+    [error] = view.errors  # the route names a key that was never added
     assert str(error).startswith("policy/routes.csv:") and "'operator-openai' does not exist" in str(error)
     keys = [KeyInfo("operator-openai", "openai", "operator", "unified", "active", "ok")]
     view = read_policy(deployment, keys)

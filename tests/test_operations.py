@@ -1,7 +1,11 @@
-"""Each wire format's operation table: a truth table of method + path -> operation name."""
+"""Each wire format's operation table (a truth table of method + path -> operation name), and
+policy/operations.csv governing operations through a real gateway."""
 
 from __future__ import annotations
 
+import time
+
+import httpx
 import pytest
 
 from proxy.providers.operations import ANTHROPIC, GEMINI, OPENAI
@@ -91,3 +95,40 @@ def test_invented_paths_do_not_grow_the_cache_without_bound():
     for i in range(25_000):
         assert OPENAI.name("GET", f"/v1/files/file-{i}") == "files.retrieve"
     assert len(OPENAI._cache) <= 10_000
+
+
+# --- policy/operations.csv through a real gateway ------------------------------------------------------
+def test_operations_are_governed_by_operations_csv_in_each_routes_format(gateway, sim):
+    dep = gateway.deployment
+    bob = {"authorization": f"Bearer {dep.tokens['bob']}"}
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        tuned = http.post("/openai/v1/fine_tuning/jobs", headers=bob,
+                          json={"model": "gpt-4o-mini", "training_file": "file-abc"})
+        admin = http.get("/openai/v1/organization/users", headers=bob)
+        anthropic_admin = http.get("/anthropic/v1/organizations/users",
+                                   headers={"x-api-key": dep.tokens["alice"], "anthropic-version": "2023-06-01"})
+        assert sim.requests == [], "a refused operation never reaches the provider"
+        chat = http.post("/openai/v1/chat/completions", headers=bob,
+                         json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+        # the governance lead lets platform admins reach the admin API: `*` alone never would
+        rules = dep.path / "policy" / "operations.csv"
+        rules.write_text(rules.read_text() + "p, *, acme, *, allow\np, bob@acme.com, acme, openai/admin, allow\n")
+        deadline = time.monotonic() + 10
+        while (after := http.get("/openai/v1/organization/users", headers=bob)).status_code == 403 \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        still = http.post("/openai/v1/fine_tuning/jobs", headers=bob,
+                          json={"model": "gpt-4o-mini", "training_file": "file-abc"})
+    assert tuned.status_code == 403
+    assert tuned.json()["error"]["code"] == "operation_not_allowed"
+    assert tuned.json()["error"]["message"] == ("Tenant 'acme' may not call 'openai/fine_tuning.jobs.create'. Ask "
+                                                "your governance lead to allow it in policy/operations.csv.")
+    assert admin.status_code == 403 and "'openai/admin'" in admin.json()["error"]["message"]
+    assert anthropic_admin.status_code == 403
+    assert anthropic_admin.json()["error"]["type"] == "permission_error"
+    assert chat.status_code == 200
+    assert after.status_code != 403, after.text  # reached the provider (which has no such API: its own answer)
+    assert still.status_code == 403, "a deny line still wins over `p, *, acme, *, allow`"
+    assert gateway.stop() == 0
+    events = {row["endpoint"]: row for row in dep.events()}
+    assert (events["openai/fine_tuning.jobs.create"]["outcome"], events["openai/admin"]["tenant"]) == ("denied", "acme")

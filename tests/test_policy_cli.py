@@ -198,7 +198,7 @@ def test_explain_route_with_no_usable_key(deploy, tmp_path):
 def test_explain_model_without_provider_is_a_usage_error(deploy):
     result = run_cli(deploy, "policy", "explain", "--tenant", "acme", "--user", "bob@acme.com", "--model", "gpt-4o")
     assert result.returncode == 2
-    assert "error: --model 'gpt-4o': name it provider/model, e.g. openai/gpt-4o-mini" in result.stderr
+    assert "error: --model 'gpt-4o': name it provider/..., e.g. openai/gpt-4o-mini" in result.stderr
     assert result.stdout == ""
     missing = run_cli(deploy, "policy", "explain", "--user", "bob@acme.com", "--model", "openai/gpt-4o")
     assert missing.returncode == 2 and "--tenant" in missing.stderr
@@ -260,8 +260,8 @@ def test_policy_test_prints_each_failing_case_with_the_deciding_rule(deploy, tmp
 
 @pytest.mark.parametrize(("text", "problem"), [
     ("tenant,user,role,model,expect\nacme,bob@acme.com,,openai/gpt-4o-mini,allow\n",
-     "cases.csv:1: error: header must be tenant,user,roles,model,expect"),
-    ("", "cases.csv:0: error: header must be tenant,user,roles,model,expect"),
+     "cases.csv:1: error: header must be tenant,user,roles,model,expect or tenant,user,roles,model,operation,expect"),
+    ("", "cases.csv:0: error: header must be tenant,user,roles,model,expect or tenant,user,roles,model,operation,expect"),
     ("tenant,user,roles,model,expect\nacme,bob@acme.com,,openai/gpt-4o-mini,allow\n"
      "acme,bob@acme.com,,openai/gpt-4o,yes\n",
      "cases.csv:3: error: expect must be allow or deny, got 'yes'"),
@@ -283,3 +283,57 @@ def test_policy_test_missing_file_and_invalid_policy_exit_1(deploy, tmp_path):
     result = run_cases(copy, tmp_path, PASSING)
     assert result.returncode == 1
     assert "policy/access.csv:6: error: tenant 'globex' is not in tenants.csv" in result.stderr
+
+
+# --- operations.csv ----------------------------------------------------------------------------------
+def test_explain_an_operation_names_the_deciding_line_of_operations_csv(deploy):
+    fine_tuning = ok(deploy, "policy", "explain", "--tenant", "acme", "--user", "bob@acme.com",
+                     "--operation", "openai/fine_tuning.jobs.create", "--json")
+    doc = json.loads(fine_tuning.stdout)["operation"]
+    assert (doc["operation"], doc["decision"]) == ("openai/fine_tuning.jobs.create", "deny")
+    assert doc["deciding_rule"] == "policy/operations.csv:27"  # the sample's `*/fine_tuning.*` deny
+    admin = ok(deploy, "policy", "explain", "--tenant", "acme", "--user", "bob@acme.com", "--operation", "openai/admin")
+    assert "operation openai/admin: DENY" in admin.stdout
+    assert "no rule names 'admin' (default deny: `*` never allows it)" in admin.stdout
+    both = json.loads(ok(deploy, "policy", "explain", "--tenant", "acme", "--user", "bob@acme.com", "--model",
+                         "openai/gpt-4o-mini", "--operation", "openai/files.create", "--json").stdout)
+    assert both["decision"] == "allow" and both["operation"]["decision"] == "allow"
+    assert both["operation"]["deciding_rule"] == "policy/operations.csv:22"  # `*/files.*`
+    neither = run_cli(deploy, "policy", "explain", "--tenant", "acme", "--user", "bob@acme.com")
+    assert neither.returncode == 2 and "give --model, --operation or both" in neither.stderr
+
+
+def test_policy_test_checks_operations_with_an_operation_column(deploy, tmp_path):
+    cases = tmp_path / "cases.csv"
+    cases.write_text("tenant,user,roles,model,operation,expect\n"
+                     "acme,bob@acme.com,,openai/gpt-4o-mini,openai/chat.completions.create,allow\n"
+                     "acme,bob@acme.com,,,openai/files.list,allow\n"
+                     "acme,bob@acme.com,,,openai/fine_tuning.jobs.create,deny\n"
+                     "acme,bob@acme.com,,,openai/admin,deny\n"
+                     "acme,bob@acme.com,,openai/gpt-4o,openai/chat.completions.create,allow\n"  # a wrong case
+                     "acme,bob@acme.com,,,,allow\n")
+    result = run_cli(deploy, "policy", "test", str(cases))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        "cases.csv:7: error: name a model, an operation, or both",
+        "cases.csv:6: FAIL acme bob@acme.com [] openai/gpt-4o openai/chat.completions.create: expected allow, "
+        "got deny (default deny)",
+    ]
+    assert "5 cases, 4 passed, 1 failed" in result.stderr
+
+
+def test_an_invalid_operations_csv_is_refused_with_file_and_line(deploy, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(deploy, copy)
+    (copy / "policy/operations.csv").write_text("p, *, *, files.create, allow\np, *, nowhere, */files.*, allow\n"
+                                               "g, bob@acme.com, role:x, acme\n")
+    result = run_cli(copy, "policy", "check")
+    assert result.returncode == 1
+    assert ("policy/operations.csv:1: error: bad operation glob 'files.create': use provider/operation with * and ? "
+            "wildcards, e.g. openai/files.* or */fine_tuning.*") in result.stderr
+    assert "policy/operations.csv:2: error: tenant 'nowhere' is not in tenants.csv" in result.stderr
+    assert "policy/operations.csv:3: error: unknown rule type 'g'" in result.stderr
+    (copy / "policy/operations.csv").unlink()
+    missing = run_cli(copy, "policy", "check")
+    assert missing.returncode == 0
+    assert "policy/operations.csv:0: warning: file is missing: the default operations policy applies" in missing.stderr

@@ -5,10 +5,7 @@ import streamlit as st
 
 from analytics.csv_safety import write_csv
 from dashboard import figures
-from dashboard.shell import Context, context, for_display, money_columns, require_reports, scope_label
-
-MONEY = ("unified_cost_usd", "markup_usd", "byok_cost_usd", "byok_fee_usd", "adjustments_usd", "charges_usd",
-         "credits_opening_usd", "credits_added_usd", "credits_applied_usd", "credits_closing_usd", "amount_due_usd")
+from dashboard.shell import Context, context, require_reports, scope_label, show_table
 
 
 def render(ctx: Context) -> None:
@@ -22,10 +19,7 @@ def render(ctx: Context) -> None:
         st.info(f"No statement for {ctx.tenant or 'any tenant'} in {ctx.period}.")
     else:
         _totals(statements)
-        st.dataframe(for_display(statements), hide_index=True,
-                     column_config={**money_columns(*MONEY),
-                                    "closed": st.column_config.CheckboxColumn("closed", help="frozen by "
-                                                                              "`tollway report close`")})
+        show_table(statements, closed=st.column_config.CheckboxColumn(help="frozen by `tollway report close`"))
         open_periods = sorted(set(statements.filter(~pl.col("closed"))["period"].to_list()))
         if open_periods:
             st.caption(f"Open period(s) {', '.join(open_periods)}: figures change until "
@@ -51,14 +45,13 @@ def _credits(ctx: Context) -> None:
         st.info("No statements yet, so no balance.")
     else:
         st.caption("Balance at the close of each tenant's latest statement.")
-        st.dataframe(for_display(balances), hide_index=True,
-                     column_config=money_columns("credits_closing_usd", "amount_due_usd"))
+        show_table(balances)
     ledger = ctx.control.credits
     if ctx.tenant:
         ledger = ledger.filter(pl.col("tenant") == ctx.tenant)
     with st.expander(f"Top-ups ({ledger.height})"):
         st.caption("Added with `tollway credits add --tenant T --amount USD`.")
-        st.dataframe(ledger, hide_index=True)
+        show_table(ledger)
 
 
 render(context())

@@ -4,7 +4,7 @@ import polars as pl
 import streamlit as st
 
 from dashboard import charts, figures
-from dashboard.shell import Context, context, count_columns, reports_readable, scope_label, warn_if_stale
+from dashboard.shell import Context, context, reports_readable, scope_label, show_table, warn_if_stale
 
 
 def render(ctx: Context) -> None:
@@ -35,7 +35,7 @@ def _mine(ctx: Context, tenant: str) -> bool:
 def _table(rows: list[dict], source: str) -> None:
     st.caption(f"From `{source}`" + (", rules for `*` apply to every tenant." if rows else ""))
     if rows:
-        st.dataframe(pl.DataFrame(rows), hide_index=True)
+        show_table(pl.DataFrame(rows))
     else:
         st.info(f"No rules in `{source}` for this selection.")
 
@@ -77,8 +77,7 @@ def _denials(ctx: Context) -> None:
         st.info(f"No request was refused in {ctx.period} for {ctx.tenant or 'any tenant'}.")
         return
     st.altair_chart(charts.counts_over_time(daily, "outcome", "Refused requests per day"), width="stretch")
-    st.dataframe(figures.denials_by_model(refused, ctx.period, ctx.tenant), hide_index=True,
-                 column_config=count_columns("count"))
+    show_table(figures.denials_by_model(refused, ctx.period, ctx.tenant))
 
 
 render(context())

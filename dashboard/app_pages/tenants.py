@@ -15,8 +15,7 @@ def render(ctx: Context) -> None:
     rows = figures.scoped(ctx.frame("tenant_costs"), ctx.period, ctx.tenant)
     if ctx.tenant is None:
         st.subheader("Spend per tenant and billing mode")
-        st.dataframe(shell.for_display(_per_tenant(rows)), hide_index=True,
-                     column_config={**shell.money_columns("unified_usd", "byok_usd", "total_usd"), **shell.count_columns("requests")})
+        shell.show_table(_per_tenant(rows))
     else:
         _terms_and_routes(ctx)
     if rows.is_empty():
@@ -50,17 +49,17 @@ def _terms_and_routes(ctx: Context) -> None:
         st.markdown(f"**{terms.name}** — unified billing markup **{terms.markup_pct}%**, "
                     f"fee on BYOK usage **{terms.byok_fee_pct}%**")
     keys = {k.key_id: k for k in ctx.control.keys}
-    routes = [{"line": r.line, "models": r.model_glob, "keys (in failover order)": " → ".join(r.key_ids),
-               "billing mode": ", ".join(sorted({keys[k].billing_mode for k in r.key_ids if k in keys})) or "no key",
-               "key health": ", ".join(f"{k}: {keys[k].status}/{keys[k].health}" if k in keys else f"{k}: missing"
+    routes = [{"line": r.line, "models": r.model_glob, "keys": " → ".join(r.key_ids),
+               "billing_mode": ", ".join(sorted({keys[k].billing_mode for k in r.key_ids if k in keys})) or "no key",
+               "key_health": ", ".join(f"{k}: {keys[k].status}/{keys[k].health}" if k in keys else f"{k}: missing"
                                        for k in r.key_ids),
-               "applies to": "this tenant" if r.tenant == ctx.tenant else "every tenant (*)"}
+               "applies_to": "this tenant" if r.tenant == ctx.tenant else "every tenant (*)"}
               for r in ctx.policy.files.routes if r.tenant in (ctx.tenant, "*")]
     st.subheader("Key routes")
     st.caption("From `policy/routes.csv`, first match wins. BYOK: the tenant's own key, billed by the provider; "
                "unified: the operator's key, billed on the statement.")
     if routes:
-        st.dataframe(pl.DataFrame(routes), hide_index=True)
+        shell.show_table(pl.DataFrame(routes))
     else:
         st.info("No route in `policy/routes.csv` serves this tenant: its requests are refused (403).")
 
@@ -79,11 +78,8 @@ def _budgets(ctx: Context) -> None:
     for row in burn.filter(pl.col("over_forecast")).iter_rows(named=True):
         st.warning(f"{row['tenant']}: the {row['window']} budget of {figures.money(row['limit_usd'])} is forecast to "
                    f"reach {figures.money(row['forecast_usd'])}.", icon=":material/trending_up:")
-    shown = burn.with_columns(pl.col("percent").fill_null(0))
-    st.dataframe(shell.for_display(shown), hide_index=True,
-                 column_config={**shell.money_columns("spent_usd", "limit_usd", "forecast_usd"),
-                                "percent": st.column_config.ProgressColumn("percent", min_value=0, max_value=100,
-                                                                           format="%.1f%%")})
+    shell.show_table(burn.with_columns(pl.col("percent").fill_null(0)),
+                     percent=st.column_config.ProgressColumn(min_value=0, max_value=100, format="%.1f%%"))
     monthly = burn.filter((pl.col("window") == "month") & (pl.col("subject") == "tenant"))
     if ctx.tenant and not monthly.is_empty() and ctx.period == ctx.today.strftime("%Y-%m"):
         limit = float(monthly["limit_usd"][0])

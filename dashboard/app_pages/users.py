@@ -1,6 +1,5 @@
 """Users: the largest spenders, by pseudonym only."""
 
-import polars as pl
 import streamlit as st
 
 from dashboard import charts, figures, shell
@@ -26,13 +25,9 @@ def render(ctx: Context) -> None:
     if top.is_empty():
         st.info(f"No user spend in {ctx.period} for {ctx.tenant or 'any tenant'}.")
         return
-    labelled = top.with_columns(user=pl.col("tenant") + " · " + pl.col("user_pseudonym").str.slice(0, 8),
-                                spend=pl.col("cost_usd").cast(pl.Float64))
-    st.altair_chart(charts.top_bars(labelled, "user", "spend", "Spend per user (first 8 characters of the "
+    st.altair_chart(charts.top_bars(figures.spender_bars(top), "Spend per user (first 8 characters of the "
                                     "pseudonym)"), width="stretch")
-    st.dataframe(shell.for_display(top), hide_index=True,
-                 column_config={**shell.money_columns("cost_usd"),
-                                **shell.count_columns("requests", "input_tokens", "output_tokens", "unpriced_requests")})
+    shell.show_table(top)
 
 
 render(shell.context())
