@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -33,10 +34,24 @@ p, *, anthropic/*, operator-anthropic
 """
 
 
+#: Each test process (pytest-xdist worker) hands out ports from its own block, below the kernel's
+#: ephemeral range (32768+), in turn: two workers, or a port just closed, never collide.
+_PORT_BLOCK = 4000
+_next_port = itertools.count()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    base = 16000 + int(worker.removeprefix("gw") or 0) % 4 * _PORT_BLOCK
+    for _ in range(_PORT_BLOCK):
+        port = base + next(_next_port) % _PORT_BLOCK
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or lingering): the next one
+            return port
+    raise RuntimeError(f"no free port in {base}-{base + _PORT_BLOCK - 1}")
 
 
 def run_cli(data_dir: Path | None, *args: str, stdin: str | None = None,

@@ -423,7 +423,7 @@ def test_gemini_inspect_without_a_json_body_is_a_bad_request():
     (OPENAI, {"authorization": ""}, {}, None),
     (ANTHROPIC, {"x-api-key": "tw_abc"}, {}, "tw_abc"),
     (ANTHROPIC, {"authorization": "Bearer tw_abc"}, {}, "tw_abc"),
-    (ANTHROPIC, {"x-api-key": "tw_first", "authorization": "Bearer tw_second"}, {}, "tw_first"),
+    (ANTHROPIC, {"x-api-key": "tw_first", "authorization": "Bearer tw_second"}, {}, "tw_second"),  # Bearer wins
     (ANTHROPIC, {"x-goog-api-key": "tw_abc"}, {}, None),
     (ANTHROPIC, {}, {"key": "tw_abc"}, None),
     (GEMINI, {"x-goog-api-key": "tw_abc"}, {}, "tw_abc"),

@@ -545,7 +545,7 @@ def _fill(path: Path, events: list[Event]):
 
 
 def test_rebuild_counts_only_admitted_outcomes_in_the_current_windows(tmp_path):
-    assert set(ADMITTED) == {"ok", "upstream_error", "timeout", "cancelled"}
+    assert set(ADMITTED) == {"ok", "upstream_error", "timeout", "cancelled", "internal_error"}
     now = AT
     this_minute, this_hour = now - timedelta(seconds=20), now - timedelta(minutes=20)
     earlier_today, earlier_month = now - timedelta(hours=5), now - timedelta(days=10)
