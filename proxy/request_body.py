@@ -32,7 +32,7 @@ from proxy.providers.base import json_decode, json_encode
 #: Up to this size decoding and counting is the cheaper check (measured on one core: 1.0 µs against
 #: 4.1 µs for the exact decoder at 110 bytes; 48 µs against 39 µs at 20 KB).
 _COUNTED_UP_TO = 8 * 1024
-_COLON_ESCAPES = (b"\\u003a", b"\\u003A")
+_COLON_ESCAPE = b"\\u003"  # \u003a or \u003A (and the rare \u0030-\u003f: they only take the exact path)
 
 
 class _DuplicateKey(ValueError):
@@ -61,7 +61,7 @@ def parse_json_body(raw: bytes) -> dict | None:
 
 def _decode_counted(raw: bytes):
     body = json_decode(raw)
-    if any(escape in raw for escape in _COLON_ESCAPES) or raw.count(b":") != json_encode(body).count(b":"):
+    if _COLON_ESCAPE in raw or raw.count(b":") != json_encode(body).count(b":"):
         _decode_exact(raw)  # raises on the duplicate; returns when the escapes were innocent
     return body
 

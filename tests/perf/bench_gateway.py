@@ -59,6 +59,7 @@ def setup_deployment(root: Path, sim_port: int, gw_port: int) -> str:
     cli_main(["init", str(root)])
     (root / "tollway.toml").write_text(
         f'[server]\nport = {gw_port}\n[providers.openai]\nbase_url = "http://127.0.0.1:{sim_port}/openai"\n')
+    (root / "policy" / "routes.csv").write_text("p, *, openai/*, operator-openai\n")  # the one key added below
     # the full pipeline runs limit checks too: generous limits that apply to every request, never refuse
     (root / "policy" / "limits.csv").write_text(
         "tenant,subject,metric,window,limit\nacme,tenant,usd,month,1000000\nacme,*,requests,minute,100000000\n"
