@@ -36,12 +36,19 @@ class UpstreamResponse:
         self.status = response.status
         self.raw_headers: tuple[tuple[bytes, bytes], ...] = response.raw_headers
         self.content_type = response.content_type  # media type only, lower case
-        encoding = response.headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in ("", "identity") and encoding not in _DECODERS:
+        self.decoded = False  # True: the body will differ from the bytes on the wire
+        self._inflater: _Inflater | None = None
+        encoding = response.headers.get("content-encoding")
+        if encoding is not None:  # the provider compressed although asked for identity
+            self._decode(encoding.strip().lower(), provider)
+
+    def _decode(self, encoding: str, provider: str) -> None:
+        if encoding in ("", "identity"):
+            return
+        if encoding not in _DECODERS:
             raise UpstreamUnreachable(f"The provider {provider!r} answered with a body encoded as {encoding!r}, "
                                       "which Tollway did not ask for and cannot read. Try again later.")
-        self.decoded = encoding in _DECODERS  # the body will differ from the bytes on the wire
-        self._inflater = _Inflater(_DECODERS[encoding]) if self.decoded else None
+        self.decoded, self._inflater = True, _Inflater(_DECODERS[encoding])
 
     def header(self, name: str) -> str | None:
         return self._response.headers.get(name)
