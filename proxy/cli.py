@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dashboard.cli import register as register_dashboard
     from policy.cli import register as register_policy
     from proxy.audit import register as register_audit
-    from proxy.demo import register as register_demo
+    from proxy.demo_cli import register as register_demo
     from proxy.pricing_cli import register as register_pricing
 
     common = argparse.ArgumentParser(add_help=False)
