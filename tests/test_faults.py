@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
 import functools
+import gzip
 import hashlib
 import json
 import os
