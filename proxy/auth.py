@@ -86,12 +86,9 @@ class ControlView:
                 keys[key_id] = replace(keys[key_id], health=known.health)
         return keys
 
-    async def current(self) -> None:
-        """Bring the snapshot up to date with control.db without blocking the event loop (if control.db
+    async def _catch_up(self, version: int) -> None:
+        """Bring the snapshot up to `version` of control.db without blocking the event loop (if control.db
         cannot be read, the snapshot stays as it was)."""
-        version = self._probe.data_version()
-        if version == self._probe_version:
-            return
         if self._reloading is None:
             self._reloading = asyncio.ensure_future(asyncio.to_thread(self.refresh))
             self._reloading.add_done_callback(lambda done: self._reloaded(done, version))
@@ -111,8 +108,9 @@ class ControlView:
             raise Unauthenticated(f"No credential sent. {missing_hint}")
         if not credential.startswith("tw_"):
             raise Unauthenticated(INVALID_CREDENTIAL)
-        if self._probe.data_version() != self._probe_version:  # the common case costs one counter read
-            await self.current()
+        version = self._probe.data_version()  # the common case costs this one counter read
+        if version != self._probe_version:
+            await self._catch_up(version)
         token_hash = self._keyring.token_hash(credential)
         entry = self.tokens.get(token_hash)
         if entry is None or not hmac.compare_digest(entry.token_hash, token_hash):
