@@ -1159,6 +1159,9 @@ def create_sim_app(keys: dict[str, str] | None = None, *, record: bool = True,
     for provider in PROVIDERS:
         for method, path, handler in provider.routes():
             router.add_route(method, provider.prefix + path, _endpoint(provider, handler))
+    from proxy.simulator_ws import add_websocket_routes  # it imports this module
+
+    add_websocket_routes(app)
     for provider in PROVIDERS:
         router.add_route("*", provider.prefix + "/{tail:.*}", _endpoint(provider, provider.not_found))
     app.on_shutdown.append(_on_shutdown)
