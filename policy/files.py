@@ -20,7 +20,7 @@ WINDOWS = ("minute", "hour", "day", "month")
 LIMITS_HEADER = ["tenant", "subject", "metric", "window", "limit"]
 #: Every file of a policy set, relative to the deployment directory.
 POLICY_FILES = ("tenants.csv", "pricing.csv", "policy/model.conf", "policy/access.csv", "policy/routes.csv",
-                "policy/limits.csv", "policy/operations.csv")
+                "policy/limits.csv", "policy/operations.csv", "policy/identities.csv")
 _NAME = re.compile(r"^[A-Za-z0-9._@:\-]+$")
 _GLOB = re.compile(r"^[A-Za-z0-9._@:/\-*?]+$")
 _OPERATION_GLOB = re.compile(r"^[A-Za-z0-9_\-*?]+/[A-Za-z0-9_.*?]+$")
@@ -166,6 +166,7 @@ class PolicyFiles:
     limits: list[LimitRule] = field(default_factory=list)
     operations: list[OperationRule] = field(default_factory=default_operation_rules)
     tenants: dict[str, Tenant] = field(default_factory=dict)
+    identities: list = field(default_factory=list)  # policy.identities.IdentityRule, in file order
     hashes: dict[str, str] = field(default_factory=dict)  # file -> sha256, for the audit trail
     problems: list[Problem] = field(default_factory=list)
 
@@ -191,7 +192,9 @@ def csv_lines(path: Path) -> list[tuple[int, list[str]]]:
 
 
 def load_policy_files(data_dir: Path) -> PolicyFiles:
-    """Parse `tenants.csv` and `policy/{access,routes,limits}.csv` from a deployment."""
+    """Parse `tenants.csv` and `policy/{access,routes,limits,operations,identities}.csv` from a deployment."""
+    from policy.identities import load_identities  # it builds on this module
+
     files = PolicyFiles()
     files.hashes = file_hashes(data_dir)
     files.tenants = _load_tenants(data_dir / "tenants.csv", files.problems)
@@ -199,6 +202,7 @@ def load_policy_files(data_dir: Path) -> PolicyFiles:
     _load_routes(data_dir / "policy" / "routes.csv", files)
     _load_limits(data_dir / "policy" / "limits.csv", files)
     _load_operations(data_dir / "policy" / "operations.csv", files)
+    load_identities(data_dir / "policy" / "identities.csv", files, _read)
     _warn_duplicates(files)
     return files
 

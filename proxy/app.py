@@ -11,7 +11,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from litestar import Litestar, Request, Response, get
+from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import NotFoundException
 
 from proxy import forward
@@ -20,6 +20,7 @@ from proxy.events import Event
 from proxy.gateway import Gateway
 from proxy.metrics import CONTENT_TYPE
 from proxy.providers.registry import adapter_for
+from proxy.token_exchange import exchange_response
 
 for noisy in ("httpx", "apscheduler", "litestar"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -51,6 +52,13 @@ def create_app(gateway: Gateway) -> GatewayApp:
         body = gateway.render_metrics()
         return Response(body, media_type=CONTENT_TYPE)
 
+    @post("/auth/token")
+    async def auth_token(request: Request) -> Response[bytes]:
+        """A JWT of a trusted issuer (Authorization: Bearer) for a short-lived Tollway token."""
+        status, body = await exchange_response(gateway, request.headers)
+        return Response(body, status_code=status, media_type="application/json",
+                        headers={"cache-control": "no-store"})
+
     def not_found(request: Request, exc: NotFoundException) -> Response:
         """Unknown provider: answered (and recorded) in the OpenAI format, the most common client."""
         name = request.url.path.strip("/").split("/", 1)[0]
@@ -65,7 +73,7 @@ def create_app(gateway: Gateway) -> GatewayApp:
                         headers={forward.REQUEST_ID_HEADER.decode(): str(event.event_id)})
 
     return GatewayApp(gateway, Litestar(
-        route_handlers=[healthz, readyz, metrics],
+        route_handlers=[healthz, readyz, metrics, auth_token],
         on_startup=[gateway.start],
         on_shutdown=[gateway.stop],
         exception_handlers={NotFoundException: not_found},

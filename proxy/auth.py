@@ -29,8 +29,9 @@ class Identity:
     tenant: str
     user: str
     roles: tuple[str, ...]
-    auth_method: str  # token | jwt
+    auth_method: str  # token | jwt | exchanged (a token from POST /auth/token)
     credential_id: str | None = None
+    identity_source: str | None = None  # the [[auth.issuers]] entry's name; None for a plain token
 
     @property
     def subjects(self) -> tuple[str, ...]:
@@ -118,4 +119,5 @@ class ControlView:
         if entry.expires is not None and entry.expires <= utcnow():
             raise Unauthenticated(INVALID_CREDENTIAL)
         token = entry.token
-        return Identity(token.tenant, token.user_id, token.roles, "token", token.token_id)
+        method = "token" if token.identity_source is None else "exchanged"
+        return Identity(token.tenant, token.user_id, token.roles, method, token.token_id, token.identity_source)

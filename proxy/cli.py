@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from policy.files import RouteRule, load_policy_files
+from proxy import durations
 from proxy.control import ControlError, ControlStore, utcnow
 from proxy.crypto import Keyring, SecretError, load_master_key, write_master_key
 from proxy.errors import StartupError
@@ -26,13 +27,11 @@ from proxy.settings import BUILTIN_PROVIDERS, SettingsError, load_settings, reso
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data"
 SAMPLE_FILES = ("tollway.toml", "tenants.csv", "pricing.csv", "policy/model.conf", "policy/access.csv",
-                "policy/routes.csv", "policy/limits.csv", "policy/operations.csv")
+                "policy/routes.csv", "policy/limits.csv", "policy/operations.csv", "policy/identities.csv")
 #: Commands that run without a deployment directory: they create one, or need none.
-NO_DEPLOYMENT_NEEDED = ("init", "demo", "simulator")
+NO_DEPLOYMENT_NEEDED = ("init", "demo", "simulator", "token")
 SIMULATOR_PORT = 9090
 SIMULATOR_URL = f"http://127.0.0.1:{SIMULATOR_PORT}"
-_DURATION = re.compile(r"^(\d+)([smhdw])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 class CommandError(Exception):
@@ -261,10 +260,10 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 # --- tokens -------------------------------------------------------------------------------------
 def parse_duration(text: str) -> timedelta:
     """`30d`, `12h`, `90m`, `2w`, `45s`."""
-    match = _DURATION.match(text.strip())
-    if not match:
+    duration = durations.parse_duration(text)
+    if duration is None:
         raise CommandError(f"--expires-in {text!r}: use a number and a unit, e.g. 30d, 12h, 90m, 2w")
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    return duration
 
 
 def cmd_tokens_create(args: argparse.Namespace) -> int:
@@ -302,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     from proxy.audit import register as register_audit
     from proxy.demo_cli import register as register_demo
     from proxy.pricing_cli import register as register_pricing
+    from proxy.token_cli import register as register_token
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", default=argparse.SUPPRESS,
@@ -371,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke_token.add_argument("token_id")
     revoke_token.set_defaults(func=cmd_tokens_revoke)
 
+    register_token(commands, common)
     register_policy(commands, common, as_json)
     register_credits(commands, common, as_json)
     register_pricing(commands, common, as_json)

@@ -13,7 +13,7 @@ import os
 import secrets
 import sqlite3
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS provider_keys (
 CREATE TABLE IF NOT EXISTS client_tokens (
     token_id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, tenant TEXT NOT NULL,
     user_id TEXT NOT NULL, roles TEXT NOT NULL, created_at TEXT NOT NULL,
-    expires_at TEXT, revoked_at TEXT);
+    expires_at TEXT, revoked_at TEXT, identity_source TEXT);
 CREATE TABLE IF NOT EXISTS credits (
     credit_id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, amount_usd TEXT NOT NULL,
     note TEXT, created_at TEXT NOT NULL);
@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS audit_log (
     actor TEXT NOT NULL, target TEXT, details TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
 """
 GENESIS_HASH = "0" * 64
+#: Exchanged tokens this long past their expiry are deleted at the next exchange (they can never work again).
+EXCHANGED_KEPT_AFTER_EXPIRY = timedelta(days=1)
 
 
 class ControlError(ValueError):
@@ -72,10 +74,12 @@ class ClientToken:
     created_at: str
     expires_at: str | None
     revoked_at: str | None
+    identity_source: str | None = None  # the issuer entry a POST /auth/token exchange came from
 
     def as_json(self) -> dict:
         return {"id": self.token_id, "tenant": self.tenant, "user": self.user_id, "roles": list(self.roles),
-                "created_at": self.created_at, "expires_at": self.expires_at, "revoked_at": self.revoked_at}
+                "created_at": self.created_at, "expires_at": self.expires_at, "revoked_at": self.revoked_at,
+                "identity_source": self.identity_source}
 
 
 def utcnow() -> datetime:
@@ -100,6 +104,8 @@ class ControlStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(provider_keys)")}
         if "health" not in columns:  # control.db from before key health existed
             self._db.execute("ALTER TABLE provider_keys ADD COLUMN health TEXT NOT NULL DEFAULT 'ok'")
+        if "identity_source" not in {row[1] for row in self._db.execute("PRAGMA table_info(client_tokens)")}:
+            self._db.execute("ALTER TABLE client_tokens ADD COLUMN identity_source TEXT")  # before token exchange
         self._keyring = keyring
         self._actor = actor
         self._check_master_key()
@@ -187,16 +193,38 @@ class ControlStore:
             raise ControlError("--user must not be empty")
         for role in roles:
             _check_name("role", role)
-        token = new_client_token()
-        token_id = "tok_" + secrets.token_hex(6)
         with self._tx():
-            self._db.execute(
-                "INSERT INTO client_tokens VALUES (?,?,?,?,?,?,?,NULL)",
-                (token_id, self._keyring.token_hash(token), tenant, user_id, json.dumps(roles),
-                 iso(utcnow()), iso(expires_at) if expires_at else None))
+            token_id, token = self._insert_token(tenant, user_id, roles, expires_at, None)
             self._audit("token.issued", token_id, {"tenant": tenant, "roles": roles,
                                                     "expires_at": iso(expires_at) if expires_at else None})
         return self.get_token(token_id), token
+
+    def exchange_token(self, tenant: str, user_id: str, roles: list[str], expires_at: datetime, issuer: str,
+                       user_pseudonym: str) -> tuple[ClientToken, str]:
+        """Issue a short-lived token for a verified JWT (POST /auth/token), in one transaction with its audit
+        entry (issuer, the user's pseudonym, expiry: never the token nor the user id). Exchanged tokens
+        long expired are deleted on the way."""
+        now = utcnow()
+        with self._tx():
+            self._db.execute("DELETE FROM client_tokens WHERE identity_source IS NOT NULL AND expires_at < ?",
+                             (iso(now - EXCHANGED_KEPT_AFTER_EXPIRY),))
+            token_id, token = self._insert_token(tenant, user_id, roles, expires_at, issuer)
+            self._audit("token.exchanged", token_id, {"issuer": issuer, "tenant": tenant, "roles": roles,
+                                                       "user_pseudonym": user_pseudonym,
+                                                       "expires_at": iso(expires_at)})
+        return self.get_token(token_id), token
+
+    def _insert_token(self, tenant: str, user_id: str, roles: list[str], expires_at: datetime | None,
+                      identity_source: str | None) -> tuple[str, str]:
+        """(token id, plain token); inside the caller's transaction."""
+        token = new_client_token()
+        token_id = "tok_" + secrets.token_hex(6)
+        self._db.execute(
+            "INSERT INTO client_tokens (token_id, token_hash, tenant, user_id, roles, created_at, expires_at, "
+            "identity_source) VALUES (?,?,?,?,?,?,?,?)",
+            (token_id, self._keyring.token_hash(token), tenant, user_id, json.dumps(roles),
+             iso(utcnow()), iso(expires_at) if expires_at else None, identity_source))
+        return token_id, token
 
     def revoke_token(self, token_id: str) -> ClientToken:
         self.get_token(token_id)
@@ -220,9 +248,9 @@ class ControlStore:
 
     def _token_rows(self, where: str, args: tuple) -> list[tuple[str, ClientToken]]:
         rows = self._db.execute(
-            "SELECT token_hash, token_id, tenant, user_id, roles, created_at, expires_at, revoked_at "
+            "SELECT token_hash, token_id, tenant, user_id, roles, created_at, expires_at, revoked_at, identity_source "
             f"FROM client_tokens {where}", args).fetchall()
-        return [(r[0], ClientToken(r[1], r[2], r[3], tuple(json.loads(r[4])), r[5], r[6], r[7])) for r in rows]
+        return [(r[0], ClientToken(r[1], r[2], r[3], tuple(json.loads(r[4])), r[5], r[6], r[7], r[8])) for r in rows]
 
     # --- credits -------------------------------------------------------------------------------
     def add_credits(self, tenant: str, amount: Decimal, note: str | None) -> int:

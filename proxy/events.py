@@ -51,6 +51,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("service_tier", "VARCHAR"),
     ("priced_model", "VARCHAR"),
     ("price_source", "VARCHAR"),
+    # added with identity for machines: the [[auth.issuers]] entry's name (NULL for a plain token)
+    ("identity_source", "VARCHAR"),
 )
 OUTCOMES = ("ok", "denied", "rate_limited", "budget_exceeded", "unauthenticated", "bad_request",
             "upstream_error", "timeout", "cancelled", "internal_error")
@@ -72,7 +74,7 @@ class Event:
     ts: datetime
     tenant: str | None = None
     user_pseudonym: uuid.UUID | None = None
-    auth_method: str | None = None
+    auth_method: str | None = None  # token | jwt | exchanged
     provider: str | None = None
     model: str | None = None  # provider/model
     endpoint: str | None = None
@@ -100,6 +102,7 @@ class Event:
     service_tier: str | None = None  # as the provider reported it
     priced_model: str | None = None  # the model id priced: the book's id, an override's exact name, or the id sent (glob override)
     price_source: str | None = None  # "override" or "genai-prices X.Y.Z"
+    identity_source: str | None = None  # the issuer entry of a JWT or exchanged token; None: a plain token
 
     def row(self) -> tuple:
         """The values in `COLUMNS` order."""

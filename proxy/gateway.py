@@ -80,7 +80,7 @@ class Gateway:
         self.limiter = Limiter(self.limit_store, settings.limits.default_max_output_tokens, self._budget_alert,
                                self._limit_refusal, settings.metering.max_output_tokens)
         self.keys = KeyPools(control, self.metrics, self._persist_failing)
-        self.jwt = JwtVerifier(settings.jwt, settings.data_dir) if settings.jwt.enabled else None
+        self.jwt = JwtVerifier(settings.auth.issuers, settings.data_dir) if settings.auth.issuers else None
         self.recorder: EventRecorder | None = None
         self._events_db = None
         self._tasks: list[asyncio.Task] = []
@@ -145,9 +145,9 @@ class Gateway:
             self._events_db.close()
 
     async def identify(self, credential: str | None, hint: str) -> Identity:
-        """A gateway token (`tw_…`) or, when `[auth.jwt]` is configured, an SSO/zero-trust JWT."""
+        """A gateway token (`tw_…`) or, when issuers are configured, a JWT of one (mapped through identities.csv)."""
         if credential and self.jwt is not None and looks_like_jwt(credential):
-            return await self.jwt.identify(credential)
+            return await self.jwt.identify(credential, self.policies.files.identities)
         return await self.control.authenticate(credential, hint)
 
     def _build_reports(self) -> dict:

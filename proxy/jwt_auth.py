@@ -1,10 +1,13 @@
-"""SSO / zero-trust identity: a signed JWT (e.g. from Cloudflare Access) becomes an `Identity`.
+"""SSO, CI and workload identity: a signed JWT from a trusted issuer becomes an `Identity`.
 
-Only RS256 and ES256 are accepted (so `alg: none` and HMAC confusion are refused before any key
-is looked at). Keys come from a JWKS URL, cached and refreshed when a token names an unknown `kid`
-(at most once per `_REFRESH_S`), or from a static PEM public key. Issuer, audience, expiry and
-not-before are always checked. A verified token is remembered until it expires, so the signature
-check runs once per token, not once per request.
+Each `[[auth.issuers]]` entry (and the older `[auth.jwt]`) is one trusted issuer; the token's `iss`
+claim picks it, and a token from any other issuer is refused. Only the entry's asymmetric algorithms
+are accepted (so `alg: none` and HMAC confusion are refused before any key is looked at). Keys come
+from the entry's JWKS URL, cached and refreshed when a token names an unknown `kid` (at most once per
+`_REFRESH_S`, one fetch at a time per issuer), or from a static PEM public key. Issuer, audience,
+expiry and not-before are always checked. A verified token is remembered until it expires, so the
+signature check runs once per token, not once per request; its identity is mapped again whenever
+policy/identities.csv was reloaded (see `proxy.identity_map`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,93 +23,38 @@ import httpx
 import jwt
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from policy.identities import IdentityRule
 from proxy.auth import Identity
+from proxy.auth_settings import IssuerSettings
 from proxy.errors import Unauthenticated
-from proxy.settings import JwtSettings
+from proxy.identity_map import map_identity
 
-ALGORITHMS = ("RS256", "ES256")
 _REFRESH_S = 5.0
 _CACHE_LIMIT = 50_000
 _LEEWAY_S = 30
-_MAX_IDENTIFIER = 256  # characters of a user, tenant or group name taken from a claim
-_MAX_ROLES = 256
+_SHOWN_CHARS = 120
 
 
 def looks_like_jwt(credential: str) -> bool:
     return credential.startswith("eyJ") and credential.count(".") == 2
 
 
-class JwtVerifier:
-    def __init__(self, settings: JwtSettings, data_dir: Path) -> None:
-        self._settings = settings
+class IssuerKeys:
+    """One issuer's signing keys: a static PEM key, or its JWKS with a single-flight, rate-limited refresh."""
+
+    def __init__(self, entry: IssuerSettings, data_dir: Path) -> None:
+        self._entry = entry
         self._static_key: bytes | None = None
-        if settings.public_key_file:
-            path = Path(settings.public_key_file)
+        if entry.public_key_file:
+            path = Path(entry.public_key_file)
             self._static_key = (path if path.is_absolute() else data_dir / path).read_bytes()  # PEM
         self._jwks: dict[str, Any] = {}
-        self._fetched_at = 0.0
+        self._fetched_at = -_REFRESH_S  # monotonic time may start near 0: the first fetch is never held back
         self._refreshing = asyncio.Lock()  # one JWKS fetch at a time; waiters then see its keys
-        self._verified: dict[str, tuple[Identity, float]] = {}
 
-    async def identify(self, token: str) -> Identity:
-        cached = self._verified.get(token)
-        if cached and cached[1] > time.time():
-            return cached[0]
-        header = _header(token)
-        alg = header.get("alg")
-        if alg not in ALGORITHMS:
-            raise Unauthenticated(f"JWT algorithm {alg!r} is not accepted; tokens must be signed with RS256 or ES256.")
-        key = self._static_key if self._static_key is not None else await self._jwks_key(header.get("kid"))
-        claims = self._decode(token, key, alg)
-        identity = self._identity(claims)
-        if len(self._verified) >= _CACHE_LIMIT:
-            self._verified.clear()
-        self._verified[token] = (identity, float(claims["exp"]))
-        return identity
-
-    def _decode(self, token: str, key: Any, alg: str) -> dict:
-        s = self._settings
-        try:
-            claims = jwt.decode(token, key, algorithms=[alg], issuer=s.issuer, audience=s.audience, leeway=_LEEWAY_S,
-                                options={"require": ["exp", "iss"], "verify_aud": s.audience is not None})
-        except jwt.PyJWTError as exc:
-            raise Unauthenticated(self._reason(exc)) from exc
-        except (TypeError, ValueError, AttributeError) as exc:  # e.g. RS256 on an EC key: the crypto library's errors
-            raise Unauthenticated(f"JWT algorithm {alg!r} does not match the key its kid names.") from exc
-        for name in ("exp", "nbf", "iat"):  # PyJWT accepts numeric strings here; RFC 7519 says NumericDate
-            if name in claims and (not isinstance(claims[name], int | float) or isinstance(claims[name], bool)):
-                raise Unauthenticated(f"JWT claim {name!r} must be a number (seconds since the epoch).")
-        return claims
-
-    def _reason(self, exc: jwt.PyJWTError) -> str:
-        """A 401 message that says what was wrong with the token (never what the key is)."""
-        s = self._settings
-        reasons = (
-            (jwt.ExpiredSignatureError, "JWT has expired: sign in again to get a fresh one."),
-            (jwt.ImmatureSignatureError, "JWT is not valid yet (its nbf or iat is in the future)."),
-            (jwt.InvalidAudienceError, f"JWT audience does not match; this gateway accepts {s.audience!r}."),
-            (jwt.InvalidIssuerError, f"JWT issuer does not match; this gateway accepts {s.issuer!r}."),
-            (jwt.InvalidSignatureError, "JWT signature does not verify: the token was altered or signed by another key."),
-            (jwt.MissingRequiredClaimError, f"JWT lacks the required claim {getattr(exc, 'claim', '')!r}."),
-        )
-        return next((text for kind, text in reasons if isinstance(exc, kind)),
-                    f"JWT could not be verified ({type(exc).__name__}).")
-
-    def _identity(self, claims: dict) -> Identity:
-        s = self._settings
-        user = _identifier(claims, s.user_claim, "to identify the user")
-        tenant = _identifier(claims, s.tenant_claim, "naming the tenant")
-        groups = claims.get(s.roles_claim) or []
-        groups = [groups] if isinstance(groups, str) else groups
-        if not isinstance(groups, list) or len(groups) > _MAX_ROLES:
-            raise Unauthenticated(f"JWT claim {s.roles_claim!r} must be a list of at most {_MAX_ROLES} group names.")
-        roles = tuple(g for g in groups if isinstance(g, str) and g)
-        if any(not _usable(r) for r in roles):
-            raise Unauthenticated(f"JWT claim {s.roles_claim!r} holds a group name that is not a usable identifier "
-                                  f"(at most {_MAX_IDENTIFIER} printable characters).")
-        return Identity(tenant, user, roles, "jwt")
-
-    async def _jwks_key(self, kid: str | None) -> Any:
+    async def key(self, kid: str | None) -> Any:
+        if self._static_key is not None:
+            return self._static_key
         if kid not in self._jwks:
             async with self._refreshing:
                 if kid not in self._jwks and time.monotonic() - self._fetched_at > _REFRESH_S:
@@ -120,33 +69,113 @@ class JwtVerifier:
         self._fetched_at = time.monotonic()
         try:
             async with httpx.AsyncClient(timeout=5) as client:
-                response = await client.get(self._settings.jwks_url)
+                response = await client.get(self._entry.jwks_url)
                 response.raise_for_status()
                 keys = response.json().get("keys", [])
-        except (httpx.HTTPError, ValueError) as exc:
-            raise Unauthenticated("JWT keys (JWKS) could not be fetched; try again shortly.") from exc
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            raise Unauthenticated(f"JWT keys (JWKS) of issuer {self._entry.name!r} could not be fetched; "
+                                  "try again shortly.") from exc
         loaded = {}
-        for jwk in keys:
-            kind = {"RSA": RSAAlgorithm, "EC": ECAlgorithm}.get(jwk.get("kty"))
+        for jwk in keys if isinstance(keys, list) else []:
+            kind = {"RSA": RSAAlgorithm, "EC": ECAlgorithm}.get(jwk.get("kty")) if isinstance(jwk, dict) else None
             if kind and jwk.get("kid"):
-                loaded[jwk["kid"]] = kind.from_jwk(json.dumps(jwk))
+                try:
+                    loaded[jwk["kid"]] = kind.from_jwk(json.dumps(jwk))
+                except (jwt.PyJWTError, ValueError, TypeError):
+                    continue  # one unusable key must not hide the others
         self._jwks = loaded
 
 
-def _identifier(claims: dict, name: str, what: str) -> str:
-    """A user, tenant or group name from a claim: a non-empty string of at most `_MAX_IDENTIFIER`
-    printable characters (it becomes a policy subject, a log field, a metric label's candidate)."""
-    value = claims.get(name)
-    if not isinstance(value, str) or not value:
-        raise Unauthenticated(f"JWT has no {name!r} claim {what}.")
-    if not _usable(value):
-        raise Unauthenticated(f"JWT claim {name!r} is not a usable identifier (at most {_MAX_IDENTIFIER} printable "
-                              "characters).")
-    return value
+class JwtVerifier:
+    """Every trusted issuer of a deployment; `identify(token, rules)` verifies and maps a JWT."""
+
+    def __init__(self, issuers: Sequence[IssuerSettings], data_dir: Path) -> None:
+        self._entries = {entry.issuer: entry for entry in issuers}
+        self._keys = {entry.issuer: IssuerKeys(entry, data_dir) for entry in issuers}
+        # token -> (entry, claims, exp, [rules, identity]): the last mapping, reused while the rules are unchanged
+        self._verified: dict[str, tuple[IssuerSettings, dict, float, list]] = {}
+
+    async def identify(self, token: str, rules: Sequence[IdentityRule]) -> Identity:
+        """The identity of a valid token; 401 when it is not one, 403 when no identity rule maps it."""
+        cached = self._verified.get(token)
+        if cached is None or cached[2] <= time.time():
+            entry, claims = await self.verify(token)
+            cached = (entry, claims, float(claims["exp"]), [None, None])
+            if len(self._verified) >= _CACHE_LIMIT:
+                self._verified.clear()
+            self._verified[token] = cached
+        entry, claims, _, memo = cached
+        if memo[0] is not rules:
+            memo[1] = map_identity(entry, claims, rules)[0]
+            memo[0] = rules
+        return memo[1]
+
+    async def verify(self, token: str) -> tuple[IssuerSettings, dict]:
+        """The trusted entry and the verified claims of `token`, or 401 with the reason."""
+        header = _header(token)
+        entry = self.entry_for(token)
+        alg = header.get("alg")
+        if alg not in entry.algorithms:
+            raise Unauthenticated(f"JWT algorithm {alg!r} is not accepted; tokens must be signed with "
+                                  f"{_either(entry.algorithms)}.")
+        key = await self._keys[entry.issuer].key(header.get("kid"))
+        return entry, _decode(entry, token, key, alg)
+
+    def entry_for(self, token: str) -> IssuerSettings:
+        """The entry the token's (unverified) `iss` names; 401 when no entry trusts that issuer."""
+        issuer = unverified_claims(token).get("iss")
+        if issuer is None:
+            raise Unauthenticated("JWT lacks the required claim 'iss'.")
+        entry = self._entries.get(issuer) if isinstance(issuer, str) else None
+        if entry is None:
+            shown = repr(issuer)[:_SHOWN_CHARS]
+            trusted = ", ".join(repr(e) for e in self._entries)
+            raise Unauthenticated(f"JWT issuer {shown} is not trusted by this gateway; it accepts tokens from "
+                                  f"{trusted}. Ask your Tollway operator to add the issuer to [[auth.issuers]].")
+        return entry
 
 
-def _usable(value: str) -> bool:
-    return len(value) <= _MAX_IDENTIFIER and value.isprintable()
+def _decode(entry: IssuerSettings, token: str, key: Any, alg: str) -> dict:
+    try:
+        claims = jwt.decode(token, key, algorithms=[alg], issuer=entry.issuer, audience=entry.audience,
+                            leeway=_LEEWAY_S, options={"require": ["exp", "iss"],
+                                                       "verify_aud": entry.audience is not None})
+    except jwt.PyJWTError as exc:
+        raise Unauthenticated(_reason(entry, exc)) from exc
+    except (TypeError, ValueError, AttributeError) as exc:  # e.g. RS256 on an EC key: the crypto library's errors
+        raise Unauthenticated(f"JWT algorithm {alg!r} does not match the key its kid names.") from exc
+    for name in ("exp", "nbf", "iat"):  # PyJWT accepts numeric strings here; RFC 7519 says NumericDate
+        if name in claims and (not isinstance(claims[name], int | float) or isinstance(claims[name], bool)):
+            raise Unauthenticated(f"JWT claim {name!r} must be a number (seconds since the epoch).")
+    return claims
+
+
+def _reason(entry: IssuerSettings, exc: jwt.PyJWTError) -> str:
+    """A 401 message that says what was wrong with the token (never what the key is)."""
+    reasons = (
+        (jwt.ExpiredSignatureError, "JWT has expired: sign in again to get a fresh one."),
+        (jwt.ImmatureSignatureError, "JWT is not valid yet (its nbf or iat is in the future)."),
+        (jwt.InvalidAudienceError, f"JWT audience does not match; this gateway accepts {entry.audience!r}."),
+        (jwt.InvalidIssuerError, f"JWT issuer does not match; this gateway accepts {entry.issuer!r}."),
+        (jwt.InvalidSignatureError, "JWT signature does not verify: the token was altered or signed by another key."),
+        (jwt.MissingRequiredClaimError, f"JWT lacks the required claim {getattr(exc, 'claim', '')!r}."),
+    )
+    return next((text for kind, text in reasons if isinstance(exc, kind)),
+                f"JWT could not be verified ({type(exc).__name__}).")
+
+
+def _either(algorithms: Sequence[str]) -> str:
+    """("RS256", "ES256") -> "RS256 or ES256"."""
+    return " or ".join(algorithms) if len(algorithms) < 3 else ", ".join(algorithms[:-1]) + " or " + algorithms[-1]
+
+
+def unverified_claims(token: str) -> dict:
+    """The claims of a JWT, signature unchecked: only to pick the issuer entry (or for `policy explain`)."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError as exc:
+        raise Unauthenticated("The credential looks like a JWT but is malformed.") from exc
+    return claims
 
 
 def _header(token: str) -> dict:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from proxy.auth_settings import AuthSettings, AuthSettingsError, load_auth
+
 DATA_DIR_ENV = "TOLLWAY_DATA_DIR"
 DEFAULT_DATA_DIR = "./data"
 
@@ -61,21 +63,6 @@ class ProviderSettings:
     """The price book's provider id for this route, when its name is not one (e.g. "groq", "mistral")."""
     deployments: dict[str, str] = field(default_factory=dict)
     """Azure: deployment name -> the model it serves, for pricing (e.g. prod-4o = "gpt-4o")."""
-
-
-@dataclass(frozen=True, slots=True)
-class JwtSettings:
-    issuer: str | None = None
-    audience: str | None = None
-    jwks_url: str | None = None
-    public_key_file: str | None = None
-    user_claim: str = "email"
-    tenant_claim: str = "org"
-    roles_claim: str = "groups"
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.issuer and (self.jwks_url or self.public_key_file))
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +117,7 @@ class Settings:
     data_dir: Path
     server: ServerSettings = field(default_factory=ServerSettings)
     providers: dict[str, ProviderSettings] = field(default_factory=dict)
-    jwt: JwtSettings = field(default_factory=JwtSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     events: EventSettings = field(default_factory=EventSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     metering: MeteringSettings = field(default_factory=MeteringSettings)
@@ -171,16 +158,25 @@ def load_settings(data_dir: Path) -> Settings:
     if unknown:
         raise SettingsError(f"{path}: unknown section(s) {sorted(unknown)}")
     auth = raw.get("auth", {})
+    if not isinstance(auth, dict):
+        raise SettingsError(f"{path}: [auth] must be a table")
     return Settings(
         data_dir=data_dir,
         server=_build(ServerSettings, raw.get("server", {}), f"{path} [server]"),
         providers=_providers(raw.get("providers", {}), path),
-        jwt=_build(JwtSettings, auth.get("jwt", {}), f"{path} [auth.jwt]"),
+        auth=_auth(auth, path),
         events=_build(EventSettings, raw.get("events", {}), f"{path} [events]"),
         limits=_build(LimitSettings, raw.get("limits", {}), f"{path} [limits]"),
         metering=_metering(raw.get("metering", {}), f"{path} [metering]"),
         pipeline=_build(PipelineSettings, raw.get("pipeline", {}), f"{path} [pipeline]"),
     )
+
+
+def _auth(raw: dict[str, Any], path: Path) -> AuthSettings:
+    try:
+        return load_auth(raw, path)
+    except AuthSettingsError as exc:
+        raise SettingsError(str(exc)) from exc
 
 
 def _metering(raw: dict[str, Any], where: str) -> MeteringSettings:

@@ -27,7 +27,7 @@ from tests.helpers import REPO, Deployment, GatewayProcess, free_port, run_cli
 
 SAMPLES = ("tollway.toml", "tenants.csv", "pricing.csv", "policy/model.conf", "policy/access.csv",
            "policy/routes.csv", "policy/limits.csv",
-           "policy/operations.csv")
+           "policy/operations.csv", "policy/identities.csv")
 
 
 class Cli:

@@ -243,7 +243,8 @@ def forged_tokens(idp: Idp) -> list[tuple[str, str, str]]:
         ("wrong-audience", idp.mint("rsa-1", aud="some-other-app"),
          f"JWT audience does not match; this gateway accepts '{AUDIENCE}'."),
         ("wrong-issuer", idp.mint("ec-1", iss="https://evil.example/"),
-         f"JWT issuer does not match; this gateway accepts '{ISSUER}'."),
+         f"JWT issuer 'https://evil.example/' is not trusted by this gateway; it accepts tokens from '{ISSUER}'. "
+         "Ask your Tollway operator to add the issuer to [[auth.issuers]]."),
         ("alg-none", unsigned, "JWT algorithm 'none' is not accepted; tokens must be signed with RS256 or ES256."),
         ("tampered-payload", tampered,
          "JWT signature does not verify: the token was altered or signed by another key."),
