@@ -14,7 +14,7 @@ from typing import Any
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import NotFoundException
 
-from proxy import forward
+from proxy import forward, websocket
 from proxy.errors import UnknownProvider
 from proxy.events import Event
 from proxy.gateway import Gateway
@@ -102,6 +102,12 @@ class GatewayApp:
         self._routes = gateway.routes
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":  # provider routes only: any other path is refused there
+            path = scope["path"]
+            end = path.find("/", 1)
+            await websocket.handle(self.gateway, self._routes.get(path[1:end] if end > 0 else path[1:]), scope,
+                                   receive, send)
+            return
         if scope["type"] == "http":
             path = scope["path"]
             end = path.find("/", 1)

@@ -15,7 +15,7 @@ Both check the key as the HTTP endpoints do (401 before the upgrade), are record
 status:CODE`` answers every ``response.create`` with an ``error`` event of that status). Test hooks: a
 client frame ``{"type": "sim.close", "code": N}`` makes the provider close the socket with code N; the
 handshake header ``x-sim-echo-key: 1`` echoes the presented key in a response header (a leaky provider).
-``app[WS_STATE_KEY]`` counts sockets opened and the close codes of those that ended.
+``app[WS_STATE_KEY]`` counts sockets opened, the close codes of those that ended and the client events' types.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ _MAX_MESSAGE = 16 * 1024 * 1024
 class WsState:
     opened: int = 0
     closed: list[int | None] = field(default_factory=list)  # the close code of each ended socket
+    received: list[str] = field(default_factory=list)  # the type of each client event, in order
 
 
 WS_STATE_KEY = web.AppKey("tollway_simulator_ws", WsState)
@@ -80,7 +81,7 @@ async def _handshake(request: web.Request, protocols: tuple[str, ...],
     return ws
 
 
-async def _events(ws: web.WebSocketResponse):
+async def _events(ws: web.WebSocketResponse, ws_state: WsState):
     """The client's JSON events until it closes (or asks the provider to close, `sim.close`)."""
     async for message in ws:
         if message.type is not WSMsgType.TEXT:
@@ -91,14 +92,33 @@ async def _events(ws: web.WebSocketResponse):
             event = None
         if not isinstance(event, dict):
             await _send_error(ws, 400, "The event is not a JSON object.", {})
-        elif event.get("type") == "sim.close":
+            continue
+        ws_state.received.append(str(event.get("type")))
+        if event.get("type") == "sim.close":
             await ws.close(code=event.get("code", 1000))
         else:
             yield event
 
 
-def _ended(request: web.Request, ws: web.WebSocketResponse) -> web.WebSocketResponse:
-    request.app[WS_STATE_KEY].closed.append(ws.close_code)
+async def _serve(request: web.Request, ws: web.WebSocketResponse, handle) -> web.WebSocketResponse:
+    """Read the client's events while `handle` answers them in order: a reply being streamed never keeps
+    the socket from noticing that the client closed (the reply then stops)."""
+    queue: asyncio.Queue[dict] = asyncio.Queue()
+
+    async def work() -> None:
+        while True:
+            try:
+                await handle(await queue.get())
+            except (ConnectionError, RuntimeError):  # the client went away mid-reply
+                return
+
+    worker = asyncio.create_task(work())
+    try:
+        async for event in _events(ws, request.app[WS_STATE_KEY]):
+            queue.put_nowait(event)
+    finally:  # also when aiohttp cancels the handler of a connection that is gone
+        request.app[WS_STATE_KEY].closed.append(ws.close_code)
+        worker.cancel()
     return ws
 
 
@@ -124,14 +144,16 @@ async def _responses(request: web.Request) -> web.StreamResponse:
     if not isinstance(ws, web.WebSocketResponse):
         return ws
     ctl = _Controls.parse(request.headers)
-    async for event in _events(ws):
+
+    async def handle(event: dict) -> None:
         if ctl.fault_status:
             await _send_error(ws, ctl.fault_status, f"Simulated error with status {ctl.fault_status}.", event)
         elif event.get("type") != "response.create":
             await _send_error(ws, 400, f"Unsupported event type {event.get('type')!r}.", event)
         else:
             await _stream_response(ws, request, ctl, event)
-    return _ended(request, ws)
+
+    return await _serve(request, ws, handle)
 
 
 async def _stream_response(ws: web.WebSocketResponse, request: web.Request, ctl: _Controls, event: dict) -> None:
@@ -162,7 +184,8 @@ async def _realtime(request: web.Request) -> web.StreamResponse:
                "output_modalities": ["text"], "instructions": None, "max_output_tokens": "inf"}
     await _send(ws, {"type": "session.created", "event_id": _event_id(state), "session": session})
     items: list[dict] = []
-    async for event in _events(ws):
+
+    async def handle(event: dict) -> None:
         kind = event.get("type")
         if kind == "session.update" and isinstance(event.get("session"), dict):
             session.update({k: v for k, v in event["session"].items() if k not in ("id", "model", "object")})
@@ -180,7 +203,8 @@ async def _realtime(request: web.Request) -> web.StreamResponse:
             await _realtime_response(ws, request, ctl, session, response.get("input", items), response)
         else:
             await _send_error(ws, 400, f"Unsupported event type {kind!r}.", event)
-    return _ended(request, ws)
+
+    return await _serve(request, ws, handle)
 
 
 async def _realtime_response(ws: web.WebSocketResponse, request: web.Request, ctl: _Controls, session: dict,

@@ -4,7 +4,8 @@ aiohttp is used because it kept its throughput flat under concurrency where http
 (see the README's performance section). Per provider: a connect timeout and a read timeout
 (the longest silence while waiting for headers or the next chunk).
 
-No aiohttp type leaves this module: `request` yields an `UpstreamResponse`. Bodies are never
+No aiohttp type leaves this module: `request` yields an `UpstreamResponse`, `websocket` returns an
+`UpstreamSocket`. Bodies are never
 decompressed behind the gateway's back: it asks for `identity`, and a provider that compresses
 anyway is inflated here in bounded steps (at most `_STEP` bytes per step, and `read` stops at its
 limit), so a 1 MB gzip that inflates to 1 GiB costs neither memory nor a stalled event loop.
@@ -12,17 +13,19 @@ limit), so a 1 MB gzip that inflates to 1 GiB costs neither memory nor a stalled
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 import aiohttp
 from yarl import URL
 
-from proxy.errors import UpstreamTimeout, UpstreamTooLarge, UpstreamUnreachable
+from proxy.errors import TollwayError, UpstreamTimeout, UpstreamTooLarge, UpstreamUnreachable
 from proxy.settings import ProviderSettings
 
 _STEP = 256 * 1024  # the most bytes inflated at once
+WS_MAX_MESSAGE = 16 * 1024 * 1024  # the largest WebSocket message relayed (as uvicorn's ws_max_size)
 #: zlib window bits per Content-Encoding: gzip, or deflate (zlib-wrapped, as RFC 9110 defines it).
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
@@ -141,6 +144,12 @@ class Upstream:
             await self._session.close()
             self._session = None
 
+    async def websocket(self, provider: ProviderSettings, url: URL, headers: list[tuple[str, str]],
+                        protocols: tuple[str, ...]) -> UpstreamSocket:
+        """Open a WebSocket to the provider (the caller closes it). Errors are translated."""
+        assert self._session is not None, "Upstream.start() was not awaited"
+        return await _ws_connect(self._session, provider, url, headers, protocols)
+
     @asynccontextmanager
     async def request(self, provider: ProviderSettings, method: str, url: URL,
                       headers: Iterable[tuple[str, str]], body: bytes | None) -> AsyncIterator[UpstreamResponse]:
@@ -158,3 +167,74 @@ class Upstream:
         except aiohttp.ClientError as exc:
             raise UpstreamUnreachable(f"The provider {provider.name!r} could not be reached "
                                       f"({type(exc).__name__}). Try again later.") from exc
+
+
+class UpstreamRefused(TollwayError):
+    """The provider answered a WebSocket handshake with an HTTP error; `status` is its status."""
+
+    outcome, kind = "upstream_error", "upstream"
+
+    def __init__(self, message: str, status: int, retry_after: str | None) -> None:
+        super().__init__(message, retry_after=int(retry_after) if retry_after and retry_after.isdigit() else None)
+        self.status = status
+
+
+class UpstreamSocket:
+    """An open WebSocket to a provider: text frames as `str`, binary as `bytes`, `None` once closed."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._ws = ws
+        self.protocol: str | None = ws.protocol  # the subprotocol the provider chose
+        response = getattr(ws, "_response", None)  # the handshake's answer (aiohttp keeps it, unexported)
+        self.raw_headers: tuple[tuple[bytes, bytes], ...] = tuple(response.raw_headers) if response else ()
+
+    @property
+    def close_code(self) -> int | None:
+        return self._ws.close_code
+
+    async def receive(self) -> str | bytes | None:
+        """The next data frame (pings are answered here), or None when the socket is closed."""
+        while True:
+            message = await self._ws.receive()
+            if message.type is aiohttp.WSMsgType.TEXT:
+                return message.data
+            if message.type is aiohttp.WSMsgType.BINARY:
+                return message.data
+            if message.type in (aiohttp.WSMsgType.PING, aiohttp.WSMsgType.PONG):
+                continue
+            return None  # CLOSE, CLOSING, CLOSED or ERROR
+
+    async def send(self, data: str | bytes) -> bool:
+        """Send one frame; False when the socket is already closed."""
+        try:
+            if isinstance(data, str):
+                await self._ws.send_str(data)
+            else:
+                await self._ws.send_bytes(data)
+        except (aiohttp.ClientError, ConnectionError, RuntimeError):
+            return False
+        return True
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        with suppress(aiohttp.ClientError, ConnectionError, TimeoutError):
+            await self._ws.close(code=code, message=reason.encode()[:123])
+
+
+async def _ws_connect(session: aiohttp.ClientSession, provider: ProviderSettings, url: URL,
+                      headers: list[tuple[str, str]], protocols: tuple[str, ...]) -> UpstreamSocket:
+    try:
+        async with asyncio.timeout(provider.connect_timeout_s + provider.read_timeout_s):
+            ws = await session.ws_connect(url, headers=headers, protocols=protocols, autoping=True,
+                                          max_msg_size=WS_MAX_MESSAGE,
+                                          timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0))
+    except aiohttp.WSServerHandshakeError as exc:
+        retry_after = exc.headers.get("retry-after") if exc.headers else None
+        raise UpstreamRefused(f"The provider {provider.name!r} refused the WebSocket with status {exc.status}.",
+                              exc.status or 502, retry_after) from exc
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise UpstreamTimeout(f"The provider {provider.name!r} did not accept the WebSocket in time. "
+                              "Try again; if it persists, check its status.") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnreachable(f"The provider {provider.name!r} could not be reached "
+                                  f"({type(exc).__name__}). Try again later.") from exc
+    return UpstreamSocket(ws)
