@@ -10,7 +10,9 @@ request caps its output).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import time
 from decimal import Decimal
 
@@ -19,6 +21,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from proxy import websocket
+from proxy.errors import Unauthenticated, UpstreamUnreachable
 from proxy.simulator_ws import WS_STATE_KEY
 from tests.helpers import SIM_KEYS, GatewayProcess, dumps
 
@@ -237,3 +241,28 @@ def test_each_side_is_closed_when_the_other_closes(ws_gateway, sim):
     with _ws(ws_gateway, "/openai/v1/realtime?model=gpt-ws-realtime", token) as ws:
         ws.recv(timeout=10)
     _wait_for(lambda: sim.app[WS_STATE_KEY].closed[-1:] == [1000])  # the client closed: so did the gateway
+
+
+def test_gateway_shutdown_closes_sockets_and_records_the_cut_response(ws_gateway, sim):
+    with _ws(ws_gateway, "/openai/v1/responses", ws_gateway.deployment.tokens["bob"],
+             headers={"x-sim-chunk-delay-ms": "500"}) as ws:
+        ws.send(_create("gpt-ws-mini", 40))
+        _until(ws, "response.output_text.delta")
+        ws_gateway.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                ws.recv(timeout=10)
+        assert closed.value.rcvd.code == 1012  # service restart: the client may reconnect
+    events = _stopped_events(ws_gateway)
+    assert [(e["outcome"], e["status_code"], e["usage_source"]) for e in events] == [("cancelled", 499, "estimated")]
+
+
+@pytest.mark.parametrize(("error", "code"), [(Unauthenticated("x" * 300), 1008), (UpstreamUnreachable("down"), 1011)])
+def test_refusal_without_the_denial_response_extension_is_a_close_with_a_reason(error, code):
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(websocket._deny({"type": "websocket", "extensions": {}}, send, None, None, error))
+    assert sent == [{"type": "websocket.close", "code": code, "reason": error.message[:123]}]
