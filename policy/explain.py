@@ -160,3 +160,56 @@ def render(x: Explanation) -> str:
         lines.append("  price: none (" + ("refused under the usd limit above: price it in pricing.csv" if
                                           x.unpriced_refused else "served and recorded with no cost") + ")")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class IdentityExplanation:
+    """Which issuer entry a JWT names and how it maps (policy/identities.csv line, or the entry itself)."""
+
+    issuer: str  # the entry's name
+    issuer_url: str
+    tenant: str | None  # None: no identity (see refusal)
+    user: str | None
+    roles: list[str]
+    decided_by: str  # "policy/identities.csv:N" | "the issuer entry" | "no identity rule matched"
+    rule: str | None  # the matching line's fields
+    refusal: str | None  # why the gateway would refuse the token (403/401 message), else None
+
+    def as_json(self) -> dict:
+        return {"issuer": self.issuer, "iss": self.issuer_url, "tenant": self.tenant, "user": self.user,
+                "roles": self.roles, "decided_by": self.decided_by, "rule": self.rule, "refusal": self.refusal,
+                "verified": False}
+
+    def render(self) -> list[str]:
+        lines = [f"JWT of issuer {self.issuer!r} ({self.issuer_url}); its signature, audience and expiry are not "
+                 "checked here"]
+        if self.refusal:
+            return lines + [f"  identity: none: {self.refusal}"]
+        lines.append(f"  identity: {self.decided_by}" + (f": {self.rule}" if self.rule else ""))
+        lines.append(f"    → tenant {self.tenant}, user {self.user}, roles {', '.join(self.roles) or 'none'}")
+        return lines
+
+
+def explain_identity(policies: PolicySet, issuers, token: str) -> IdentityExplanation:
+    """How the gateway would map this JWT (unverified: explain runs offline). Raises ValueError when the
+    token is unreadable or its issuer is not trusted, with the gateway's own wording."""
+    from proxy.errors import TollwayError
+    from proxy.identity_map import map_identity
+    from proxy.jwt_auth import unverified_claims
+
+    try:
+        claims = unverified_claims(token)
+    except TollwayError as exc:
+        raise ValueError(exc.message) from exc
+    entry = next((e for e in issuers if e.issuer == claims.get("iss")), None)
+    if entry is None:
+        trusted = ", ".join(f"{e.name} ({e.issuer})" for e in issuers) or "none"
+        raise ValueError(f"the JWT's issuer {claims.get('iss')!r} is not trusted by tollway.toml (trusted: {trusted})")
+    try:
+        identity, rule = map_identity(entry, claims, policies.files.identities)
+    except TollwayError as exc:
+        return IdentityExplanation(entry.name, entry.issuer, None, None, [], "no identity", None,
+                                   f"{exc.status} {exc.message}")
+    where = f"policy/identities.csv:{rule.line}" if rule else "the issuer entry (no line of policy/identities.csv matched)"
+    return IdentityExplanation(entry.name, entry.issuer, identity.tenant, identity.user, list(identity.roles), where,
+                               rule.as_row() if rule else None, None)
