@@ -46,7 +46,7 @@ async def identify(gw: Gateway, route: ProviderRoute, credential: str | None,
     """The caller and the policy set that governs it; the event gets its tenant, pseudonym and auth method."""
     identity = await gw.identify(credential, route.credential_hint)
     policies = gw.policies  # one policy set for the whole request, even across a reload
-    event.auth_method = identity.auth_method
+    event.auth_method, event.identity_source = identity.auth_method, identity.identity_source
     if identity.tenant not in policies.files.tenants:  # recorded with no tenant: it names none of ours
         raise UnknownTenant(f"The credential names tenant {identity.tenant!r}, which is not a tenant of this gateway. "
                             "Ask your Tollway operator to add it to tenants.csv, or for a credential of your tenant.")
