@@ -49,8 +49,9 @@ e = some(where (p.eft == allow)) && !some(where (p.eft == deny))
 [matchers]
 m = subjectMatch(r.sub, p.sub, r.dom) && (p.dom == "*" || p.dom == r.dom) && operationGlob(r.obj, p.obj, p.eft)
 """
-#: Operations a rule allows only by naming them: `*` or `openai/*` never opens the admin API.
-EXPLICIT_OPERATIONS = ("admin", "other")
+#: Operations a rule allows only by naming them: `*` or `openai/*` never opens the admin API, nor
+#: objects no tenant created through Tollway (`objects.unowned`, see `proxy.objects`).
+EXPLICIT_OPERATIONS = ("admin", "other", "objects.unowned")
 
 
 def operation_glob(operation: str, glob: str, effect: str = "allow") -> bool:

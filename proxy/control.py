@@ -35,6 +35,11 @@ CREATE TABLE IF NOT EXISTS closed_periods (period TEXT PRIMARY KEY, closed_at TE
 CREATE TABLE IF NOT EXISTS closed_statements (
     period TEXT NOT NULL, tenant TEXT NOT NULL, statement TEXT NOT NULL, PRIMARY KEY (period, tenant));
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS owned_objects (
+    provider TEXT NOT NULL, object_id TEXT NOT NULL, kind TEXT NOT NULL, tenant TEXT NOT NULL,
+    user_pseudonym TEXT, key_id TEXT, created_at TEXT NOT NULL, PRIMARY KEY (provider, object_id));
+CREATE TABLE IF NOT EXISTS metered_results (
+    provider TEXT NOT NULL, object_id TEXT NOT NULL, metered_at TEXT NOT NULL, PRIMARY KEY (provider, object_id));
 CREATE TABLE IF NOT EXISTS audit_log (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, action TEXT NOT NULL,
     actor TEXT NOT NULL, target TEXT, details TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
@@ -88,6 +93,12 @@ def utcnow() -> datetime:
 
 def iso(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def changed_at() -> str:
+    """A key's `updated_at`: to the microsecond, so that two changes within a second still differ (the
+    gateway tells its own unwritten failing mark from a later rotation by it)."""
+    return utcnow().isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class ControlStore:
@@ -152,7 +163,7 @@ class ControlStore:
                 "UPDATE provider_keys SET ciphertext=?, fingerprint=?, status='active', health='ok', updated_at=? "
                 "WHERE key_id=?",
                 (self._keyring.encrypt(secret.strip(), key_id), Secret(secret.strip()).fingerprint(),
-                 iso(utcnow()), key_id))
+                 changed_at(), key_id))
             self._audit("key.rotated", key_id, {})
         return self.get_key(key_id)
 
@@ -168,7 +179,7 @@ class ControlStore:
         """The provider refused this key: skip it until it is rotated (`keys list` shows why)."""
         with self._tx():
             self._db.execute("UPDATE provider_keys SET health=?, updated_at=? WHERE key_id=?",
-                             (f"failing: {reason}", iso(utcnow()), key_id))
+                             (f"failing: {reason}", changed_at(), key_id))
             self._audit("key.failing", key_id, {"reason": reason})
 
     def get_key(self, key_id: str) -> ProviderKey:
@@ -280,6 +291,21 @@ class ControlStore:
                                                       "charges_usd": str(total)})
         except sqlite3.IntegrityError as exc:
             raise ControlError(f"period {period} is closed already; its statements are frozen") from exc
+
+    # --- objects created through the gateway -------------------------------------------------------
+    def add_object(self, row: tuple) -> None:
+        """(provider, object_id, kind, tenant, user_pseudonym, key_id, created_at); the first owner stays."""
+        self._db.execute("INSERT OR IGNORE INTO owned_objects VALUES (?,?,?,?,?,?,?)", row)
+
+    def find_object(self, provider: str, object_id: str) -> tuple | None:
+        return self._db.execute("SELECT * FROM owned_objects WHERE provider = ? AND object_id = ?",
+                                (provider, object_id)).fetchone()
+
+    def claim_results(self, provider: str, object_id: str) -> bool:
+        """True once per (provider, object): whoever claims first meters a batch's results."""
+        cursor = self._db.execute("INSERT OR IGNORE INTO metered_results VALUES (?,?,?)",
+                                  (provider, object_id, iso(utcnow())))
+        return cursor.rowcount == 1
 
     # --- audit ---------------------------------------------------------------------------------
     def audit(self, action: str, target: str | None, details: dict) -> None:

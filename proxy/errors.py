@@ -74,6 +74,12 @@ class UnknownProvider(TollwayError):
     status, outcome, kind = 404, "bad_request", "not_found"
 
 
+class ObjectNotFound(TollwayError):
+    """Another tenant's object, or one the gateway never saw: the same answer, so existence is not confirmed."""
+
+    status, outcome, kind, code = 404, "denied", "not_found", "object_not_found"
+
+
 class BadRequest(TollwayError):
     status, outcome, kind = 400, "bad_request", "invalid_request"
 

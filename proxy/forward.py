@@ -9,11 +9,12 @@ Every request, refused ones included, ends as exactly one event.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
@@ -21,6 +22,8 @@ from urllib.parse import parse_qsl, urlencode
 import msgspec
 from yarl import URL
 
+from proxy import objects
+from proxy.batch_results import ResultLines, result_events
 from proxy.errors import (
     BadRequest,
     BodyTimeout,
@@ -35,16 +38,20 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.events import Event
+from proxy.keys import preferring
 from proxy.meter import meter, pricing_model, refuse_unpriced
 from proxy.providers.base import Adapter, CallInfo, Usage, json_decode, json_encode
 from proxy.providers.registry import CREDENTIAL_HEADERS, CREDENTIAL_QUERY_PARAMS
 from proxy.request_body import parse_json_body
 from proxy.sse import SseParser
+from proxy.uploads import ClientGone, UploadBody, boundary_of, form_field, is_streamed, read_head
 
 if TYPE_CHECKING:
     from policy.loader import PolicySet
     from proxy.gateway import Gateway, ProviderRoute
     from proxy.limits import Reservation
+    from proxy.objects import Owner
+    from proxy.providers.objects import ObjectRules
     from proxy.upstream import UpstreamResponse
 
 log = logging.getLogger("tollway.gateway")
@@ -99,6 +106,11 @@ class Call:
     recorded: bool = True
     metered: bool = False  # usage and cost written onto the event (it happens once)
     draining: bool = False  # the client left; the provider's stream is read on for its usage
+    raw: bytes = b""  # the request body as received (a JSON or empty one; uploads stream instead)
+    objects: ObjectRules | None = None  # this wire format's object rules
+    owner: Owner | None = None  # the owner of the object the call names, if it names one
+    path_id: str | None = None  # the object (or model) id in the path
+    origin: str = ""  # scheme://host as the client reached the gateway
 
     def elapsed_ms(self) -> float:
         return round((time.perf_counter() - self.started) * 1000, 3)
@@ -136,13 +148,13 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
         raise StoreUnavailable(STORE_UNAVAILABLE)
     adapter, event = route.adapter, call.event
     path = upstream_path(scope, route.name)
-    event.endpoint = f"{route.name}/{adapter.operations.name(scope['method'], path)}"
+    operation, path_id = adapter.operations.resolve(scope["method"], path)
+    event.endpoint, call.path_id = f"{route.name}/{operation}", path_id
     headers = request_headers(scope["headers"])
     query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
-    declared = headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > gw.settings.server.max_body_bytes:
-        raise BodyTooLarge(_too_large_message(gw))
-    raw = await read_body(receive, gw.settings.server.max_body_bytes, gw.settings.server.body_timeout_s, gw)
+    call.origin = f"{scope['scheme']}://{headers.get('host', '')}"
+    upload = await _read_request(gw, call, headers, receive)
+    raw = b"" if upload is not None else call.raw
 
     credential = adapter.client_credential(headers, dict(query)) or headers.get("cf-access-jwt-assertion")
     identity = await gw.identify(credential, route.credential_hint)
@@ -157,21 +169,26 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
         raise OperationDenied(f"Tenant {identity.tenant!r} may not call {event.endpoint!r}. Ask your governance lead "
                               "to allow it in policy/operations.csv.")
 
-    call.body = parse_json_body(raw)
+    call.body = parse_json_body(raw) if upload is None else None
     is_models, model_id = adapter.model_path(scope["method"], path)
     if is_models and model_id is None:
         await _serve_model_list(gw, route, call, identity, path, headers, query, send)
         return
-    info = call.info = (CallInfo(model_id, False, "models", metered=False) if is_models
-                        else adapter.inspect(scope["method"], path, call.body, raw))
-    model = f"{route.name}/{info.model}"
-    event.model, event.streamed = model, info.stream
-
-    decision = policies.policy.decide(identity.tenant, identity.subjects, model)
-    if not decision.allowed:
-        raise PolicyDenied(f"Tenant {identity.tenant!r} may not use model {model!r}. "
-                           "Ask your governance lead to allow it in policy/access.csv.")
-    keys = gw.keys.pool(decision.route, identity.tenant, route.name, model)
+    call.objects = objects.rules_for(adapter.style)
+    call.owner = await objects.check_access(gw.objects, policies, route.name, call.objects, identity, operation,
+                                            path_id, call.body)
+    info = call.info = _inspect(adapter, scope["method"], path, operation, call.body, raw, upload, is_models,
+                                model_id, headers)
+    if info.model is not None:
+        model = event.model = f"{route.name}/{info.model}"
+        event.streamed = info.stream
+        decision = policies.policy.decide(identity.tenant, identity.subjects, model)
+        if not decision.allowed:
+            raise PolicyDenied(f"Tenant {identity.tenant!r} may not use model {model!r}. "
+                               "Ask your governance lead to allow it in policy/access.csv.")
+        keys = preferring(gw.keys.pool(decision.route, identity.tenant, route.name, model), _owner_key(call))
+    else:  # files, batches, stored objects: governed by operations.csv (and ownership) alone
+        keys = gw.keys.provider_pool(policies, identity.tenant, route.name, _owner_key(call))
     limits = gw.limiter.applicable(policies, identity.tenant, identity.user, identity.subjects, event.user_pseudonym)
     priced = None
     if info.metered and gw.limiter.has_budget(limits):  # only money limits need the price before the call
@@ -186,12 +203,61 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
     url = upstream_url(route.base_url, path, [(k, v) for k, v in query if k not in CREDENTIAL_QUERY_PARAMS])
     metering = gw.settings.metering
     drain_s = metering.drain_timeout_s if metering.on_client_disconnect == "drain" else None
-    _watch_for_disconnect(call, receive, drain_s)
-    body = info.body if info.body is not None else raw
+    watch = functools.partial(_watch_for_disconnect, call, receive, drain_s)
+    if upload is None:
+        watch()
+        body = info.body if info.body is not None else raw
+    else:  # the body is still arriving: watch for the client leaving once it has all been read
+        upload.on_end = watch
+        body, keys = upload, keys[:1]  # a streamed body cannot be sent twice: no failover
     await _forward_with_failover(gw, route, call, keys, scope["method"], url, headers, body,
                                  send if drain_s is None else _unless_draining(call, send))
     if call.draining:  # the provider's response was read to its end for its usage; the client had left
         event.outcome, event.status_code = "cancelled", _CLIENT_GONE_STATUS
+
+
+def _inspect(adapter: Adapter, method: str, path: str, operation: str, body: dict | None, raw: bytes,
+             upload: UploadBody | None, is_models: bool, model_id: str | None, headers: dict[str, str]) -> CallInfo:
+    """What the request is: a model call (model, stream flag, upstream body) or, with no model, an object call."""
+    if is_models:
+        return CallInfo(model_id, False, "models", metered=False)
+    if operation not in adapter.model_operations:
+        model = body.get("model") if isinstance(body, dict) else None  # e.g. moderations: optional
+        return CallInfo(model.strip() if isinstance(model, str) and model.strip() else None, False, operation,
+                        metered=False)
+    if upload is None:
+        return adapter.inspect(method, path, body, raw)
+    boundary = boundary_of(headers.get("content-type", ""))
+    model = form_field(upload.head, boundary, "model") if boundary else None
+    if model is None:
+        raise BadRequest(f"{operation} needs a \"model\" form field, sent before the file "
+                         "(the official SDKs do), e.g. model=whisper-1.")
+    return CallInfo(model, False, operation)
+
+
+def _owner_key(call: Call) -> str | None:
+    return call.owner.key_id if call.owner is not None else None
+
+
+async def _read_request(gw: Gateway, call: Call, headers: dict[str, str], receive) -> UploadBody | None:
+    """A JSON (or empty) body read whole into `call.raw`; any other body left streaming (an `UploadBody`)."""
+    server = gw.settings.server
+    declared = headers.get("content-length", "")
+    if not is_streamed(headers.get("content-type")):
+        if declared.isdigit() and int(declared) > server.max_body_bytes:
+            raise BodyTooLarge(_too_large_message(gw))
+        call.raw = await read_body(receive, server.max_body_bytes, server.body_timeout_s, gw)
+        return None
+    too_large = (f"The upload is larger than this gateway accepts ({server.max_upload_bytes} bytes). Send less, "
+                 "or ask the operator to raise [server] max_upload_bytes.")
+    if declared.isdigit() and int(declared) > server.max_upload_bytes:
+        raise BodyTooLarge(too_large)
+    try:
+        head, more = await read_head(receive, server.max_upload_bytes, server.body_timeout_s, too_large)
+    except ClientGone as exc:
+        raise ClientDisconnected from exc
+    return UploadBody(receive, head, more, len(head), server.max_upload_bytes, server.body_timeout_s,
+                      lambda: None, too_large)
 
 
 async def _forward_with_failover(gw: Gateway, route: ProviderRoute, call: Call, keys: list, method: str,
@@ -204,7 +270,7 @@ async def _forward_with_failover(gw: Gateway, route: ProviderRoute, call: Call, 
         last = attempt == len(keys)
         upstream_started = time.perf_counter()
         try:
-            async with gw.upstream.request(route.settings, method, url, _upstream_headers(headers, adapter, key),
+            async with gw.upstream.request(route.settings, method, url, _upstream_headers(headers, adapter, key, body),
                                            body) as response:
                 status = response.status
                 gw.keys.answered(key, status, response.header("retry-after") if status == 429 else None)
@@ -214,17 +280,21 @@ async def _forward_with_failover(gw: Gateway, route: ProviderRoute, call: Call, 
                 event.status_code = status
                 event.outcome = "ok" if status < 400 else "upstream_error"
                 response_headers = _response_headers(response.raw_headers, event.event_id, key)
-                if response.content_type == "text/event-stream":
-                    await _relay_stream(call, adapter, response, response_headers, send,
+                if status == 200 and _reads_results(call):
+                    await _relay_results(gw, route, call, response, response_headers, send)
+                elif response.content_type == "text/event-stream":
+                    await _relay_stream(gw, route, call, response, response_headers, send,
                                         gw.settings.server.max_sse_event_bytes)
                 elif _is_json(response.content_type):
-                    await _relay_body(call, route, response, response_headers, send,
+                    await _relay_body(gw, call, route, response, response_headers, send,
                                       gw.settings.server.max_response_bytes)
                 else:  # files, audio, HTML error pages: nothing to meter, so nothing to hold
                     await _relay_raw(call, response, response_headers, send)
                 event.upstream_ms = round((time.perf_counter() - upstream_started) * 1000, 3)
                 return
         except (UpstreamUnreachable, UpstreamTimeout) as err:
+            if isinstance(body, UploadBody) and body.error is not None:  # the client's side failed, not the provider
+                raise (ClientDisconnected() if isinstance(body.error, ClientGone) else body.error) from err
             gw.keys.failed(key, err.outcome)
             if last or call.response_started:
                 raise
@@ -279,12 +349,15 @@ async def _send_json(call: Call, status: int, payload: Any, send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _upstream_headers(headers: dict[str, str], adapter: Adapter, key) -> list[tuple[str, str]]:
+def _upstream_headers(headers: dict[str, str], adapter: Adapter, key, body: Any = None) -> list[tuple[str, str]]:
     """The client's headers minus credentials, hop-by-hop and routing headers (including any the
-    client names in `Connection`, RFC 9110 7.6.1), plus the routed key."""
+    client names in `Connection`, RFC 9110 7.6.1), plus the routed key. A streamed upload keeps the
+    length its client declared (the provider may need it; the body is not re-counted here)."""
     named = {n.strip().lower() for n in headers["connection"].split(",")} if "connection" in headers else ()
     out = [(k, v) for k, v in headers.items()
            if k not in _DROP_REQUEST_HEADERS and not k.startswith("x-forwarded-") and k not in named]
+    if isinstance(body, UploadBody) and headers.get("content-length", "").isdigit():
+        out.append(("content-length", headers["content-length"]))
     return out + adapter.key_headers(key.secret)
 
 
@@ -292,8 +365,8 @@ def _is_json(content_type: str) -> bool:
     return content_type == "application/json" or content_type.endswith("+json")
 
 
-async def _relay_body(call: Call, route: ProviderRoute, response: UpstreamResponse, headers: list, send,
-                      limit: int) -> None:
+async def _relay_body(gw: Gateway, call: Call, route: ProviderRoute, response: UpstreamResponse, headers: list,
+                      send, limit: int) -> None:
     """A JSON answer, read whole (at most `limit` bytes) for its usage and its cost header."""
     body = await response.read(limit)
     if response.status < 400 and body:
@@ -302,7 +375,10 @@ async def _relay_body(call: Call, route: ProviderRoute, response: UpstreamRespon
         except (msgspec.DecodeError, RecursionError):
             payload = None
         if payload is not None:
-            call.usage, call.estimate_output_chars = route.adapter.read_body(payload)
+            if call.info.metered:
+                call.usage, call.estimate_output_chars = route.adapter.read_body(payload)
+            if call.objects is not None:
+                body = await _observe_objects(gw, route, call, payload) or body
     meter(call, route)  # now, so that the response can say what it cost
     if call.event.cost_usd is not None:
         headers.append((COST_HEADER, f"{call.event.cost_usd:f}".encode()))  # never 1.2E-8
@@ -313,8 +389,10 @@ async def _relay_body(call: Call, route: ProviderRoute, response: UpstreamRespon
     await send({"type": "http.response.body", "body": body})
 
 
-async def _relay_raw(call: Call, response: UpstreamResponse, headers: list, send) -> None:
-    """Any other body, passed on as it arrives (its length kept when it is not decoded here)."""
+async def _relay_raw(call: Call, response: UpstreamResponse, headers: list, send, tee=None, before_end=None) -> None:
+    """Any other body, passed on as it arrives (its length kept when it is not decoded here); `tee`
+    sees each chunk too, and `before_end` is awaited before the last (empty) piece: once a response is
+    complete the server reports the client gone, and the request's task is cancelled."""
     length = None if response.decoded else response.header("content-length")
     if length is not None:
         headers.append((b"content-length", length.encode("latin-1")))
@@ -323,14 +401,18 @@ async def _relay_raw(call: Call, response: UpstreamResponse, headers: list, send
     async for chunk in response.chunks():
         if call.event.ttfb_ms is None:
             call.event.ttfb_ms = call.elapsed_ms()
+        if tee is not None:
+            tee(chunk)
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    if before_end is not None:
+        await before_end()
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _relay_stream(call: Call, adapter: Adapter, response: UpstreamResponse, headers: list, send,
-                        max_event_bytes: int) -> None:
+async def _relay_stream(gw: Gateway, route: ProviderRoute, call: Call, response: UpstreamResponse, headers: list,
+                        send, max_event_bytes: int) -> None:
     """Pass each chunk on as it arrives; read usage from complete events on the side."""
-    tap = adapter.stream_tap(call.info)
+    tap = route.adapter.stream_tap(call.info)
     call.usage, call.estimate_output_chars = tap.usage, 0  # filled in as events pass: a cut stream keeps them
     parser = SseParser(max_event_bytes)
     filtering = tap.hide_usage_event
@@ -351,7 +433,62 @@ async def _relay_stream(call: Call, adapter: Adapter, response: UpstreamResponse
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     tail = b"".join(e.raw for e in parser.close() if e.unread or tap.feed(e))  # a last event without its blank line
     call.estimate_output_chars = tap.text_chars
+    if tap.object_id is not None and call.objects is not None:  # a stored response, named in its first event
+        _record_created(gw, route, call, tap.object_id)
     await send({"type": "http.response.body", "body": tail if filtering else b"", "more_body": False})
+
+
+async def _observe_objects(gw: Gateway, route: ProviderRoute, call: Call, payload: Any) -> bytes | None:
+    """Record the object a create call made; filter a list to the caller's tenant (its new body);
+    make a batch's result files the batch's owner's."""
+    rules, operation = call.objects, call.event.endpoint.partition("/")[2]
+    if rules.creates_object(operation, call.body):
+        created = rules.created_id(operation, payload)
+        if created is not None:
+            _record_created(gw, route, call, created)
+    items_key = rules.list_items(operation)
+    public = f"{call.origin}/{route.name}"
+    rewritten = rules.url_fields and objects.rewrite_urls(payload, rules.url_fields, items_key,
+                                                          str(route.base_url).rstrip("/"), public)
+    if items_key is not None:
+        return json_encode(await objects.filter_list(gw.objects, route.name, items_key, payload, call.event.tenant))
+    if call.owner is not None and call.owner.kind == "batch" and isinstance(payload, dict):
+        for name in rules.result_files:
+            file_id = objects.object_id(payload.get(name))
+            if file_id is not None:
+                gw.objects.record(route.name, file_id, replace(call.owner, kind=objects.BATCH_RESULTS))
+    return json_encode(payload) if rewritten else None
+
+
+def _record_created(gw: Gateway, route: ProviderRoute, call: Call, object_id: str) -> None:
+    kind = call.objects.kind_of(call.event.endpoint.partition("/")[2])
+    gw.objects.record(route.name, object_id, objects.Owner(call.event.tenant, call.event.user_pseudonym,
+                                                           call.event.key_id, kind))
+
+
+def _reads_results(call: Call) -> bool:
+    """A download of batch results that Tollway meters: the batch's result file, or Anthropic's results."""
+    owner, operation = call.owner, call.event.endpoint.partition("/")[2]
+    return owner is not None and ((owner.kind == objects.BATCH_RESULTS and operation == "files.content")
+                                  or operation == call.objects.results)
+
+
+async def _relay_results(gw: Gateway, route: ProviderRoute, call: Call, response: UpstreamResponse, headers: list,
+                         send) -> None:
+    """Relay the results unchanged, reading each line; meter them once the whole file went through."""
+    lines = ResultLines()
+
+    async def meter_results() -> None:
+        lines.close()
+        if not await gw.objects.claim_results(route.name, call.path_id):
+            return  # read before: metered then
+        for event in result_events(lines.answers, route.adapter, route.name, call.path_id, call.owner,
+                                   call.event.billing_mode, call.policies.prices, route.book_provider):
+            await gw.limiter.charge(event)
+            gw.recorder.record(event)
+            gw.metrics.observe(event)
+
+    await _relay_raw(call, response, headers, send, lines.feed, meter_results)
 
 
 async def _finish(gw: Gateway, route: ProviderRoute, call: Call) -> None:

@@ -32,6 +32,7 @@ from proxy.keys import KeyPools
 from proxy.limiter import Limiter, alert_details, alert_key, log_alert, rebuild_counters
 from proxy.limits import Alert, MemoryLimitStore, Refusal, Scope
 from proxy.metrics import Metrics
+from proxy.objects import ObjectRegistry
 from proxy.overrides import is_glob
 from proxy.pricebook import book_provider
 from proxy.providers.base import Adapter
@@ -64,6 +65,7 @@ class Gateway:
         self.store = store  # event-loop side: start-up reads only
         self.control = control
         self.control_writer: ControlWriter | None = None
+        self.objects: ObjectRegistry | None = None  # who created each provider object (from `start`)
         self.policies = policies  # replaced whole on reload; read once per request
         self.policy_error: str | None = None  # the last refused edit, until a valid set loads
         self._keyring = keyring
@@ -113,8 +115,8 @@ class Gateway:
                                       batch_size=events.batch_size, max_buffered=events.max_buffered,
                                       fail_closed=events.fail_closed,
                                       rejected_path=self.settings.data_dir / "rejected-events.jsonl")
-        self.control_writer = ControlWriter(
-            lambda: ControlStore(self.settings.control_db, self._keyring, actor="gateway"))
+        self.control_writer = ControlWriter(self._open_control)
+        self.objects = ObjectRegistry(self._open_control, self.control_writer)
         await self.upstream.start()
         self.reports = ReportSchedule(self._build_reports, self.settings.reports_dir,
                                       self.settings.pipeline.report_interval_s)
@@ -141,8 +143,13 @@ class Gateway:
             self.recorder.close()
         if self.control_writer is not None:
             await asyncio.to_thread(self.control_writer.close)
+        if self.objects is not None:
+            self.objects.close()
         if self._events_db is not None:
             self._events_db.close()
+
+    def _open_control(self) -> ControlStore:
+        return ControlStore(self.settings.control_db, self._keyring, actor="gateway")
 
     async def identify(self, credential: str | None, hint: str) -> Identity:
         """A gateway token (`tw_…`) or, when issuers are configured, a JWT of one (mapped through identities.csv)."""

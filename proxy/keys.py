@@ -68,13 +68,22 @@ class KeyPools:
 
     def listing_key(self, policies: PolicySet, tenant: str, provider: str) -> ProviderKey | None:
         """A key that may list this provider's models for the tenant: the first usable one of its routes."""
-        for route in policies.files.routes:
-            if route.tenant in (tenant, "*") and (route.model_glob.startswith(f"{provider}/")
-                                                   or route.model_glob[:1] in ("*", "?")):
-                healthy = [k for k in self.usable(route, tenant, provider) if k.health == "ok"]
-                if healthy:
-                    return healthy[0]
+        for route in _provider_routes(policies, tenant, provider):
+            healthy = [k for k in self.usable(route, tenant, provider) if k.health == "ok"]
+            if healthy:
+                return healthy[0]
         return None
+
+    def provider_pool(self, policies: PolicySet, tenant: str, provider: str, prefer: str | None = None
+                      ) -> list[ProviderKey]:
+        """Keys for a call that names no model (files, batches, stored objects): the first of the tenant's
+        routes for this provider that has a usable key. `prefer`: the key that created the object the
+        call is about, tried first (an object lives in the provider account of the key that made it)."""
+        for route in _provider_routes(policies, tenant, provider):
+            if self.usable(route, tenant, provider):
+                return preferring(self.pool(route, tenant, provider, f"{provider}/*"), prefer)
+        raise NoRoute(f"No key route for tenant {tenant!r} serves provider {provider!r}. "
+                      "Ask your governance lead to add one to policy/routes.csv.")
 
     def answered(self, key: ProviderKey, status: int, retry_after: str | None) -> None:
         """What the provider's status says about the key."""
@@ -111,3 +120,16 @@ class KeyPools:
             seconds = 1.0
         self._cooling[key.key_id] = time.monotonic() + min(max(seconds, 0.1), _MAX_COOL_DOWN_S)
         self._metrics.key_failures.labels(key.key_id, "429").inc()
+
+
+def preferring(pool: list[ProviderKey], key_id: str | None) -> list[ProviderKey]:
+    """The pool with `key_id` first, when it is in it."""
+    if key_id is None or not pool or pool[0].key_id == key_id:
+        return pool
+    return sorted(pool, key=lambda k: k.key_id != key_id)
+
+
+def _provider_routes(policies: PolicySet, tenant: str, provider: str) -> list[RouteRule]:
+    """The tenant's routes whose model glob can match some model of `provider`, in file order."""
+    return [r for r in policies.files.routes if r.tenant in (tenant, "*")
+            and (r.model_glob.startswith(f"{provider}/") or r.model_glob[:1] in ("*", "?"))]

@@ -138,6 +138,14 @@ class Limiter:
                 for threshold in crossed_thresholds(before, after, lim.limit_units):
                     self._alert(Alert(lim, threshold, window_start(window, reservation.at), usd_value(after)))
 
+    async def charge(self, event: Event) -> None:
+        """Count usage that needed no admission (a batch's results, billed when they are read) against
+        the tenant's and user's windows: no check (the provider already served it), no request counted."""
+        scopes = (Scope(event.tenant, None), Scope(event.tenant, event.user_pseudonym))
+        reservation = await self.store.reserve([], scopes, Amounts(0, 0, Decimal(0)), event.ts)
+        tokens = (event.input_tokens or 0) + (event.output_tokens or 0)
+        await self.store.settle(reservation, Amounts(0, tokens, event.cost_usd or Decimal(0)))
+
     def _alert(self, alert: Alert) -> None:
         key = (alert.limit.rule.line, alert.limit.scope, alert.limit.rule.window, alert.window_start, alert.threshold)
         if key in self._alerted:

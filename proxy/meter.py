@@ -15,8 +15,10 @@ from proxy.errors import ModelUnpriced
 from proxy.providers.base import Usage, estimate_tokens, text_chars
 
 if TYPE_CHECKING:
+    from proxy.events import Event
     from proxy.forward import Call
     from proxy.gateway import ProviderRoute
+    from proxy.metering import Prices
 
 
 def pricing_model(route: ProviderRoute, model: str) -> str:
@@ -40,13 +42,19 @@ def meter(call: Call, route: ProviderRoute) -> None:
     usage, event.usage_source = metered_usage(call)
     if event.usage_source == "none":
         return
+    price_usage(event, usage, call.policies.prices, route.name, pricing_model(route, call.info.model),
+                route.book_provider)
+
+
+def price_usage(event: Event, usage: Usage, prices: Prices, provider: str, model: str,
+                book_provider: str | None) -> None:
+    """Write the usage, its exact cost and what it was priced at onto the event."""
     event.input_tokens, event.output_tokens = usage.input_tokens, usage.output_tokens
     event.cached_input_tokens, event.cache_write_tokens = usage.cached_input_tokens, usage.cache_write_tokens
     event.reasoning_tokens, event.cache_write_1h_tokens = usage.reasoning_tokens, usage.cache_write_1h_tokens
     event.input_audio_tokens, event.output_audio_tokens = usage.input_audio_tokens, usage.output_audio_tokens
     event.web_search_calls, event.service_tier = usage.web_search_calls, usage.service_tier
-    event.cost_usd, priced = call.policies.prices.cost(route.name, pricing_model(route, call.info.model),
-                                                       route.book_provider, event.ts, usage)
+    event.cost_usd, priced = prices.cost(provider, model, book_provider, event.ts, usage)
     if priced is not None:
         event.priced_model, event.price_source = priced.model, priced.source
 

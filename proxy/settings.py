@@ -45,6 +45,9 @@ class ServerSettings:
     other bodies (files, audio) pass through unbuffered and are not capped."""
     max_sse_event_bytes: int = 16 * 1024 * 1024
     """Largest server-sent event read for usage; a longer one is passed on to the client unread."""
+    max_upload_bytes: int = 1024 * 1024 * 1024
+    """Largest non-JSON request body (multipart uploads, audio, file bytes), streamed to the provider
+    without being held; larger ones get 413."""
 
 
 @dataclass(frozen=True, slots=True)

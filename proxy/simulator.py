@@ -1075,6 +1075,8 @@ async def _answer(
         presented = provider.credential(request)
         if presented != expected:
             return _error(provider, 401, "Invalid API key provided." if presented else "No API key provided.")
+    if handler == provider.not_found:  # an unknown URL is that, whatever its body
+        return _error(provider, 404, f"Unknown request URL: {request.method} {request.path}")
     if not well_formed:
         return _error(provider, 400, "The request body is not valid JSON.")
     if request.method == "POST" and body is None:
@@ -1162,6 +1164,9 @@ def create_sim_app(keys: dict[str, str] | None = None, *, record: bool = True,
     from proxy.simulator_ws import add_websocket_routes  # it imports this module
 
     add_websocket_routes(app)
+    from proxy.simulator_objects import add_object_routes  # it imports this module, too
+
+    add_object_routes(app)
     for provider in PROVIDERS:
         router.add_route("*", provider.prefix + "/{tail:.*}", _endpoint(provider, provider.not_found))
     app.on_shutdown.append(_on_shutdown)

@@ -77,6 +77,7 @@ class AnthropicAdapter(Adapter):
     credential_headers = ("authorization", "x-api-key")  # Claude Code may send both, x-api-key stale
     key_header = "x-api-key"
     max_output_paths = (("max_tokens",),)
+    model_operations = frozenset({"messages.create", "messages.count_tokens", "completions.create"})
     error_types = {
         "authentication": "authentication_error", "permission": "permission_error",
         "not_found": "not_found_error", "invalid_request": "invalid_request_error",

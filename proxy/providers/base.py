@@ -95,6 +95,7 @@ class StreamTap(ABC):
         self.usage = Usage()
         self.text_chars = 0
         self.hide_usage_event = hide_usage_event
+        self.object_id: str | None = None  # the id of an object the stream created (a stored response)
 
     def feed(self, event: SseEvent) -> bool:
         """Read one event; return False when it must not reach the client."""
@@ -125,6 +126,9 @@ class Adapter(ABC):
     key_prefix: ClassVar[str] = ""  # e.g. "Bearer "
     credential_query_params: ClassVar[tuple[str, ...]] = ()
     operations: ClassVar[OperationTable]  # method and path -> the operation's name
+    #: Operations whose requests name a model (in the JSON body, a form field or the path); any other
+    #: operation (files, batches, stored objects) is governed by operations.csv and ownership alone.
+    model_operations: ClassVar[frozenset[str]]
     error_types: ClassVar[dict[str, str]]  # TollwayError.kind -> the provider's error type/status
     #: Where a request body caps its output, first found wins.
     max_output_paths: ClassVar[tuple[tuple[str, ...], ...]] = ()

@@ -80,6 +80,8 @@ class GeminiAdapter(Adapter):
     credential_query_params = ("key",)
     key_header = "x-goog-api-key"
     max_output_paths = (("generationConfig", "maxOutputTokens"), ("generation_config", "max_output_tokens"))
+    model_operations = frozenset({"generate_content", "generate_content_stream", "count_tokens", "embed_content",
+                                  "batch_embed_contents", "batches.create"})
 
     def inspect(self, method: str, path: str, body: dict | None, raw: bytes) -> CallInfo:
         match = _MODEL_CALL.search(path)
@@ -88,7 +90,9 @@ class GeminiAdapter(Adapter):
         if body is None:
             raise BadRequest("The request body must be a JSON object.")
         model, verb = match.groups()
-        return CallInfo(model, verb == "streamGenerateContent", verb, metered=verb != "countTokens")
+        # a batch's submit costs nothing: its results are metered when read (`proxy.batch_results`)
+        return CallInfo(model, verb == "streamGenerateContent", verb,
+                        metered=verb not in ("countTokens", "batchGenerateContent"))
 
     def usage_from_body(self, payload: Any) -> Usage:
         if isinstance(payload, list):  # streamGenerateContent without alt=sse: an array of chunks

@@ -69,6 +69,9 @@ def usage_from_response(payload: dict) -> Usage:
 class OpenAIStreamTap(StreamTap):
     def on_payload(self, event_name: str | None, payload: dict) -> bool:
         kind = payload.get("type") or event_name
+        if kind == "response.created":
+            self.object_id = str_or_none(dig(payload, "response", "id"))
+            return True
         if kind in _RESPONSE_DONE:
             response = payload.get("response")
             self.usage.merge(usage_from_response(response if isinstance(response, dict) else {}))
@@ -99,6 +102,10 @@ class OpenAIAdapter(Adapter):
     key_header = "authorization"
     key_prefix = "Bearer "
     max_output_paths = (("max_completion_tokens",), ("max_tokens",), ("max_output_tokens",))
+    model_operations = frozenset({
+        "chat.completions.create", "completions.create", "responses.create", "responses.input_tokens.count",
+        "embeddings.create", "images.generate", "images.edit", "images.create_variation", "audio.speech.create",
+        "audio.transcriptions.create", "audio.translations.create", "realtime.sessions.create"})
     error_types = {
         "authentication": "invalid_request_error", "permission": "permission_error",
         "not_found": "invalid_request_error", "invalid_request": "invalid_request_error",

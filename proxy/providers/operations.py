@@ -17,6 +17,7 @@ anything else is `other` (policy refuses both unless a rule names them).
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
 OTHER, ADMIN = "other", "admin"
 _CACHE_LIMIT = 10_000
@@ -34,15 +35,23 @@ class OperationTable:
         self._patterns: list[tuple[str, re.Pattern[str], str]] = []
         for method, template, name in rules:
             if "{}" in template or template.endswith("/**"):
-                body = re.escape(template.removesuffix("/**")).replace(r"\{\}", "[^/]+")
+                body = re.escape(template.removesuffix("/**")).replace(r"\{\}", "([^/]+)")
                 rest = "(?:/.*)?" if template.endswith("/**") else ""
                 self._patterns.append((method, re.compile(f"{body}{rest}"), name))
             else:
                 self._static[method, template] = name
-        self._cache: dict[tuple[str, str], str] = {}
+        self._cache: dict[tuple[str, str], tuple[str, str | None]] = {}
 
     def name(self, method: str, path: str) -> str:
         """The operation of `method path` (the path as sent upstream, without the query)."""
+        return self.resolve(method, path)[0]
+
+    def resolve(self, method: str, path: str) -> tuple[str, str | None]:
+        """The operation and the path's first `{}` segment (an object or model id), if any.
+
+        >>> OPENAI.resolve("GET", "/v1/files/file-abc/content")
+        ('files.content', 'file-abc')
+        """
         key = (method, path)
         found = self._cache.get(key)
         if found is None:
@@ -55,17 +64,17 @@ class OperationTable:
         """The path without its version prefix, e.g. `/v1/files` -> `/files`."""
         return self._versions.sub("", path, count=1) if self._versions else path
 
-    def _resolve(self, method: str, path: str) -> str:
+    def _resolve(self, method: str, path: str) -> tuple[str, str | None]:
         path = path.rstrip("/") or "/"
         if any(path == p or path.startswith(p + "/") for p in self._admin):
-            return ADMIN
+            return ADMIN, None
         found = self._static.get((method, path))
         if found is not None:
-            return found
+            return found, None
         for rule_method, pattern, name in self._patterns:
-            if rule_method == method and pattern.fullmatch(path):
-                return name
-        return OTHER
+            if rule_method == method and (match := pattern.fullmatch(path)):
+                return name, unquote(match.group(1)) if match.groups() else None
+        return OTHER, None
 
 
 def _crud(base: str, name: str, *, update: str | None = "POST") -> tuple[tuple[str, str, str], ...]:
