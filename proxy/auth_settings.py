@@ -27,6 +27,7 @@ from proxy.durations import EXAMPLES, parse_duration
 SUPPORTED_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
 DEFAULT_ALGORITHMS = ("RS256", "ES256")
 LEGACY_NAME = "sso"
+MAX_EXCHANGE_TTL = timedelta(days=30)  # exchanged tokens are meant to be short-lived
 _ENTRY_KEYS = ("name", "issuer", "audience", "jwks_url", "public_key_file", "algorithms", "user_claim",
                "tenant_claim", "tenant", "roles_claim", "roles")
 
@@ -171,4 +172,7 @@ def _ttl(text: Any, where: str) -> timedelta:
     ttl = parse_duration(text) if isinstance(text, str) else None
     if ttl is None or ttl <= timedelta(0):
         raise AuthSettingsError(f"{where}: exchange_ttl {text!r} must be a duration, {EXAMPLES}")
+    if ttl > MAX_EXCHANGE_TTL:
+        raise AuthSettingsError(f"{where}: exchange_ttl {text!r} is longer than 30d; exchanged tokens are meant to "
+                                "be short-lived (use `tollway tokens create` for a long-lived one)")
     return ttl

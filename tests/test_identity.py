@@ -509,6 +509,7 @@ def test_identities_csv_problems_carry_file_and_line(tmp_path):
      'audience = "a"\njwks_url = "u"\n', "[auth]: two issuer entries share the issuer 'https://i'"),
     ('[auth]\nexchange_ttl = "an hour"\n', "[auth]: exchange_ttl 'an hour' must be a duration, e.g. 30s, 5m, 1h"),
     ('[auth]\nexchange = "1h"\n', "[auth]: unknown key(s) ['exchange']"),
+    ('[auth]\nexchange_ttl = "5w"\n', "[auth]: exchange_ttl '5w' is longer than 30d"),
 ])
 def test_issuer_settings_are_validated_by_name(tmp_path, toml, message):
     (tmp_path / "tollway.toml").write_text(toml)
