@@ -17,34 +17,30 @@ import uuid
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 import msgspec
 from yarl import URL
 
-from proxy import objects
+from proxy import admission, objects
 from proxy.batch_results import ResultLines, result_events
 from proxy.errors import (
     BadRequest,
     BodyTimeout,
     BodyTooLarge,
     InternalError,
-    OperationDenied,
-    PolicyDenied,
-    StoreUnavailable,
     TollwayError,
-    UnknownTenant,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
 from proxy.events import Event
 from proxy.keys import preferring
-from proxy.meter import meter, pricing_model, refuse_unpriced
+from proxy.meter import meter
 from proxy.providers.base import Adapter, CallInfo, Usage, json_decode, json_encode
 from proxy.providers.registry import CREDENTIAL_HEADERS, CREDENTIAL_QUERY_PARAMS
 from proxy.request_body import parse_json_body
 from proxy.sse import SseParser
-from proxy.uploads import ClientGone, UploadBody, boundary_of, form_field, is_streamed, read_head
+from proxy.uploads import ClientGone, UploadBody, boundary_of, form_field, read_head
 
 if TYPE_CHECKING:
     from policy.loader import PolicySet
@@ -71,9 +67,6 @@ _DROP_RESPONSE_HEADERS = frozenset({
     "proxy-authenticate", "trailer", "upgrade",
 })
 _CLIENT_GONE_STATUS = 499  # as nginx logs it: the client closed the request
-STORE_UNAVAILABLE = ("Tollway cannot record usage right now (its event store cannot be written) and refuses "
-                     "requests rather than serve unmetered traffic. Retry shortly; operators: see the gateway log "
-                     "and /readyz (disk space and permissions of events.duckdb).")
 INTERNAL_ERROR = ("Tollway failed to handle this request (an internal error, logged with its x-tollway-request-id). "
                   "Retry; if it persists, give the request id to your Tollway operator.")
 
@@ -140,65 +133,40 @@ async def handle(gw: Gateway, route: ProviderRoute, scope: dict, receive, send) 
             await _send_error(call, route.adapter, InternalError(INTERNAL_ERROR), send)
     finally:
         call.done = True
-        await _finish(gw, route, call)
+        await admission.finish(gw, route, call)
 
 
 async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, receive, send) -> None:
-    if not gw.recorder.accepting:
-        raise StoreUnavailable(STORE_UNAVAILABLE)
+    admission.check_store(gw)
     adapter, event = route.adapter, call.event
     path = upstream_path(scope, route.name)
-    operation, path_id = adapter.operations.resolve(scope["method"], path)
-    event.endpoint, call.path_id = f"{route.name}/{operation}", path_id
+    operation, call.path_id = adapter.operations.resolve(scope["method"], path)
+    event.endpoint = f"{route.name}/{operation}"
     headers = request_headers(scope["headers"])
     query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
     call.origin = f"{scope['scheme']}://{headers.get('host', '')}"
-    upload = await _read_request(gw, call, headers, receive)
+    upload = await _read_request(gw, adapter, call, headers, receive)
     raw = b"" if upload is not None else call.raw
+    call.objects = objects.rules_for(adapter.style)
+    session = dict(query).get(call.objects.session_param) if call.objects.session_param else None
 
     credential = adapter.client_credential(headers, dict(query)) or headers.get("cf-access-jwt-assertion")
-    identity = await gw.identify(credential, route.credential_hint)
-    policies = call.policies = gw.policies  # one policy set for the whole request, even across a reload
-    event.auth_method, event.identity_source = identity.auth_method, identity.identity_source
-    if identity.tenant not in policies.files.tenants:  # recorded with no tenant: it names none of ours
-        raise UnknownTenant(f"The credential names tenant {identity.tenant!r}, which is not a tenant of this gateway. "
-                            "Ask your Tollway operator to add it to tenants.csv, or for a credential of your tenant.")
-    event.tenant = identity.tenant
-    event.user_pseudonym = gw.pseudonymize(identity.tenant, identity.user)
-    if not policies.policy.decide_operation(identity.tenant, identity.subjects, event.endpoint).allowed:
-        raise OperationDenied(f"Tenant {identity.tenant!r} may not call {event.endpoint!r}. Ask your governance lead "
-                              "to allow it in policy/operations.csv.")
-
-    call.body = parse_json_body(raw) if upload is None else None
-    is_models, model_id = adapter.model_path(scope["method"], path)
-    if is_models and model_id is None:
-        await _serve_model_list(gw, route, call, identity, path, headers, query, send)
-        return
-    call.objects = objects.rules_for(adapter.style)
-    call.owner = await objects.check_access(gw.objects, policies, route.name, call.objects, identity, operation,
-                                            path_id, call.body)
-    info = call.info = _inspect(adapter, scope["method"], path, operation, call.body, raw, upload, is_models,
-                                model_id, headers)
-    if info.model is not None:
-        model = event.model = f"{route.name}/{info.model}"
-        event.streamed = info.stream
-        decision = policies.policy.decide(identity.tenant, identity.subjects, model)
-        if not decision.allowed:
-            raise PolicyDenied(f"Tenant {identity.tenant!r} may not use model {model!r}. "
-                               "Ask your governance lead to allow it in policy/access.csv.")
-        keys = preferring(gw.keys.pool(decision.route, identity.tenant, route.name, model), _owner_key(call))
-    else:  # files, batches, stored objects: governed by operations.csv (and ownership) alone
-        keys = gw.keys.provider_pool(policies, identity.tenant, route.name, _owner_key(call))
-    limits = gw.limiter.applicable(policies, identity.tenant, identity.user, identity.subjects, event.user_pseudonym)
-    priced = None
-    if info.metered and gw.limiter.has_budget(limits):  # only money limits need the price before the call
-        priced = policies.prices.price(route.name, pricing_model(route, info.model), route.book_provider, event.ts,
-                                       info.service_tier)
-        if priced is None and gw.settings.metering.unpriced == "refuse":
-            raise refuse_unpriced(model)
-    amounts = gw.limiter.estimate(priced.price if priced else None, adapter, info, call.body)
-    call.reservation = await gw.limiter.reserve(limits, identity.tenant, event.user_pseudonym, amounts, event.ts)
-    call.limits = limits
+    keys = None if credential or session is None else await _continue_upload(gw, route, call, session)
+    if keys is not None:
+        info = call.info = CallInfo(None, False, operation, metered=False)
+    else:
+        identity, call.policies = await admission.identify(gw, route, credential, event)
+        admission.check_operation(call.policies, identity, event.endpoint)
+        call.body = parse_json_body(raw) if upload is None else None
+        is_models, model_id = adapter.model_path(scope["method"], path)
+        if is_models and model_id is None:
+            await _serve_model_list(gw, route, call, identity, path, headers, query, send)
+            return
+        call.owner = await objects.check_access(gw.objects, call.policies, route.name, call.objects, identity,
+                                                operation, call.path_id, call.body, session)
+        info = call.info = _inspect(adapter, scope["method"], path, operation, call.body, raw, upload, is_models,
+                                    model_id, headers)
+        keys = await _admit(gw, route, call, identity, info)
 
     url = upstream_url(route.base_url, path, [(k, v) for k, v in query if k not in CREDENTIAL_QUERY_PARAMS])
     metering = gw.settings.metering
@@ -214,6 +182,31 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
                                  send if drain_s is None else _unless_draining(call, send))
     if call.draining:  # the provider's response was read to its end for its usage; the client had left
         event.outcome, event.status_code = "cancelled", _CLIENT_GONE_STATUS
+
+
+async def _admit(gw: Gateway, route: ProviderRoute, call: Call, identity, info: CallInfo) -> list:
+    """The keys to try, after the model's policy (for a call that names one), with the limits reserved."""
+    event, policies = call.event, call.policies
+    if info.model is not None:
+        event.model, event.streamed = f"{route.name}/{info.model}", info.stream
+        keys = preferring(admission.key_pool(gw, policies, route, identity, event.model), _owner_key(call))
+    else:  # files, batches, stored objects: governed by operations.csv (and ownership) alone
+        keys = gw.keys.provider_pool(policies, identity.tenant, route.name, _owner_key(call))
+    call.reservation, call.limits = await admission.reserve(gw, policies, route, identity, event, info, call.body)
+    return keys
+
+
+async def _continue_upload(gw: Gateway, route: ProviderRoute, call: Call, session: str) -> list | None:
+    """The bytes of a resumable upload, sent to the URL the gateway handed out when the upload started, with
+    no credential (as the provider accepts them: the URL, unguessable, is the capability). Admitted as the
+    tenant and user that started it, with its key; None when the session is not one the gateway started."""
+    owner = await gw.objects.owner(route.name, session)
+    if owner is None or owner.kind != objects.UPLOAD_SESSION:
+        return None
+    call.owner, call.policies = owner, gw.policies
+    event = call.event
+    event.tenant, event.user_pseudonym, event.auth_method = owner.tenant, owner.user_pseudonym, "upload_url"
+    return gw.keys.provider_pool(call.policies, owner.tenant, route.name, owner.key_id)
 
 
 def _inspect(adapter: Adapter, method: str, path: str, operation: str, body: dict | None, raw: bytes,
@@ -239,11 +232,12 @@ def _owner_key(call: Call) -> str | None:
     return call.owner.key_id if call.owner is not None else None
 
 
-async def _read_request(gw: Gateway, call: Call, headers: dict[str, str], receive) -> UploadBody | None:
+async def _read_request(gw: Gateway, route_adapter: Adapter, call: Call, headers: dict[str, str], receive
+                        ) -> UploadBody | None:
     """A JSON (or empty) body read whole into `call.raw`; any other body left streaming (an `UploadBody`)."""
     server = gw.settings.server
     declared = headers.get("content-length", "")
-    if not is_streamed(headers.get("content-type")):
+    if not route_adapter.streams_body(headers):
         if declared.isdigit() and int(declared) > server.max_body_bytes:
             raise BodyTooLarge(_too_large_message(gw))
         call.raw = await read_body(receive, server.max_body_bytes, server.body_timeout_s, gw)
@@ -280,6 +274,9 @@ async def _forward_with_failover(gw: Gateway, route: ProviderRoute, call: Call, 
                 event.status_code = status
                 event.outcome = "ok" if status < 400 else "upstream_error"
                 response_headers = _response_headers(response.raw_headers, event.event_id, key)
+                if call.objects is not None and call.objects.url_headers:
+                    for url in _point_at_gateway(response_headers, call.objects.url_headers, route, call.origin):
+                        _record_session(gw, route, call, url)
                 if status == 200 and _reads_results(call):
                     await _relay_results(gw, route, call, response, response_headers, send)
                 elif response.content_type == "text/event-stream":
@@ -491,25 +488,6 @@ async def _relay_results(gw: Gateway, route: ProviderRoute, call: Call, response
     await _relay_raw(call, response, headers, send, lines.feed, meter_results)
 
 
-async def _finish(gw: Gateway, route: ProviderRoute, call: Call) -> None:
-    """Meter, settle limits, record: runs once for every request, however it ended."""
-    event = call.event
-    event.latency_ms = call.elapsed_ms()
-    try:
-        meter(call, route)
-        if call.reservation is not None:
-            await gw.limiter.settle(call.reservation, call.limits, event)
-    except Exception:
-        log.exception("request %s: metering or settling its limits failed; its event is recorded as it stands",
-                      event.event_id)
-    finally:
-        if event.status_code == 0:  # nothing answered the client: never recorded as a success
-            event.status_code, event.outcome = InternalError.status, "internal_error"
-        if call.recorded:
-            gw.recorder.record(event)
-        gw.metrics.observe(event)
-
-
 async def _send_error(call: Call, adapter: Adapter, err: TollwayError, send) -> None:
     headers = [(b"content-type", b"application/json"), (REQUEST_ID_HEADER, str(call.event.event_id).encode())]
     if err.retry_after is not None:
@@ -620,6 +598,28 @@ def _response_headers(raw_headers: Any, event_id: uuid.UUID, key) -> list[tuple[
                if k.lower().decode("latin-1") not in _DROP_RESPONSE_HEADERS and secret not in v]
     headers.append((REQUEST_ID_HEADER, str(event_id).encode()))
     return headers
+
+
+def _point_at_gateway(headers: list[tuple[bytes, bytes]], names: tuple[str, ...], route: ProviderRoute,
+                      origin: str) -> list[str]:
+    """Rewrite response headers that send the client to the provider's host (a resumable upload's URL);
+    returns the URLs rewritten, as the provider sent them."""
+    upstream = str(route.base_url).rstrip("/").encode()
+    public = f"{origin}/{route.name}".encode()
+    wanted, rewritten = {n.encode() for n in names}, []
+    for i, (name, value) in enumerate(headers):
+        if name in wanted and value.startswith(upstream):
+            headers[i] = (name, public + value[len(upstream):])
+            rewritten.append(value.decode("latin-1"))
+    return rewritten
+
+
+def _record_session(gw: Gateway, route: ProviderRoute, call: Call, url: str) -> None:
+    """An upload session the gateway handed out belongs to the caller, like any object."""
+    found = parse_qs(urlsplit(url).query).get(call.objects.session_param or "")
+    if found:
+        gw.objects.record(route.name, found[0], objects.Owner(call.event.tenant, call.event.user_pseudonym,
+                                                              call.event.key_id, objects.UPLOAD_SESSION))
 
 
 def _too_large_message(gw: Gateway) -> str:

@@ -31,7 +31,7 @@ from proxy.control import ControlStore, iso
 from proxy.errors import ObjectNotFound
 from proxy.providers.objects import RULES, ObjectRules, object_id
 
-__all__ = ["BATCH_RESULTS", "ObjectRegistry", "Owner", "check_access", "filter_list", "object_id", "rewrite_urls",
+__all__ = ["BATCH_RESULTS", "UPLOAD_SESSION", "ObjectRegistry", "Owner", "check_access", "filter_list", "object_id", "rewrite_urls",
            "rules_for"]
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tollway.objects")
 UNOWNED = "objects.unowned"
 BATCH_RESULTS = "batch_results"  # a file holding a batch's results: owned, and metered, as the batch
+UPLOAD_SESSION = "upload_session"  # a resumable upload's URL: its bytes may come without a credential
 _MEMORY = 200_000
 
 
@@ -114,12 +115,14 @@ def not_found(object_id: str) -> ObjectNotFound:
 
 
 async def check_access(registry: ObjectRegistry, policies: PolicySet, provider: str, rules: ObjectRules,
-                       identity: Identity, operation: str, path_id: str | None, body: dict | None) -> Owner | None:
+                       identity: Identity, operation: str, path_id: str | None, body: dict | None,
+                       session: str | None = None) -> Owner | None:
     """Refuse (404) a call that names another tenant's object, or one never seen; return the owner of the
-    first object it names (the path's, else the first referenced), whose key the call should use."""
+    first object it names (the path's, else the first referenced, else the upload `session`), whose key the
+    call should use."""
     named = [path_id] if path_id is not None and rules.collection(operation) else []
     first = None
-    for ident in [*named, *rules.referenced_ids(body)]:
+    for ident in [*named, *rules.referenced_ids(body), *([session] if session else [])]:
         owner = await registry.owner(provider, ident)
         if owner is None:
             if not policies.policy.decide_operation(identity.tenant, identity.subjects,

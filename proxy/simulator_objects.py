@@ -42,6 +42,9 @@ def add_object_routes(app: web.Application) -> None:
         (_ANTHROPIC, "GET", "/v1/messages/batches", _msgbatch_list),
         (_ANTHROPIC, "GET", "/v1/messages/batches/{id}", _msgbatch_get),
         (_ANTHROPIC, "GET", "/v1/messages/batches/{id}/results", _msgbatch_results),
+        (_GEMINI, "POST", "/upload/v1beta/files", _gemini_upload),
+        (_GEMINI, "GET", "/v1beta/files", _gemini_files), (_GEMINI, "GET", "/v1beta/files/{id}", _gemini_file),
+        (_GEMINI, "DELETE", "/v1beta/files/{id}", _deleted),
         (_GEMINI, "POST", "/v1beta/cachedContents", _cache_create),
         (_GEMINI, "GET", "/v1beta/cachedContents", _cache_list),
         (_GEMINI, "GET", "/v1beta/cachedContents/{id}", _cache_get),
@@ -54,7 +57,8 @@ def add_object_routes(app: web.Application) -> None:
 def _guarded(provider, handler):
     async def handle(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE_KEY]
-        multipart = request.content_type.startswith("multipart/")
+        multipart = request.content_type.startswith("multipart/") or "upload" in request.headers.get(
+            "x-goog-upload-command", "")
         body = None if multipart or not request.body_exists else json.loads(await request.read() or b"null")
         if state.record:
             state.add(SimRequest(provider.name, request.method, request.path[len(provider.prefix):],
@@ -249,3 +253,38 @@ async def _cache_list(request, store, _):
 async def _cache_get(request, store, _):
     found = store.get(request.match_info["id"])
     return found["meta"] if found and request.match_info["id"].startswith("cache") else None
+
+
+# --- Gemini files: the resumable upload protocol -----------------------------------------------------
+async def _gemini_upload(request, store, body):
+    """`start` opens a session and answers its URL (on this server, like Google's on its own); `upload`
+    appends the body; `finalize` makes the file."""
+    command = request.headers.get("x-goog-upload-command", "")
+    if command == "start":
+        session = _new_id(store, "upload")
+        store[session] = {"size": 0, "meta": (body or {}).get("file") or {}}
+        url = f"{request.url.origin()}{_GEMINI.prefix}/upload/v1beta/files?upload_id={session}&upload_protocol=resumable"
+        return web.Response(headers={"x-goog-upload-url": url, "x-goog-upload-status": "active"})
+    session = store.get(request.query.get("upload_id", ""))
+    if session is None:
+        return None
+    async for chunk in request.content.iter_any():
+        session["size"] += len(chunk)
+    if "finalize" not in command:
+        return web.Response(headers={"x-goog-upload-status": "active"})
+    name = "files/" + _new_id(store, "gfile")
+    meta = {"name": name, "displayName": session["meta"].get("displayName"), "sizeBytes": str(session["size"]),
+            "mimeType": session["meta"].get("mimeType", "application/octet-stream"), "state": "ACTIVE",
+            "uri": f"{request.url.origin()}{_GEMINI.prefix}/v1beta/{name}"}
+    store[name.rsplit("/", 1)[1]] = {"meta": meta}
+    return web.Response(body=_dumps({"file": meta}), content_type="application/json",
+                        headers={"x-goog-upload-status": "final"})
+
+
+async def _gemini_files(request, store, _):
+    return {"files": _of(store, "gfile")}
+
+
+async def _gemini_file(request, store, _):
+    found = store.get(request.match_info["id"])
+    return found["meta"] if found and request.match_info["id"].startswith("gfile") else None

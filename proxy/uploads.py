@@ -59,7 +59,7 @@ class UploadBody:
                  on_end: Callable[[], None], too_large: str) -> None:
         self.head, self._more, self._size = head, more, size
         self._receive, self._limit, self._timeout_s = receive, limit, timeout_s
-        self._on_end, self._too_large = on_end, too_large
+        self.on_end, self._too_large = on_end, too_large  # called once the whole body was read
         self.error: TollwayError | ClientGone | None = None
         self.started = False
 
@@ -74,7 +74,7 @@ class UploadBody:
             chunk, self._more = await self._next()
             if chunk:
                 yield chunk
-        self._on_end()
+        self.on_end()
 
     async def _next(self) -> tuple[bytes, bool]:
         try:

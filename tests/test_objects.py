@@ -253,3 +253,27 @@ def test_an_unfinished_upload_is_not_forwarded_as_a_whole_one(gateway, sim):
         httpx.post(gateway.url + "/openai/v1/files", headers=headers, content=body(), timeout=10)
     events = [e for e in _events(gateway) if e["endpoint"] == "openai/files.create"]
     assert len(events) == 1 and events[0]["outcome"] != "ok", events
+
+
+def _genai(gw: GatewayProcess, token: str):
+    from google import genai
+    from google.genai import types
+    return genai.Client(api_key=token, http_options=types.HttpOptions(base_url=gw.url + "/gemini",
+                                                                       api_version="v1beta"))
+
+
+def test_gemini_resumable_upload_goes_through_the_gateway_and_the_file_is_the_tenants(gateway, sim):
+    from google.genai import errors
+    carol, bob = (_genai(gateway, gateway.deployment.tokens[name]) for name in ("carol", "bob"))
+    content = b"gemini file " * 1000
+    uploaded = carol.files.upload(file=io.BytesIO(content), config={"mime_type": "text/plain"})
+    assert uploaded.name.startswith("files/") and int(uploaded.size_bytes) == len(content)
+    uploads = [r for r in sim.requests if r.path == "/upload/v1beta/files"]
+    assert len(uploads) == 2, "start, then the bytes: both through the gateway, not straight to the provider"
+    assert all(r.headers.get("x-goog-api-key") == SIM_KEYS["gemini"] for r in uploads)
+    assert carol.files.get(name=uploaded.name).name == uploaded.name
+    with pytest.raises(errors.ClientError) as exc:
+        bob.files.get(name=uploaded.name)
+    assert exc.value.code == 404
+    assert [f.name for f in carol.files.list()] == [uploaded.name]
+    assert list(bob.files.list()) == []

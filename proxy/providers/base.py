@@ -25,6 +25,7 @@ from proxy.crypto import Secret
 from proxy.errors import BadRequest, TollwayError
 from proxy.providers.operations import OperationTable
 from proxy.sse import SseEvent
+from proxy.uploads import is_streamed
 
 _json_decode = msgspec.json.Decoder().decode
 json_encode = msgspec.json.Encoder().encode
@@ -169,6 +170,10 @@ class Adapter(ABC):
     @abstractmethod
     def model_list_body(self, provider: str, model_ids: list[str]) -> Any:
         """A model list in this provider's format, for when no upstream key can list them."""
+
+    def streams_body(self, headers: dict[str, str]) -> bool:
+        """Whether the request body goes to the provider as it arrives (an upload) rather than read whole."""
+        return is_streamed(headers.get("content-type"))
 
     def client_credential(self, headers: dict[str, str], query: dict[str, str]) -> str | None:
         for name in self.credential_headers:

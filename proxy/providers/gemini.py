@@ -83,6 +83,11 @@ class GeminiAdapter(Adapter):
     model_operations = frozenset({"generate_content", "generate_content_stream", "count_tokens", "embed_content",
                                   "batch_embed_contents", "batches.create"})
 
+    def streams_body(self, headers: dict[str, str]) -> bool:
+        """The file bytes of a resumable upload (`X-Goog-Upload-Command: upload[, finalize]`), whatever
+        Content-Type the SDK sends with them (google-genai repeats `application/json`)."""
+        return "upload" in headers.get("x-goog-upload-command", "").lower() or super().streams_body(headers)
+
     def inspect(self, method: str, path: str, body: dict | None, raw: bytes) -> CallInfo:
         match = _MODEL_CALL.search(path)
         if not match:

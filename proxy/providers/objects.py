@@ -45,8 +45,12 @@ class ObjectRules:
     #: the operation that streams a batch's results directly (Anthropic); files named by
     #: `result_files` are read with `files.content`
     results: str | None = None
-    #: fields holding a URL on the provider's host (the client must reach it through the gateway)
+    #: body fields and response headers holding a URL on the provider's host (the client must reach it
+    #: through the gateway)
     url_fields: tuple[str, ...] = ()
+    url_headers: tuple[str, ...] = ()
+    #: the query parameter of such a URL that names an upload session (its bytes come without a credential)
+    session_param: str | None = None
 
     def kind_of(self, operation: str) -> str:
         """The kind of object an operation is about (`files.create` -> `file`)."""
@@ -123,6 +127,8 @@ GEMINI = ObjectRules(
     id_paths=(("file", "name"), ("name",)),
     lists=(("files.list", "files"), ("cached_contents.list", "cachedContents"), ("batches.list", "operations")),
     references=("cachedContent", "cached_content"),
+    url_headers=("x-goog-upload-url",),  # where a resumable upload sends its bytes
+    session_param="upload_id",
 )
 
 RULES = {"openai": OPENAI, "azure": OPENAI, "anthropic": ANTHROPIC, "gemini": GEMINI}
