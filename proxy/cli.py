@@ -144,14 +144,14 @@ def next_step(target: Path) -> str:
 
 # --- serve --------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from proxy.gateway import Gateway
+    from proxy.factory import build_gateway
     from proxy.server import bind_socket, build_server
 
     settings = load_settings(resolve_data_dir(args.data_dir))
     refuse_if_served(settings.events_db)
     host, port = args.host or settings.server.host, args.port or settings.server.port
     sock = bind_socket(host, port)
-    gateway = Gateway.load(settings)
+    gateway = build_gateway(settings)
     say(f"tollway serving {settings.data_dir} on http://{host}:{port}  "
         f"(providers: {', '.join(sorted(gateway.routes))})")
     build_server(gateway, host, port).run(sockets=[sock])

@@ -1,8 +1,8 @@
-"""The gateway's runtime state, built once per server from a deployment directory.
+"""The gateway's runtime state, assembled by `proxy.factory.build_gateway` from a deployment directory.
 
-`Gateway.load()` does all the blocking work (reading settings, policy, prices, the control
-snapshot) before the server accepts a request; `start()`/`stop()` own the async and threaded
-resources. Nothing here is a module global.
+The factory does all the blocking work (reading settings, policy, prices, the control snapshot) and
+picks the backends before the server accepts a request; `start()`/`stop()` own the async and
+threaded resources. Nothing here is a module global.
 """
 
 from __future__ import annotations
@@ -19,18 +19,17 @@ from yarl import URL
 
 from analytics.jobs import apply_retention, build_in_child, load_billing_inputs
 from analytics.scheduler import ReportSchedule
-from policy.loader import PolicyInvalid, PolicySet, load_policy_set
+from policy.loader import PolicyInvalid, PolicySet
 from policy.watch import PolicyWatcher
 from proxy.auth import ControlView, Identity
 from proxy.control import ControlStore, ProviderKey
 from proxy.control_writer import ControlWriter
-from proxy.crypto import Keyring, load_master_key
-from proxy.errors import StartupError
+from proxy.crypto import Keyring
 from proxy.events import Pseudonymizer
 from proxy.jwt_auth import JwtVerifier, looks_like_jwt
 from proxy.keys import KeyPools
 from proxy.limiter import Limiter, alert_details, alert_key, log_alert, rebuild_counters
-from proxy.limits import Alert, MemoryLimitStore, Refusal, Scope
+from proxy.limits import Alert, LimitStore, Refusal, Scope
 from proxy.metrics import Metrics
 from proxy.objects import ObjectRegistry
 from proxy.overrides import is_glob
@@ -60,7 +59,7 @@ class ProviderRoute:
 
 class Gateway:
     def __init__(self, settings: Settings, keyring: Keyring, store: ControlStore, control: ControlView,
-                 policies: PolicySet) -> None:
+                 policies: PolicySet, *, limit_store: LimitStore, upstream: Upstream) -> None:
         self.settings = settings
         self.store = store  # event-loop side: start-up reads only
         self.control = control
@@ -75,10 +74,10 @@ class Gateway:
                                 book_provider(name, p.style, p.price_provider))
             for name, p in settings.providers.items()
         }
-        self.upstream = Upstream()
+        self.upstream = upstream
         self.metrics = Metrics()
         self._configure_metrics(policies)
-        self.limit_store = MemoryLimitStore()
+        self.limit_store = limit_store
         self.limiter = Limiter(self.limit_store, settings.limits.default_max_output_tokens, self._budget_alert,
                                self._limit_refusal, settings.metering.max_output_tokens)
         self.keys = KeyPools(control, self.metrics, self._persist_failing)
@@ -87,20 +86,6 @@ class Gateway:
         self._events_db = None
         self._tasks: list[asyncio.Task] = []
         self.reports: ReportSchedule | None = None
-
-    @classmethod
-    def load(cls, settings: Settings) -> Gateway:
-        """Read and validate everything; raise `StartupError` naming the first problems."""
-        keyring = Keyring(load_master_key(settings.data_dir))
-        store = ControlStore(settings.control_db, keyring, actor="gateway")
-        control = ControlView(store, ControlStore(settings.control_db, keyring, actor="gateway"), keyring)
-        try:
-            policies = load_policy_set(settings.data_dir, control.keys)
-        except PolicyInvalid as exc:
-            raise StartupError(f"{exc}\nfix them (`tollway policy check` lists them) and start again") from exc
-        for problem in policies.warnings:
-            log.warning("%s", problem)
-        return cls(settings, keyring, store, control, policies)
 
     async def start(self) -> None:
         # The gateway's DuckDB only appends, counts and streams snapshots: a small buffer pool (it

@@ -87,6 +87,9 @@ class LimitSettings:
     """Output reserved against token and usd limits when a request sets no max_tokens of its own."""
     retry_backoff_ms: int = 50
     """Pause before trying the next key of a pool (doubles with each further attempt)."""
+    store: str = "memory"
+    """Where limit counters, reservations and key cool-downs live: "memory" (one process) or
+    "redis://HOST:PORT/DB" (shared by every gateway process and machine)."""
 
 
 UNPRICED_CHOICES = ("refuse", "allow")
@@ -169,7 +172,7 @@ def load_settings(data_dir: Path) -> Settings:
         providers=_providers(raw.get("providers", {}), path),
         auth=_auth(auth, path),
         events=_build(EventSettings, raw.get("events", {}), f"{path} [events]"),
-        limits=_build(LimitSettings, raw.get("limits", {}), f"{path} [limits]"),
+        limits=_limits(raw.get("limits", {}), f"{path} [limits]"),
         metering=_metering(raw.get("metering", {}), f"{path} [metering]"),
         pipeline=_build(PipelineSettings, raw.get("pipeline", {}), f"{path} [pipeline]"),
     )
@@ -180,6 +183,13 @@ def _auth(raw: dict[str, Any], path: Path) -> AuthSettings:
         return load_auth(raw, path)
     except AuthSettingsError as exc:
         raise SettingsError(str(exc)) from exc
+
+
+def _limits(raw: dict[str, Any], where: str) -> LimitSettings:
+    settings = _build(LimitSettings, raw, where)
+    if settings.store != "memory" and not settings.store.startswith(("redis://", "rediss://", "unix://")):
+        raise SettingsError(f'{where}: store must be "memory" or a Redis URL such as "redis://127.0.0.1:6379/0"')
+    return settings
 
 
 def _metering(raw: dict[str, Any], where: str) -> MeteringSettings:

@@ -1,0 +1,48 @@
+"""`build_gateway(settings)`: the one place that picks the gateway's backends and assembles it.
+
+Everything blocking happens here, before the server accepts a request: the master key, the control
+store and its snapshot, the policy set. Backends are chosen from settings and reached through small
+interfaces, so scaling out is a wiring change:
+
+    [limits] store = "memory" | "redis://..."   ─▶ LimitStore (proxy.limits)
+    upstream client (aiohttp)                   ─▶ Upstream (proxy.upstream)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from policy.loader import PolicyInvalid, load_policy_set
+from proxy.auth import ControlView
+from proxy.control import ControlStore
+from proxy.crypto import Keyring, load_master_key
+from proxy.errors import StartupError
+from proxy.gateway import Gateway
+from proxy.limits import LimitStore, MemoryLimitStore
+from proxy.settings import LimitSettings, Settings
+from proxy.upstream import Upstream
+
+log = logging.getLogger("tollway.gateway")
+
+
+def build_gateway(settings: Settings) -> Gateway:
+    """Read and validate everything; raise `StartupError` naming the first problems."""
+    keyring = Keyring(load_master_key(settings.data_dir))
+    store = ControlStore(settings.control_db, keyring, actor="gateway")
+    control = ControlView(store, ControlStore(settings.control_db, keyring, actor="gateway"), keyring)
+    try:
+        policies = load_policy_set(settings.data_dir, control.keys)
+    except PolicyInvalid as exc:
+        raise StartupError(f"{exc}\nfix them (`tollway policy check` lists them) and start again") from exc
+    for problem in policies.warnings:
+        log.warning("%s", problem)
+    return Gateway(settings, keyring, store, control, policies, limit_store=limit_store_for(settings.limits),
+                   upstream=Upstream())
+
+
+def limit_store_for(limits: LimitSettings) -> LimitStore:
+    """The limit store `[limits] store` names."""
+    if limits.store == "memory":
+        return MemoryLimitStore()
+    raise StartupError(f"[limits] store = {limits.store!r}: the Redis limit store is not available in this build; "
+                       'use "memory"')
