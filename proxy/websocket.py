@@ -116,7 +116,7 @@ async def _open(gw: Gateway, route: ProviderRoute | None, call: Call, scope: dic
     url = upstream_url(route.base_url, path, [(k, v) for k, v in query if k not in CREDENTIAL_QUERY_PARAMS])
     protocols = tuple(p for p in offered if not p.startswith(_KEY_PROTOCOL))
     upstream, key = await _connect(gw, route, event, keys, url, _upstream_headers(headers), protocols)
-    return Session(gw, route, identity, key, model_id, operation, event), upstream
+    return Session(gw, route, credential, identity, key, model_id, operation, event), upstream
 
 
 async def _connect(gw: Gateway, route: ProviderRoute, event: Event, keys: list[ProviderKey], url, headers: list,

@@ -69,9 +69,10 @@ class _Response:
 class Session:
     """An accepted socket: relays frames, admits each `response.create`, meters each response's end."""
 
-    def __init__(self, gw: Gateway, route: ProviderRoute, identity: Identity, key: ProviderKey,
-                 model_id: str | None, operation: str, template: Event) -> None:
-        self.gw, self.route, self.identity, self.key = gw, route, identity, key
+    def __init__(self, gw: Gateway, route: ProviderRoute, credential: str | None, identity: Identity,
+                 key: ProviderKey, model_id: str | None, operation: str, template: Event) -> None:
+        self.gw, self.route, self.key = gw, route, key
+        self.credential, self.identity = credential, identity  # checked again at each response.create
         self.model_id, self.operation, self.template = model_id, operation, template
         self.pending: list[_Response] = []
         self.client_code: int | None = None
@@ -143,9 +144,11 @@ class Session:
         return True
 
     async def _admit_response(self, call: Call, payload: dict) -> None:
-        gw, route, identity, event = self.gw, self.route, self.identity, call.event
+        gw, route, event = self.gw, self.route, call.event
         admission.check_store(gw)
-        policies = call.policies = gw.policies  # a policy reload applies to the socket's next response
+        # A revoked or expired credential, and a policy reload, apply from the socket's next response on.
+        identity, policies = await admission.identify(gw, route, self.credential, event)
+        self.identity, call.policies = identity, policies
         admission.check_operation(policies, identity, event.endpoint)
         model_id = _str(payload.get("model")) or self.model_id
         if model_id is None:

@@ -201,6 +201,21 @@ def test_denied_model_gets_an_error_frame_and_the_socket_stays_usable(ws_gateway
         ("openai/gpt-4o", 403, "denied"), ("openai/gpt-ws-mini", 200, "ok")]
 
 
+def test_a_token_revoked_mid_session_refuses_the_next_response(ws_gateway, sim):
+    with _ws(ws_gateway, "/openai/v1/responses", ws_gateway.deployment.tokens["bob"]) as ws:
+        ws.send(_create("gpt-ws-mini", 40))
+        _until(ws, "response.completed")
+        store = ws_gateway.deployment.store()
+        [row] = [t for t in store.list_tokens() if t.user_id == "bob@acme.com"]
+        store.revoke_token(row.token_id)
+        store.close()
+        ws.send(_create("gpt-ws-mini", 40))
+        error = json.loads(ws.recv(timeout=10))
+        assert (error["type"], error["status"], error["error"]["code"]) == ("error", 401, "invalid_tollway_credential")
+    assert [(e["outcome"], e["status_code"]) for e in _stopped_events(ws_gateway)] == [
+        ("ok", 200), ("unauthenticated", 401)]
+
+
 def test_budget_refuses_a_response_mid_session_and_a_cancelled_one_frees_its_reservation(deployment, sim):
     # 0.001 USD a month for acme. A response reserves its input plus max_output_tokens x 0.60 / 1e6:
     # 100 tokens hold ~0.00006, 5,000 hold 0.003 (refused), 1,500 hold 0.0009 (fits only when nothing else is held).
