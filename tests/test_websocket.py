@@ -281,3 +281,13 @@ def test_refusal_without_the_denial_response_extension_is_a_close_with_a_reason(
 
     asyncio.run(websocket._deny({"type": "websocket", "extensions": {}}, send, None, None, error))
     assert sent == [{"type": "websocket.close", "code": code, "reason": error.message[:123]}]
+
+
+def test_a_provider_error_answering_a_response_is_relayed_and_recorded(ws_gateway, sim):
+    with _ws(ws_gateway, "/openai/v1/responses", ws_gateway.deployment.tokens["bob"],
+             headers={"x-sim-fault": "status:503"}) as ws:
+        ws.send(_create("gpt-ws-mini", 40, stream_id="lane-2"))
+        error = json.loads(ws.recv(timeout=10))
+        assert (error["type"], error["status"], error["stream_id"]) == ("error", 503, "lane-2")
+    assert [(e["outcome"], e["status_code"], e["usage_source"]) for e in _stopped_events(ws_gateway)] == [
+        ("upstream_error", 503, "none")]
