@@ -2,7 +2,8 @@
 
 A batch's submit costs nothing; the provider bills each request of it when it completes. Tollway
 sees that usage when the results are read through it (OpenAI: the batch's output and error files,
-`files.content`; Anthropic: `messages/batches/{id}/results`). Each JSONL line becomes an event for
+`files.content`; Anthropic: `messages/batches/{id}/results`; Gemini: the inline responses of a
+finished batch, `batches.get`). Each JSONL line becomes an event for
 the tenant and user who created the batch, priced at the `batch` tier, and counted against their
 limits. The lines are read while the bytes pass to the client unchanged; the events are recorded
 only when the whole file was read and only by the first download to finish (`claim_results` in
@@ -64,8 +65,12 @@ class ResultLines:
 
 
 def answer_of(item: dict, index: int) -> tuple[str, int, Any]:
-    """(custom id, status, response body) of one result line, in OpenAI's or Anthropic's shape."""
-    custom_id = str_or_none(item.get("custom_id")) or str(index)
+    """(custom id, status, response body) of one result, in OpenAI's, Anthropic's or Gemini's shape."""
+    custom_id = str_or_none(item.get("custom_id")) or str_or_none(dig(item, "metadata", "key")) or str(index)
+    if "response" in item and "custom_id" not in item:  # Gemini inline: {"response": {...}, "metadata": {...}}
+        return custom_id, 200, item["response"]
+    if "error" in item and "custom_id" not in item:
+        return custom_id, 500, None
     if "result" in item:  # Anthropic: {"custom_id", "result": {"type": "succeeded", "message": {...}}}
         succeeded = dig(item, "result", "type") == "succeeded"
         return custom_id, 200 if succeeded else 500, dig(item, "result", "message") if succeeded else None
@@ -84,7 +89,7 @@ def result_events(answers: list[tuple[str, int, Any]], adapter: Adapter, provide
                       billing_mode=billing_mode, attempts=1, latency_ms=0.0,
                       outcome="ok" if 200 <= status < 400 else "upstream_error")
         usage = adapter.read_body(body)[0] if isinstance(body, dict) else None
-        model = str_or_none(body.get("model")) if isinstance(body, dict) else None
+        model = usage.response_model if usage is not None else None  # model / modelVersion, as each names it
         if usage is not None and usage.reported and model is not None:
             usage.service_tier = BATCH_TIER
             event.model, event.usage_source = f"{provider}/{model}", "reported"

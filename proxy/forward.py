@@ -23,7 +23,7 @@ import msgspec
 from yarl import URL
 
 from proxy import admission, objects
-from proxy.batch_results import ResultLines, result_events
+from proxy.batch_results import ResultLines, answer_of, result_events
 from proxy.errors import (
     BadRequest,
     BodyTimeout,
@@ -454,6 +454,9 @@ async def _observe_objects(gw: Gateway, route: ProviderRoute, call: Call, payloa
             file_id = objects.object_id(payload.get(name))
             if file_id is not None:
                 gw.objects.record(route.name, file_id, replace(call.owner, kind=objects.BATCH_RESULTS))
+        inline = rules.results_inline(payload)
+        if inline:
+            await _meter_results(gw, route, call, [answer_of(r, i) for i, r in enumerate(inline) if isinstance(r, dict)])
     return json_encode(payload) if rewritten else None
 
 
@@ -475,17 +478,22 @@ async def _relay_results(gw: Gateway, route: ProviderRoute, call: Call, response
     """Relay the results unchanged, reading each line; meter them once the whole file went through."""
     lines = ResultLines()
 
-    async def meter_results() -> None:
+    async def meter_lines() -> None:
         lines.close()
-        if not await gw.objects.claim_results(route.name, call.path_id):
-            return  # read before: metered then
-        for event in result_events(lines.answers, route.adapter, route.name, call.path_id, call.owner,
-                                   call.event.billing_mode, call.policies.prices, route.book_provider):
-            await gw.limiter.charge(event)
-            gw.recorder.record(event)
-            gw.metrics.observe(event)
+        await _meter_results(gw, route, call, lines.answers)
 
-    await _relay_raw(call, response, headers, send, lines.feed, meter_results)
+    await _relay_raw(call, response, headers, send, lines.feed, meter_lines)
+
+
+async def _meter_results(gw: Gateway, route: ProviderRoute, call: Call, answers: list) -> None:
+    """One event per result of the batch the call is about, by the first caller ever to read them all."""
+    if not await gw.objects.claim_results(route.name, call.path_id):
+        return  # read before: metered then
+    for event in result_events(answers, route.adapter, route.name, call.path_id, call.owner,
+                               call.event.billing_mode, call.policies.prices, route.book_provider):
+        await gw.limiter.charge(event)
+        gw.recorder.record(event)
+        gw.metrics.observe(event)
 
 
 async def _send_error(call: Call, adapter: Adapter, err: TollwayError, send) -> None:

@@ -7,7 +7,10 @@
   ``POST /v1/batches/{id}/cancel``; ``GET|DELETE /v1/responses/{id}``.
 * Anthropic: ``POST /v1/messages/batches`` (``requests`` answered at once, ``processing_status: ended``,
   ``results_url`` on this server), ``GET /v1/messages/batches[/{id}]``, ``GET …/{id}/results`` (JSONL).
-* Gemini: ``POST|GET /v1beta/cachedContents``, ``GET|DELETE /v1beta/cachedContents/{id}``.
+* Gemini: ``POST|GET /v1beta/cachedContents``, ``GET|DELETE /v1beta/cachedContents/{id}``; resumable
+  uploads (``POST /upload/v1beta/files``) and ``GET|DELETE /v1beta/files[/{id}]``;
+  ``POST /v1beta/models/{m}:batchGenerateContent`` with inline requests, answered at once (the batch's
+  ``GET /v1beta/batches/{id}`` holds ``inlinedResponses`` with usage), ``GET /v1beta/batches``.
 
 Every object is visible to every key, as on a real provider account that several tenants share. The
 key is checked like the other endpoints; each request is recorded (with no body for multipart ones).
@@ -45,6 +48,9 @@ def add_object_routes(app: web.Application) -> None:
         (_GEMINI, "POST", "/upload/v1beta/files", _gemini_upload),
         (_GEMINI, "GET", "/v1beta/files", _gemini_files), (_GEMINI, "GET", "/v1beta/files/{id}", _gemini_file),
         (_GEMINI, "DELETE", "/v1beta/files/{id}", _deleted),
+        (_GEMINI, "POST", "/v1beta/models/{model}:batchGenerateContent", _gemini_batch_create),
+        (_GEMINI, "GET", "/v1beta/batches/{id}", _gemini_batch_get),
+        (_GEMINI, "GET", "/v1beta/batches", _gemini_batch_list),
         (_GEMINI, "POST", "/v1beta/cachedContents", _cache_create),
         (_GEMINI, "GET", "/v1beta/cachedContents", _cache_list),
         (_GEMINI, "GET", "/v1beta/cachedContents/{id}", _cache_get),
@@ -288,3 +294,36 @@ async def _gemini_files(request, store, _):
 async def _gemini_file(request, store, _):
     found = store.get(request.match_info["id"])
     return found["meta"] if found and request.match_info["id"].startswith("gfile") else None
+
+
+# --- Gemini batches (inline requests) --------------------------------------------------------------
+async def _gemini_batch_create(request, store, body):
+    model = request.match_info["model"]
+    batch = body.get("batch") or {}
+    items = (((batch.get("input_config") or batch.get("inputConfig") or {}).get("requests") or {})
+             .get("requests") or [])
+    responses = []
+    for i, item in enumerate(items, 1):
+        contents = (item.get("request") or {}).get("contents")
+        text, prompt, output = _answer(model, contents, None)
+        responses.append({"metadata": item.get("metadata") or {"key": str(i)}, "response": {
+            "candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": prompt, "candidatesTokenCount": output,
+                              "totalTokenCount": prompt + output},
+            "modelVersion": model}})
+    name = "batches/" + _new_id(store, "gbatch")
+    metadata = {"@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
+                "model": f"models/{model}", "displayName": batch.get("display_name") or batch.get("displayName"),
+                "state": "BATCH_STATE_SUCCEEDED", "name": name,
+                "output": {"inlinedResponses": {"inlinedResponses": responses}}}
+    store[name.rsplit("/", 1)[1]] = {"meta": {"name": name, "metadata": metadata, "done": True}}
+    return {"name": name, "metadata": {**metadata, "state": "BATCH_STATE_PENDING", "output": None}}
+
+
+async def _gemini_batch_get(request, store, _):
+    found = store.get(request.match_info["id"])
+    return found["meta"] if found and request.match_info["id"].startswith("gbatch") else None
+
+
+async def _gemini_batch_list(request, store, _):
+    return {"operations": _of(store, "gbatch")}

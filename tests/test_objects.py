@@ -277,3 +277,30 @@ def test_gemini_resumable_upload_goes_through_the_gateway_and_the_file_is_the_te
     assert exc.value.code == 404
     assert [f.name for f in carol.files.list()] == [uploaded.name]
     assert list(bob.files.list()) == []
+
+
+def test_gemini_inline_batch_results_are_metered_once_at_the_batch_price(gateway, sim):
+    from google.genai import errors
+    carol, bob = (_genai(gateway, gateway.deployment.tokens[name]) for name in ("carol", "bob"))
+    requests = [{"contents": [{"parts": [{"text": "hello " * 5 * i}], "role": "user"}]} for i in range(1, 3)]
+    job = carol.batches.create(model="gemini-2.5-flash", src=requests)
+    with pytest.raises(errors.ClientError) as exc:
+        bob.batches.get(name=job.name)
+    assert exc.value.code == 404
+    done = carol.batches.get(name=job.name)
+    again = carol.batches.get(name=job.name)
+    answers = [r.response.usage_metadata for r in done.dest.inlined_responses]
+    assert len(answers) == 2 and len(again.dest.inlined_responses) == 2
+
+    events = _events(gateway)
+    submit = next(e for e in events if e["endpoint"] == "gemini/batches.create")
+    assert (submit["model"], submit["cost_usd"], submit["status_code"]) == ("gemini/gemini-2.5-flash", None, 200)
+    metered = sorted((e for e in events if e["endpoint"] == "gemini/batches.results"), key=lambda e: e["input_tokens"])
+    assert len(metered) == 2, "each inline response once, though the batch was read twice"
+    for event, usage in zip(metered, sorted(answers, key=lambda u: u.prompt_token_count), strict=True):
+        # gemini-2.5-flash at the batch rate: $0.15 in, $1.25 out per million tokens
+        expected = (Decimal(usage.prompt_token_count) * Decimal("0.15")
+                    + Decimal(usage.candidates_token_count) * Decimal("1.25")) / MTOK
+        assert (event["tenant"], event["input_tokens"], event["output_tokens"]) == (
+            "globex", usage.prompt_token_count, usage.candidates_token_count)
+        assert event["cost_usd"] == expected and event["service_tier"] == "batch"

@@ -45,6 +45,8 @@ class ObjectRules:
     #: the operation that streams a batch's results directly (Anthropic); files named by
     #: `result_files` are read with `files.content`
     results: str | None = None
+    #: where a retrieved batch holds its results inline (Gemini), each `{"response"|"error", "metadata"}`
+    inline_results: tuple[tuple[str, ...], ...] = ()
     #: body fields and response headers holding a URL on the provider's host (the client must reach it
     #: through the gateway)
     url_fields: tuple[str, ...] = ()
@@ -84,6 +86,16 @@ class ObjectRules:
             found = object_id(value)
             if found is not None:
                 return found
+        return None
+
+    def results_inline(self, payload: Any) -> list | None:
+        """A retrieved batch's results, where the wire format puts them in the batch itself."""
+        for path in self.inline_results:
+            value = payload
+            for part in path:
+                value = value.get(part) if isinstance(value, dict) else None
+            if isinstance(value, list):
+                return value
         return None
 
     def referenced_ids(self, body: dict | None) -> list[str]:
@@ -127,6 +139,8 @@ GEMINI = ObjectRules(
     id_paths=(("file", "name"), ("name",)),
     lists=(("files.list", "files"), ("cached_contents.list", "cachedContents"), ("batches.list", "operations")),
     references=("cachedContent", "cached_content"),
+    inline_results=(("metadata", "output", "inlinedResponses", "inlinedResponses"),
+                    ("response", "inlinedResponses", "inlinedResponses")),
     url_headers=("x-goog-upload-url",),  # where a resumable upload sends its bytes
     session_param="upload_id",
 )
