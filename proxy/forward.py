@@ -214,10 +214,10 @@ def _inspect(adapter: Adapter, method: str, path: str, operation: str, body: dic
     """What the request is: a model call (model, stream flag, upstream body) or, with no model, an object call."""
     if is_models:
         return CallInfo(model_id, False, "models", metered=False)
-    if operation not in adapter.model_operations:
-        model = body.get("model") if isinstance(body, dict) else None  # e.g. moderations: optional
-        return CallInfo(model.strip() if isinstance(model, str) and model.strip() else None, False, operation,
-                        metered=False)
+    if operation not in adapter.model_operations:  # a model is optional here (moderations, cached contents)
+        model = body.get("model") if isinstance(body, dict) else None
+        model = model.strip().removeprefix("models/") if isinstance(model, str) else None
+        return CallInfo(model or None, False, operation, metered=False)
     if upload is None:
         return adapter.inspect(method, path, body, raw)
     boundary = boundary_of(headers.get("content-type", ""))

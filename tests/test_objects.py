@@ -304,3 +304,28 @@ def test_gemini_inline_batch_results_are_metered_once_at_the_batch_price(gateway
         assert (event["tenant"], event["input_tokens"], event["output_tokens"]) == (
             "globex", usage.prompt_token_count, usage.candidates_token_count)
         assert event["cost_usd"] == expected and event["service_tier"] == "batch"
+
+
+def test_gemini_cached_contents_are_the_tenants_in_the_path_and_in_a_generate_call(gateway, sim):
+    dep = gateway.deployment
+    carol = {"x-goog-api-key": dep.tokens["carol"]}
+    gina = dep.issue_token("gina", "globex", "gina@globex.com")  # the same tenant: may use it
+    created = httpx.post(gateway.url + "/gemini/v1beta/cachedContents", headers=carol,
+                         json={"model": "models/gemini-2.5-flash", "contents": [{"parts": [{"text": "context"}]}]})
+    assert created.status_code == 200, created.text
+    name = created.json()["name"]
+    other = {"x-goog-api-key": dep.tokens["bob"]}
+    assert httpx.get(f"{gateway.url}/gemini/v1beta/{name}", headers={"x-goog-api-key": gina}).status_code == 200
+    refused = httpx.get(f"{gateway.url}/gemini/v1beta/{name}", headers=other)
+    assert refused.status_code == 404 and refused.json()["error"]["status"] == "NOT_FOUND"
+    generate = {"contents": [{"parts": [{"text": "hi"}]}], "cachedContent": name}
+    root = dep.issue_token("root", "acme", "root@acme.com", roles=("platform-admins",))  # may use any model
+    used = httpx.post(gateway.url + "/gemini/v1beta/models/gemini-2.5-flash:generateContent",
+                      headers={"x-goog-api-key": root}, json=generate)
+    assert used.status_code == 404, "another tenant's cache, named in the body"
+    assert httpx.post(gateway.url + "/gemini/v1beta/models/gemini-2.5-flash:generateContent", headers=carol,
+                      json=generate).status_code == 200
+    listed = httpx.get(gateway.url + "/gemini/v1beta/cachedContents", headers={"x-goog-api-key": root})
+    assert listed.json()["cachedContents"] == []
+    events = [e for e in _events(gateway) if e["endpoint"] == "gemini/cached_contents.create"]
+    assert [(e["model"], e["cost_usd"]) for e in events] == [("gemini/gemini-2.5-flash", None)]
