@@ -148,9 +148,10 @@ async def _serve(gw: Gateway, route: ProviderRoute, call: Call, scope: dict, rec
     upload = await _read_request(gw, adapter, call, headers, receive)
     raw = b"" if upload is not None else call.raw
     call.objects = objects.rules_for(adapter.style)
-    session = dict(query).get(call.objects.session_param) if call.objects.session_param else None
+    query_map = dict(query)
+    session = query_map.get(call.objects.session_param) if call.objects.session_param else None
 
-    credential = adapter.client_credential(headers, dict(query)) or headers.get("cf-access-jwt-assertion")
+    credential = adapter.client_credential(headers, query_map) or headers.get("cf-access-jwt-assertion")
     keys = None if credential or session is None else await _continue_upload(gw, route, call, session)
     if keys is not None:
         info = call.info = CallInfo(None, False, operation, metered=False)
@@ -444,9 +445,8 @@ async def _observe_objects(gw: Gateway, route: ProviderRoute, call: Call, payloa
         if created is not None:
             _record_created(gw, route, call, created)
     items_key = rules.list_items(operation)
-    public = f"{call.origin}/{route.name}"
     rewritten = rules.url_fields and objects.rewrite_urls(payload, rules.url_fields, items_key,
-                                                          str(route.base_url).rstrip("/"), public)
+                                                          str(route.base_url).rstrip("/"), f"{call.origin}/{route.name}")
     if items_key is not None:
         return json_encode(await objects.filter_list(gw.objects, route.name, items_key, payload, call.event.tenant))
     if call.owner is not None and call.owner.kind == "batch" and isinstance(payload, dict):

@@ -121,8 +121,11 @@ async def check_access(registry: ObjectRegistry, policies: PolicySet, provider: 
     first object it names (the path's, else the first referenced, else the upload `session`), whose key the
     call should use."""
     named = [path_id] if path_id is not None and rules.collection(operation) else []
+    referenced = rules.referenced_ids(body)
+    if not named and not referenced and not session:  # the common case: an inference call
+        return None
     first = None
-    for ident in [*named, *rules.referenced_ids(body), *([session] if session else [])]:
+    for ident in [*named, *referenced, *([session] if session else [])]:
         owner = await registry.owner(provider, ident)
         if owner is None:
             if not policies.policy.decide_operation(identity.tenant, identity.subjects,

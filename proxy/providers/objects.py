@@ -33,7 +33,7 @@ class ObjectRules:
     creates: tuple[str, ...]
     id_paths: tuple[tuple[str, ...], ...]
     #: list operation -> the key of its items in the response
-    lists: tuple[tuple[str, str], ...]
+    lists: dict[str, str]
     #: request-body fields that name an object by id (a string or a list of strings)
     references: tuple[str, ...] = ()
     #: operations that create an object only when the body does not say `"store": false`
@@ -69,7 +69,7 @@ class ObjectRules:
         return self.kind_of(operation)
 
     def list_items(self, operation: str) -> str | None:
-        return dict(self.lists).get(operation)
+        return self.lists.get(operation)
 
     def creates_object(self, operation: str, body: dict | None) -> bool:
         if operation in self.creates:
@@ -116,8 +116,8 @@ OPENAI = ObjectRules(
                  ("chat.completions.", "chat_completion")),
     creates=("files.create", "batches.create", "uploads.create", "vector_stores.create", "fine_tuning.jobs.create"),
     id_paths=(("id",),),
-    lists=(("files.list", "data"), ("batches.list", "data"), ("vector_stores.list", "data"),
-           ("fine_tuning.jobs.list", "data"), ("chat.completions.list", "data")),
+    lists={"files.list": "data", "batches.list": "data", "vector_stores.list": "data",
+           "fine_tuning.jobs.list": "data", "chat.completions.list": "data"},
     references=("input_file_id", "previous_response_id", "training_file", "validation_file", "file_id", "file_ids"),
     stored_unless_opted_out=("responses.create",),
     stored_when_asked=("chat.completions.create",),
@@ -128,7 +128,7 @@ ANTHROPIC = ObjectRules(
     collections=(("messages.batches.", "message_batch"), ("files.", "file")),
     creates=("messages.batches.create", "files.create"),
     id_paths=(("id",),),
-    lists=(("messages.batches.list", "data"), ("files.list", "data")),
+    lists={"messages.batches.list": "data", "files.list": "data"},
     results="messages.batches.results",
     url_fields=("results_url",),
 )
@@ -137,7 +137,7 @@ GEMINI = ObjectRules(
     collections=(("files.", "file"), ("cached_contents.", "cached_content"), ("batches.", "batch")),
     creates=("files.upload", "cached_contents.create", "batches.create"),
     id_paths=(("file", "name"), ("name",)),
-    lists=(("files.list", "files"), ("cached_contents.list", "cachedContents"), ("batches.list", "operations")),
+    lists={"files.list": "files", "cached_contents.list": "cachedContents", "batches.list": "operations"},
     references=("cachedContent", "cached_content"),
     inline_results=(("metadata", "output", "inlinedResponses", "inlinedResponses"),
                     ("response", "inlinedResponses", "inlinedResponses")),
