@@ -36,24 +36,24 @@ def add_object_routes(app: web.Application) -> None:
     app[OBJECTS_KEY] = {}
     routes = [
         (_OPENAI, "POST", "/v1/files", _file_create), (_OPENAI, "GET", "/v1/files", _file_list),
-        (_OPENAI, "GET", "/v1/files/{id}", _file_get), (_OPENAI, "DELETE", "/v1/files/{id}", _file_delete),
+        (_OPENAI, "GET", "/v1/files/{id}", _getter("file-")), (_OPENAI, "DELETE", "/v1/files/{id}", _file_delete),
         (_OPENAI, "GET", "/v1/files/{id}/content", _file_content),
         (_OPENAI, "POST", "/v1/batches", _batch_create), (_OPENAI, "GET", "/v1/batches", _batch_list),
-        (_OPENAI, "GET", "/v1/batches/{id}", _batch_get), (_OPENAI, "POST", "/v1/batches/{id}/cancel", _batch_get),
+        (_OPENAI, "GET", "/v1/batches/{id}", _getter("batch_sim")), (_OPENAI, "POST", "/v1/batches/{id}/cancel", _getter("batch_sim")),
         (_OPENAI, "GET", "/v1/responses/{id}", _response_get), (_OPENAI, "DELETE", "/v1/responses/{id}", _deleted),
         (_ANTHROPIC, "POST", "/v1/messages/batches", _msgbatch_create),
         (_ANTHROPIC, "GET", "/v1/messages/batches", _msgbatch_list),
-        (_ANTHROPIC, "GET", "/v1/messages/batches/{id}", _msgbatch_get),
+        (_ANTHROPIC, "GET", "/v1/messages/batches/{id}", _getter("msgbatch_")),
         (_ANTHROPIC, "GET", "/v1/messages/batches/{id}/results", _msgbatch_results),
         (_GEMINI, "POST", "/upload/v1beta/files", _gemini_upload),
-        (_GEMINI, "GET", "/v1beta/files", _gemini_files), (_GEMINI, "GET", "/v1beta/files/{id}", _gemini_file),
+        (_GEMINI, "GET", "/v1beta/files", _gemini_files), (_GEMINI, "GET", "/v1beta/files/{id}", _getter("gfile")),
         (_GEMINI, "DELETE", "/v1beta/files/{id}", _deleted),
         (_GEMINI, "POST", "/v1beta/models/{model}:batchGenerateContent", _gemini_batch_create),
-        (_GEMINI, "GET", "/v1beta/batches/{id}", _gemini_batch_get),
+        (_GEMINI, "GET", "/v1beta/batches/{id}", _getter("gbatch")),
         (_GEMINI, "GET", "/v1beta/batches", _gemini_batch_list),
         (_GEMINI, "POST", "/v1beta/cachedContents", _cache_create),
         (_GEMINI, "GET", "/v1beta/cachedContents", _cache_list),
-        (_GEMINI, "GET", "/v1beta/cachedContents/{id}", _cache_get),
+        (_GEMINI, "GET", "/v1beta/cachedContents/{id}", _getter("cache")),
         (_GEMINI, "DELETE", "/v1beta/cachedContents/{id}", _deleted),
     ]
     for provider, method, path, handler in routes:
@@ -125,6 +125,14 @@ def _page(items: list[dict], request: web.Request) -> dict:
             "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}
 
 
+def _getter(prefix: str):
+    """A handler answering the stored object `{id}` of this kind (ids start with `prefix`), else 404."""
+    async def get(request, store, _):
+        found = store.get(request.match_info["id"])
+        return found["meta"] if found and request.match_info["id"].startswith(prefix) else None
+    return get
+
+
 def _of(store: dict, prefix: str) -> list[dict]:
     return [v["meta"] for k, v in store.items() if k.startswith(prefix) and k != "_next"]
 
@@ -132,10 +140,6 @@ def _of(store: dict, prefix: str) -> list[dict]:
 async def _file_list(request, store, _):
     return _page(_of(store, "file-"), request)
 
-
-async def _file_get(request, store, _):
-    found = store.get(request.match_info["id"])
-    return found["meta"] if found and request.match_info["id"].startswith("file-") else None
 
 
 async def _file_delete(request, store, _):
@@ -199,10 +203,6 @@ async def _batch_list(request, store, _):
     return _page(_of(store, "batch_sim"), request)
 
 
-async def _batch_get(request, store, _):
-    found = store.get(request.match_info["id"])
-    return found["meta"] if found and request.match_info["id"].startswith("batch_sim") else None
-
 
 # --- Anthropic message batches ---------------------------------------------------------------------
 async def _msgbatch_create(request, store, body):
@@ -232,10 +232,6 @@ async def _msgbatch_list(request, store, _):
     return {k: v for k, v in page.items() if k != "object"}
 
 
-async def _msgbatch_get(request, store, _):
-    found = store.get(request.match_info["id"])
-    return found["meta"] if found and request.match_info["id"].startswith("msgbatch_") else None
-
 
 async def _msgbatch_results(request, store, _):
     found = store.get(request.match_info["id"])
@@ -255,10 +251,6 @@ async def _cache_create(request, store, body):
 async def _cache_list(request, store, _):
     return {"cachedContents": _of(store, "cache")}
 
-
-async def _cache_get(request, store, _):
-    found = store.get(request.match_info["id"])
-    return found["meta"] if found and request.match_info["id"].startswith("cache") else None
 
 
 # --- Gemini files: the resumable upload protocol -----------------------------------------------------
@@ -291,10 +283,6 @@ async def _gemini_files(request, store, _):
     return {"files": _of(store, "gfile")}
 
 
-async def _gemini_file(request, store, _):
-    found = store.get(request.match_info["id"])
-    return found["meta"] if found and request.match_info["id"].startswith("gfile") else None
-
 
 # --- Gemini batches (inline requests) --------------------------------------------------------------
 async def _gemini_batch_create(request, store, body):
@@ -319,10 +307,6 @@ async def _gemini_batch_create(request, store, body):
     store[name.rsplit("/", 1)[1]] = {"meta": {"name": name, "metadata": metadata, "done": True}}
     return {"name": name, "metadata": {**metadata, "state": "BATCH_STATE_PENDING", "output": None}}
 
-
-async def _gemini_batch_get(request, store, _):
-    found = store.get(request.match_info["id"])
-    return found["meta"] if found and request.match_info["id"].startswith("gbatch") else None
 
 
 async def _gemini_batch_list(request, store, _):
