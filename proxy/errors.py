@@ -9,6 +9,7 @@
     │   ├── UnknownTenant             (code unknown_tenant: the credential names no tenant of tenants.csv)
     │   └── ModelUnpriced             (code model_unpriced: no price, and a usd limit applies)
     ├── UnknownProvider          404  bad_request
+    ├── ObjectNotFound           404  denied           (code object_not_found: another tenant's object, or one never seen)
     ├── BadRequest               400  bad_request
     │   ├── BodyTooLarge         413
     │   └── BodyTimeout          408
@@ -16,9 +17,11 @@
     │   └── BudgetExceeded            budget_exceeded
     ├── InternalError            500  internal_error   (a failure nothing else foresaw; logged)
     ├── StoreUnavailable         503  upstream_error   (not recorded: the event store is what failed)
+    ├── LimitStoreUnavailable    503  upstream_error   (code limit_store_unavailable: Redis unreachable; recorded)
     ├── KeysFailing              503  upstream_error   (code provider_keys_failing: for the operator to rotate)
     ├── UpstreamUnreachable      502  upstream_error   (the next key of a pool is tried)
     ├── UpstreamTooLarge         502  upstream_error   (a JSON answer past [server] max_response_bytes)
+    ├── UpstreamRefused          (its status) upstream_error (the provider refused a WebSocket handshake)
     └── UpstreamTimeout          504  timeout
 
 Third-party exceptions (aiohttp, asyncio timeouts) are translated into this tree in one place,
@@ -80,6 +83,16 @@ class ObjectNotFound(TollwayError):
     status, outcome, kind, code = 404, "denied", "not_found", "object_not_found"
 
 
+class UpstreamRefused(TollwayError):
+    """The provider answered a WebSocket handshake with an HTTP error; `status` is its status."""
+
+    outcome, kind = "upstream_error", "upstream"
+
+    def __init__(self, message: str, status: int, retry_after: str | None) -> None:
+        super().__init__(message, retry_after=int(retry_after) if retry_after and retry_after.isdigit() else None)
+        self.status = status
+
+
 class BadRequest(TollwayError):
     status, outcome, kind = 400, "bad_request", "invalid_request"
 
@@ -107,6 +120,14 @@ class InternalError(TollwayError):
 class StoreUnavailable(TollwayError):
     status, outcome, kind = 503, "upstream_error", "unavailable"
     recorded = False
+
+
+class LimitStoreUnavailable(TollwayError):
+    """The shared limit store (Redis) cannot be reached: refused rather than served past limits (fail closed).
+    Recorded (the event store works), with no key tried, so rebuilt counters never count it."""
+
+    status, outcome, kind = 503, "upstream_error", "unavailable"
+    code = "limit_store_unavailable"
 
 
 class KeysFailing(TollwayError):

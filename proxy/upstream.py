@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager, suppress
 import aiohttp
 from yarl import URL
 
-from proxy.errors import TollwayError, UpstreamTimeout, UpstreamTooLarge, UpstreamUnreachable
+from proxy.errors import UpstreamRefused, UpstreamTimeout, UpstreamTooLarge, UpstreamUnreachable
 from proxy.settings import ProviderSettings
 
 _STEP = 256 * 1024  # the most bytes inflated at once
@@ -167,16 +167,6 @@ class Upstream:
         except aiohttp.ClientError as exc:
             raise UpstreamUnreachable(f"The provider {provider.name!r} could not be reached "
                                       f"({type(exc).__name__}). Try again later.") from exc
-
-
-class UpstreamRefused(TollwayError):
-    """The provider answered a WebSocket handshake with an HTTP error; `status` is its status."""
-
-    outcome, kind = "upstream_error", "upstream"
-
-    def __init__(self, message: str, status: int, retry_after: str | None) -> None:
-        super().__init__(message, retry_after=int(retry_after) if retry_after and retry_after.isdigit() else None)
-        self.status = status
 
 
 class UpstreamSocket:

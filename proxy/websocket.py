@@ -26,6 +26,7 @@ from proxy.errors import (
     NoRoute,
     TollwayError,
     UnknownProvider,
+    UpstreamRefused,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
@@ -40,7 +41,6 @@ from proxy.forward import (
 )
 from proxy.providers.operations import OTHER
 from proxy.providers.registry import CREDENTIAL_HEADERS, CREDENTIAL_QUERY_PARAMS
-from proxy.upstream import UpstreamRefused
 from proxy.websocket_session import Session
 
 if TYPE_CHECKING:
