@@ -31,25 +31,26 @@ def create_app(gateway: Gateway) -> GatewayApp:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @get("/readyz", sync_to_thread=False)
-    def readyz() -> Response[dict[str, Any]]:
+    @get("/readyz")
+    async def readyz() -> Response[dict[str, Any]]:
         recorder = gateway.recorder
         checks = {
             "policy": "ok" if gateway.policy_error is None else f"last edit refused: {gateway.policy_error}",
             "event_store": "ok" if recorder and recorder.last_error is None else (
                 recorder.last_error if recorder else "not started"),
+            "limits": await gateway.limit_store.check(),  # a shared store (Redis) is pinged
         }
         # A refused policy edit leaves the previous policy serving: reported, but still ready.
-        ready = checks["event_store"] == "ok"
+        ready = checks["event_store"] == "ok" and checks["limits"] == "ok"
         policies = gateway.policies
         return Response({"status": "ready" if ready else "not ready", "checks": checks,
                          "policy": {"version": policies.version, "loaded_at": policies.loaded_at.isoformat(),
                                     "warnings": len(policies.warnings)}},
                         status_code=200 if ready else 503)
 
-    @get("/metrics", sync_to_thread=False)
-    def metrics() -> Response[bytes]:
-        body = gateway.render_metrics()
+    @get("/metrics")
+    async def metrics() -> Response[bytes]:
+        body = await gateway.render_metrics()
         return Response(body, media_type=CONTENT_TYPE)
 
     @post("/auth/token")

@@ -18,8 +18,9 @@ from proxy.control import ControlStore
 from proxy.crypto import Keyring, load_master_key
 from proxy.errors import StartupError
 from proxy.gateway import Gateway
-from proxy.limits import LimitStore, MemoryLimitStore
+from proxy.limits import LimitStore
 from proxy.settings import LimitSettings, Settings
+from proxy.stores.memory import MemoryLimitStore
 from proxy.upstream import Upstream
 
 log = logging.getLogger("tollway.gateway")
@@ -41,8 +42,13 @@ def build_gateway(settings: Settings) -> Gateway:
 
 
 def limit_store_for(limits: LimitSettings) -> LimitStore:
-    """The limit store `[limits] store` names."""
+    """The limit store `[limits] store` names: this process's memory, or Redis shared by every process
+    (imported only then, so the default start never loads the Redis client)."""
     if limits.store == "memory":
         return MemoryLimitStore()
-    raise StartupError(f"[limits] store = {limits.store!r}: the Redis limit store is not available in this build; "
-                       'use "memory"')
+    from proxy.stores.redis_limits import RedisLimitStore
+
+    try:
+        return RedisLimitStore(limits.store)
+    except ValueError as exc:  # a URL redis-py cannot read
+        raise StartupError(f"[limits] store = {limits.store!r}: {exc}") from exc

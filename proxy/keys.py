@@ -7,14 +7,22 @@ A key's health, as the provider's answers show it:
 - a 403 is about the request (a model the account may not use, a region), never about the key.
 When every key of a route is failing, the refusal is the operator's to fix (`KeysFailing`, 503),
 not a policy denial.
+
+Health is read from this process's memory (the request path pays a dict lookup). With a shared limit
+store, what one gateway learns is shared through `KeyShare` (async, off the request path): its
+cool-downs reach every other gateway within milliseconds, and 401 strikes are counted across all of
+them, so a key the provider rate-limits is rested everywhere, not only where the 429 was seen.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
+from typing import Protocol
 
 from policy.files import RouteRule
 from policy.loader import PolicySet
@@ -23,18 +31,52 @@ from proxy.control import ProviderKey
 from proxy.errors import KeysFailing, NoRoute, RateLimited
 from proxy.metrics import Metrics
 
+log = logging.getLogger("tollway.gateway")
 STRIKES = 3
 STRIKE_WINDOW_S = 60.0
 _MAX_COOL_DOWN_S = 3600.0
 
 
+class KeyShare(Protocol):
+    """Key health shared between gateway processes (the Redis store's); None: this process only."""
+
+    async def start(self, cooled: Callable[[str, float], None], failing: Callable[[str, str], None],
+                    struck: Callable[[str], None]) -> None:
+        """Deliver what other processes learn: a cool-down (key id, seconds left), a key marked failing
+        (key id, reason), a 401 strike (key id)."""
+
+    async def cool_down(self, key_id: str, seconds: float) -> None: ...
+
+    async def strike(self, key_id: str, window_s: float) -> int:
+        """Count a 401 against the key; returns the strikes within `window_s`, every process's."""
+
+    async def clear_strikes(self, key_id: str) -> None: ...
+
+    async def failing(self, key_id: str, reason: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class KeyPools:
-    def __init__(self, control: ControlView, metrics: Metrics, persist_failing: Callable[[str, str], None]) -> None:
+    def __init__(self, control: ControlView, metrics: Metrics, persist_failing: Callable[[str, str], None],
+                 share: KeyShare | None = None) -> None:
         self._control = control
         self._metrics = metrics
         self._persist_failing = persist_failing  # (key id, reason): written to control.db off the request path
         self._cooling: dict[str, float] = {}  # key id -> monotonic time its 429 cool-down ends
         self._strikes: dict[str, list[float]] = {}  # key id -> monotonic times of its recent 401s
+        self._share = share
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        if self._share is not None:
+            await self._share.start(self._cooled, self._mark_failing, self._struck)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._share is not None:
+            await self._share.close()
 
     def pool(self, route: RouteRule | None, tenant: str, provider: str, model: str) -> list[ProviderKey]:
         """The route's keys to try, in order: usable, not failing, not cooling down after a 429."""
@@ -88,8 +130,8 @@ class KeyPools:
     def answered(self, key: ProviderKey, status: int, retry_after: str | None) -> None:
         """What the provider's status says about the key."""
         if status < 400:
-            if self._strikes:
-                self._strikes.pop(key.key_id, None)
+            if self._strikes and self._strikes.pop(key.key_id, None) and self._share is not None:
+                self._background(self._share.clear_strikes(key.key_id))
         elif status == 401:
             self._unauthorized(key)
         elif status == 429:
@@ -103,13 +145,47 @@ class KeyPools:
         self._metrics.key_failures.labels(key.key_id, "401").inc()
         now = time.monotonic()
         strikes = [t for t in self._strikes.get(key.key_id, ()) if now - t < STRIKE_WINDOW_S] + [now]
+        if self._share is not None:  # counted across every process
+            self._strikes[key.key_id] = strikes
+            self._background(self._shared_strike(key.key_id))
+            return
         if len(strikes) < STRIKES:
             self._strikes[key.key_id] = strikes
             return
-        self._strikes.pop(key.key_id, None)
-        reason = f"provider answered 401 {STRIKES} times in a row"
-        self._control.keys[key.key_id] = replace(key, health=f"failing: {reason}")
-        self._persist_failing(key.key_id, reason)
+        self._mark_failing(key.key_id, f"provider answered 401 {STRIKES} times in a row")
+
+    async def _shared_strike(self, key_id: str) -> None:
+        if await self._share.strike(key_id, STRIKE_WINDOW_S) >= STRIKES:
+            reason = f"provider answered 401 {STRIKES} times in a row"
+            self._mark_failing(key_id, reason)
+            await self._share.failing(key_id, reason)
+
+    def _mark_failing(self, key_id: str, reason: str) -> None:
+        """Until rotated: in this process now, in control.db through the writer (idempotent)."""
+        self._strikes.pop(key_id, None)
+        key = self._control.keys.get(key_id)
+        if key is None or key.health.startswith("failing"):
+            return
+        self._control.keys[key_id] = replace(key, health=f"failing: {reason}")
+        self._persist_failing(key_id, reason)
+
+    def _cooled(self, key_id: str, seconds: float) -> None:
+        """Another process's cool-down (or one this process shared and hears back)."""
+        self._cooling[key_id] = max(self._cooling.get(key_id, 0), time.monotonic() + seconds)
+
+    def _struck(self, key_id: str) -> None:
+        """Another process counted a 401: a success here clears the shared count."""
+        self._strikes.setdefault(key_id, []).append(time.monotonic())
+
+    def _background(self, work: Coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("sharing key health failed: %s", task.exception())
 
     def _rate_limited(self, key: ProviderKey, retry_after: str | None) -> None:
         try:
@@ -118,8 +194,11 @@ class KeyPools:
             seconds = 1.0
         if seconds != seconds:  # NaN
             seconds = 1.0
-        self._cooling[key.key_id] = time.monotonic() + min(max(seconds, 0.1), _MAX_COOL_DOWN_S)
+        seconds = min(max(seconds, 0.1), _MAX_COOL_DOWN_S)
+        self._cooling[key.key_id] = time.monotonic() + seconds
         self._metrics.key_failures.labels(key.key_id, "429").inc()
+        if self._share is not None:
+            self._background(self._share.cool_down(key.key_id, seconds))
 
 
 def preferring(pool: list[ProviderKey], key_id: str | None) -> list[ProviderKey]:

@@ -1,5 +1,7 @@
 """Limits for one request: what applies, the worst-case reservation, the settlement, budget alerts,
-and rebuilding the current windows from `events.duckdb` after a restart."""
+and rebuilding the current windows from `events.duckdb` after a restart (or after a shared store
+came back empty). The store gets plain `Check`s; this module turns its answers back into the words
+of limits.csv."""
 
 from __future__ import annotations
 
@@ -20,14 +22,17 @@ from proxy.limits import (
     Alert,
     Amounts,
     AppliedLimit,
+    Denied,
     LimitStore,
-    MemoryLimitStore,
     Refusal,
     Reservation,
     Scope,
+    SeedRow,
     crossed_thresholds,
+    refusal,
     usd_units,
     usd_value,
+    window_end,
     window_start,
 )
 from proxy.price import Price, cost_of
@@ -40,19 +45,21 @@ ADMITTED = ("ok", "upstream_error", "timeout", "cancelled", "internal_error")
 
 class LimitPlan(list):
     """The limits that apply to one identity, with what `reserve` and `settle` need precomputed:
-    only the tightest limit per (scope, metric, window) can refuse, and budgets grouped by counter."""
+    only the tightest limit per (scope, metric, window) can refuse (its `Check` is what the store
+    gets), and budgets grouped by counter."""
 
     def __init__(self, limits: list[AppliedLimit]) -> None:
         super().__init__(limits)
         tightest: dict[tuple, AppliedLimit] = {}
         groups: dict[tuple, list[AppliedLimit]] = {}
         for lim in limits:
-            key = (lim.per_user, lim.slot)
+            key = (lim.per_user, lim.rule.metric, lim.rule.window)
             if key not in tightest or lim.limit_units < tightest[key].limit_units:
                 tightest[key] = lim
             if lim.rule.metric == "usd":
                 groups.setdefault((lim.scope, lim.rule.window), []).append(lim)
-        self.checks = list(tightest.values())
+        self.tightest = list(tightest.values())
+        self.checks = [lim.check for lim in self.tightest]
         self.budget_groups = list(groups.items())
         self.has_budget = bool(groups)  # a usd limit applies
 
@@ -70,7 +77,6 @@ class Limiter:
         self._max_output = max_output_tokens
         self._on_alert = on_alert
         self._on_refusal = on_refusal
-        self._alerted: set[tuple] = set()
         self._applicable: dict[tuple, list[AppliedLimit]] = {}
         self._applicable_for: PolicySet | None = None
 
@@ -111,14 +117,16 @@ class Limiter:
     async def reserve(self, limits: list[AppliedLimit], tenant: str, pseudonym: uuid.UUID, amounts: Amounts,
                       at: datetime) -> Reservation:
         scopes = (Scope(tenant, None), Scope(tenant, pseudonym))
-        result = await self.store.reserve(as_plan(limits).checks, scopes, amounts, at)
-        if isinstance(result, Refusal):
-            self._on_refusal(result)
-            rule = result.limit.rule
+        plan = as_plan(limits)
+        result = await self.store.reserve(plan.checks, scopes, amounts, at)
+        if isinstance(result, Denied):
+            refused = refusal(plan.tightest, result)
+            self._on_refusal(refused)
+            rule = refused.limit.rule
             if rule.metric == "usd":  # refused at the budget: it is as good as fully spent
-                self._alert(Alert(result.limit, 100, window_start(rule.window, at), result.used))
-            error = BudgetExceeded if result.limit.rule.metric == "usd" else RateLimited
-            raise error(result.message(), retry_after=result.retry_after_s)
+                await self._alert(Alert(refused.limit, 100, window_start(rule.window, at), refused.used))
+            error = BudgetExceeded if rule.metric == "usd" else RateLimited
+            raise error(refused.message(), retry_after=refused.retry_after_s)
         return result
 
     async def settle(self, reservation: Reservation, limits: list[AppliedLimit], event: Event) -> None:
@@ -134,9 +142,10 @@ class Limiter:
             if after is None:
                 continue  # that window rolled over meanwhile
             before = after - spent_units
+            start = reservation.starts[WINDOWS.index(window)]
             for lim in budgets:
                 for threshold in crossed_thresholds(before, after, lim.limit_units):
-                    self._alert(Alert(lim, threshold, window_start(window, reservation.at), usd_value(after)))
+                    await self._alert(Alert(lim, threshold, start, usd_value(after)))
 
     async def charge(self, event: Event) -> None:
         """Count usage that needed no admission (a batch's results, billed when they are read) against
@@ -146,41 +155,69 @@ class Limiter:
         tokens = (event.input_tokens or 0) + (event.output_tokens or 0)
         await self.store.settle(reservation, Amounts(0, tokens, event.cost_usd or Decimal(0)))
 
-    def _alert(self, alert: Alert) -> None:
-        key = (alert.limit.rule.line, alert.limit.scope, alert.limit.rule.window, alert.window_start, alert.threshold)
-        if key in self._alerted:
-            return
-        if len(self._alerted) > 50_000:  # forget alerts of windows that are over
-            month = window_start("month", datetime.now(UTC))
-            self._alerted = {k for k in self._alerted if k[3] >= month}
-        self._alerted.add(key)
-        self._on_alert(alert)
+    async def _alert(self, alert: Alert) -> None:
+        """Sent once per (rule, scope, window, threshold), by whichever process crosses it first: the
+        store remembers (a shared store for every process)."""
+        key = _alert_id(alert.limit.rule.line, alert.limit.scope, alert.limit.rule.window, alert.window_start,
+                        alert.threshold)
+        until = window_end(alert.limit.rule.window, alert.window_start)
+        if await self.store.first_alert(key, until):
+            self._on_alert(alert)
 
-    def remember_alerts(self, keys: list[tuple]) -> None:
+    async def remember_alerts(self, keys: list[tuple]) -> None:
         """Alerts already recorded (from the audit log), so a restart does not repeat them."""
-        self._alerted.update(keys)
+        for line, scope, window, start, threshold in keys:
+            await self.store.first_alert(_alert_id(line, scope, window, start, threshold), window_end(window, start))
+
+
+def _alert_id(line: int, scope: Scope, window: str, start: datetime, threshold: int) -> str:
+    return f"{line}:{scope.tenant}:{scope.user or '-'}:{window}:{int(start.timestamp())}:{threshold}"
 
 
 def alert_key(line: int, tenant: str, user: str | None, window: str, start: str, threshold: int) -> tuple:
     return (line, Scope(tenant, uuid.UUID(user) if user else None), window, datetime.fromisoformat(start), threshold)
 
 
-def rebuild_counters(store: MemoryLimitStore, con: duckdb.DuckDBPyConnection, at: datetime) -> int:
-    """Seed the current windows with what `events.duckdb` says was used in them; returns rows read."""
-    rows = 0
-    for window in WINDOWS:
-        start = window_start(window, at)
-        result = con.execute(
-            "SELECT tenant, user_pseudonym, count(*), "
-            "sum(coalesce(input_tokens, 0) + coalesce(output_tokens, 0)), sum(coalesce(cost_usd, 0)) "
-            "FROM events WHERE ts >= ? AND tenant IS NOT NULL AND outcome IN ? "
-            "GROUP BY tenant, user_pseudonym", [start, list(ADMITTED)]).fetchall()
+#: Refusals recorded as upstream_error before any limit was reserved (limit store unavailable, every key
+#: failing): 503 with no provider key tried. Not admitted, so not counted.
+_NOT_ADMITTED = "NOT (outcome = 'upstream_error' AND status_code = 503 AND key_id IS NULL)"
+
+
+def usage_rows(con: duckdb.DuckDBPyConnection, at: datetime) -> tuple[int, list[SeedRow]]:
+    """What `events.duckdb` says was used in the windows containing `at`: (aggregates read, seed rows),
+    the tenant's rows summed over its users."""
+    read, totals = 0, {}
+    cursor = con.cursor()  # its own cursor: a re-seed reads in a thread while the writer appends
+    try:
+        results = [(window, _usage(cursor, window_start(window, at))) for window in WINDOWS]
+    finally:
+        cursor.close()
+    for window, result in results:
         for tenant, pseudonym, requests, tokens, usd in result:
-            rows += 1
+            read += 1
             for scope in {Scope(tenant, None), Scope(tenant, pseudonym)}:
-                for metric, value in (("requests", requests), ("tokens", tokens), ("usd", usd)):
-                    store.seed(scope, metric, window, start, Decimal(value or 0))
-    return rows
+                old = totals.get((scope, window), (0, 0, 0))
+                totals[scope, window] = (old[0] + requests, old[1] + int(tokens or 0),
+                                         old[2] + usd_units(Decimal(usd or 0)))
+    rows = [SeedRow(scope, window, window_start(window, at), *figures) for (scope, window), figures in totals.items()]
+    return read, rows
+
+
+def _usage(cursor: duckdb.DuckDBPyConnection, start: datetime) -> list[tuple]:
+    return cursor.execute(
+        "SELECT tenant, user_pseudonym, count(*), "
+        "sum(coalesce(input_tokens, 0) + coalesce(output_tokens, 0)), sum(coalesce(cost_usd, 0)) "
+        f"FROM events WHERE ts >= ? AND tenant IS NOT NULL AND outcome IN ? AND {_NOT_ADMITTED} "
+        "GROUP BY tenant, user_pseudonym", [start, list(ADMITTED)]).fetchall()
+
+
+async def rebuild_counters(store: LimitStore, con: duckdb.DuckDBPyConnection, at: datetime,
+                           source: str = "events") -> int:
+    """Seed the current windows with what `events.duckdb` says was used in them, unless the store already
+    holds `source`'s usage (a shared store that outlived this process); returns aggregates read."""
+    read, rows = usage_rows(con, at)
+    await store.seed(source, rows)
+    return read
 
 
 def alert_details(alert: Alert) -> dict:

@@ -1,22 +1,24 @@
-"""Rate limits and budgets: a narrow, atomic store interface and its in-memory implementation.
+"""Rate limits and budgets: the vocabulary and the narrow, atomic, backend-neutral store interface.
 
 A request reserves its worst case (1 request, estimated input + maximum output tokens, their cost)
 against every limit that applies, all or nothing; when it ends it settles the real figures.
 Counters are kept per tenant and per (tenant, user pseudonym), for every metric and every
 calendar window (UTC): a limit added by a reload finds its window's usage already counted.
-The store never sees a user id, only pseudonyms.
-
-`LimitStore` is the seam for several gateway processes: a Redis store would implement `reserve`
-(one Lua script: check every counter, then add) and `settle` with the same meaning.
+The store never sees a user id, only pseudonyms, and never a limits.csv rule: it gets plain values
+(`Check`: scope, metric, window, limit in integer units) and answers with plain values (`Denied`:
+which check, how much was used, how long to wait), so a shared store (Redis) implements the same
+meaning in one script per call. Implementations: `proxy.stores.memory` (one process, the default)
+and `proxy.stores.redis_limits` (every gateway process and machine).
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from policy.files import LimitRule
 
@@ -25,10 +27,6 @@ WINDOWS = ("minute", "hour", "day", "month")
 ALERT_THRESHOLDS = (50, 80, 100)
 
 _NANO = Decimal("1e9")
-_SLOTS = len(METRICS) * len(WINDOWS)
-_WINDOW_INDEX = {w: i for i, w in enumerate(WINDOWS)}
-_SLOT = {(m, w): i * len(WINDOWS) + j for i, m in enumerate(METRICS) for j, w in enumerate(WINDOWS)}
-_USD_BASE = _SLOT["usd", WINDOWS[0]]
 
 
 def _units(metric: str, value: Decimal) -> int:
@@ -47,6 +45,11 @@ def usd_units(value: Decimal) -> int:
 
 def usd_value(units: int) -> Decimal:
     return _from_units("usd", units)
+
+
+def from_units(metric: str, value: int) -> Decimal:
+    """A counter's integer units as the metric's own value (USD for `usd`)."""
+    return _from_units(metric, value)
 
 
 def window_start(window: str, at: datetime) -> datetime:
@@ -78,6 +81,11 @@ class Amounts:
     usd: Decimal = Decimal(0)
 
 
+def vector(amounts: Amounts) -> list[int]:
+    """Amounts as integer units in METRICS order."""
+    return [amounts.requests, amounts.tokens, _units("usd", amounts.usd)]
+
+
 @dataclass(frozen=True, slots=True)
 class Scope:
     """Whose counters a limit reads: the tenant as a whole (user None) or one user's."""
@@ -86,16 +94,43 @@ class Scope:
     user: uuid.UUID | None
 
 
-class AppliedLimit:
-    """A limits.csv rule bound to the scope it counts in, its counter slot and integer limit precomputed."""
+class Check(NamedTuple):
+    """One limit a reservation must fit under, in plain values: `limit` is in integer units."""
 
-    __slots__ = ("rule", "scope", "per_user", "slot", "window_index", "limit_units")
+    scope: Scope
+    metric: str
+    window: str
+    limit: int
+
+
+class Denied(NamedTuple):
+    """A store's refusal: `checks[index]` would be crossed; `used` units were used or reserved."""
+
+    index: int
+    used: int
+    retry_after_s: int
+
+
+class SeedRow(NamedTuple):
+    """Usage counted before the store started (rebuilt from events): one scope in one window."""
+
+    scope: Scope
+    window: str
+    start: datetime
+    requests: int
+    tokens: int
+    usd: int  # nano-dollars
+
+
+class AppliedLimit:
+    """A limits.csv rule bound to the scope it counts in, as the `Check` a store is given."""
+
+    __slots__ = ("rule", "scope", "per_user", "check", "limit_units")
 
     def __init__(self, rule: LimitRule, scope: Scope) -> None:
         self.rule, self.scope, self.per_user = rule, scope, scope.user is not None
-        self.slot = _SLOT[rule.metric, rule.window]
-        self.window_index = _WINDOW_INDEX[rule.window]
         self.limit_units = _units(rule.metric, rule.limit)
+        self.check = Check(scope, rule.metric, rule.window, self.limit_units)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,12 +149,19 @@ class Refusal:
                 f"(policy/limits.csv line {rule.line}; {self.used} used or reserved). Retry after {self.retry_after_s} s.")
 
 
+def refusal(limits: list[AppliedLimit], denied: Denied) -> Refusal:
+    """The store's `Denied` in the words of the limits.csv rule it refers to."""
+    applied = limits[denied.index]
+    return Refusal(applied, _from_units(applied.rule.metric, denied.used), denied.retry_after_s)
+
+
 @dataclass(slots=True)
 class Reservation:
     at: datetime
     scopes: tuple[Scope, ...]
     amounts: Amounts
-    starts: dict[str, datetime] = field(default_factory=dict)  # window -> its start when reserved
+    starts: tuple[datetime, ...]  # the start of each window (WINDOWS order) it was counted in
+    generation: str | None = None  # the shared store's counter generation it was made in (Redis)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,134 +173,56 @@ class Alert:
 
 
 class LimitStore(Protocol):
-    async def reserve(self, limits: list[AppliedLimit], scopes: tuple[Scope, ...], amounts: Amounts,
-                      at: datetime) -> Reservation | Refusal:
-        """Atomically: refuse if any limit would be crossed, else add `amounts` as reserved everywhere."""
+    async def reserve(self, checks: list[Check], scopes: tuple[Scope, ...], amounts: Amounts,
+                      at: datetime) -> Reservation | Denied:
+        """Atomically: deny if any check would be crossed, else add `amounts` as reserved in every window
+        of every scope (`scopes` is (the tenant's, the user's); each check counts in one of them)."""
 
     async def settle(self, reservation: Reservation, actual: Amounts) -> dict[tuple[Scope, str], int]:
         """Replace the reservation by the real figures (in the windows it was made in).
 
         Returns the settled usd spend, in nano-dollars, of each (scope, window) it counted in."""
 
-    def spent(self, scope: Scope, metric: str, window: str, at: datetime) -> Decimal:
+    async def release(self, reservation: Reservation) -> None:
+        """Drop the reservation without counting anything (the request never reached a provider)."""
+
+    async def spent(self, scope: Scope, metric: str, window: str, at: datetime) -> Decimal:
         """Settled use (no reservations) in the window containing `at`."""
 
+    async def seed(self, source: str, rows: list[SeedRow]) -> bool:
+        """Add usage counted before the store started, once per `source` (an events store) for as long as
+        the store's counters live; False when `source` was already seeded."""
 
-class _ScopeCounters:
-    """Every (metric, window) counter of one scope, for the current calendar windows."""
+    async def first_alert(self, key: str, until: datetime) -> bool:
+        """True the first time `key` is seen (until `until`): an alert is sent once, by one process."""
 
-    __slots__ = ("minute", "starts", "used", "reserved")
+    def attach(self, source: str, reseed: Callable[[], Awaitable[None]] | None) -> None:
+        """`source` names the event store this process seeds from; `reseed` puts its usage back into a
+        shared store that lost its counters (Redis restarted empty)."""
 
-    def __init__(self) -> None:
-        self.minute = -1  # the minute the windows were last rolled to: rolling to it again is a no-op
-        self.starts: list[datetime | None] = [None] * len(WINDOWS)
-        self.used = [0] * _SLOTS
-        self.reserved = [0] * _SLOTS
+    def key_share(self) -> object | None:
+        """`proxy.keys.KeyShare` for key health shared with other processes; None: in-process only."""
 
-    def roll(self, starts: tuple[datetime, ...], minute: int) -> None:
-        """Move each window forward to `starts` (never back), emptying the windows that moved."""
-        if minute == self.minute:
-            return
-        for w, start in enumerate(starts):
-            self.roll_window(w, start)
-        self.minute = max(self.minute, minute)
+    async def check(self) -> str:
+        """"ok", or why the store cannot be used right now (for /readyz)."""
 
-    def roll_window(self, w: int, start: datetime) -> None:
-        current = self.starts[w]
-        if current is None or start > current:
-            self.starts[w] = start
-            for m in range(len(METRICS)):
-                self.used[m * len(WINDOWS) + w] = self.reserved[m * len(WINDOWS) + w] = 0
-
-    def live(self, w: int, start: datetime) -> bool:
-        return self.starts[w] == start
+    async def close(self) -> None:
+        """Release connections."""
 
 
-class MemoryLimitStore:
-    """One process's counters. Every method runs without awaiting, so each is atomic on the event loop."""
-
-    def __init__(self) -> None:
-        self._scopes: dict[Scope, _ScopeCounters] = {}
-        self._minute = -1
-        self._minute_starts: tuple[datetime, ...] = ()
-
-    def _starts(self, at: datetime) -> tuple[tuple[datetime, ...], int]:
-        """The window starts containing `at`, and its minute number (every start is fixed for a minute)."""
-        minute = int(at.timestamp() // 60)
-        if minute == self._minute:
-            return self._minute_starts, minute
-        starts = tuple(window_start(w, at) for w in WINDOWS)
-        if minute > self._minute:
-            self._minute, self._minute_starts = minute, starts
-        return starts, minute
-
-    def _counters(self, scope: Scope, starts: tuple[datetime, ...], minute: int) -> _ScopeCounters:
-        counters = self._scopes.get(scope)
-        if counters is None:
-            counters = self._scopes[scope] = _ScopeCounters()
-        counters.roll(starts, minute)
-        return counters
-
-    def spent(self, scope: Scope, metric: str, window: str, at: datetime) -> Decimal:
-        starts, minute = self._starts(at)
-        counters = self._counters(scope, starts, minute)
-        w = _WINDOW_INDEX[window]
-        if not counters.live(w, starts[w]):
-            return Decimal(0)  # an earlier window than the one counted now
-        return _from_units(metric, counters.used[_SLOT[metric, window]])
-
-    async def reserve(self, limits: list[AppliedLimit], scopes: tuple[Scope, ...], amounts: Amounts,
-                      at: datetime) -> Reservation | Refusal:
-        """`scopes` is (the tenant's, the user's); each limit counts in one of them."""
-        starts, minute = self._starts(at)
-        tenant_counters, user_counters = (self._counters(scope, starts, minute) for scope in scopes)
-        wanted = _vector(amounts)
-        refusals = None
-        for applied in limits:
-            counters = user_counters if applied.per_user else tenant_counters
-            slot = applied.slot
-            current = counters.used[slot] + counters.reserved[slot]
-            if current + wanted[slot // len(WINDOWS)] > applied.limit_units:
-                start = starts[applied.window_index]
-                wait = max(1, int((window_end(applied.rule.window, start) - at).total_seconds() + 0.999))
-                refusals = refusals or []
-                refusals.append(Refusal(applied, _from_units(applied.rule.metric, current), wait))
-        if refusals:  # the one the client must wait longest for; then the smallest limit
-            return max(refusals, key=lambda r: (r.retry_after_s, -r.limit.rule.limit))
-        for counters in (tenant_counters, user_counters):
-            for w in range(len(WINDOWS)):
-                if counters.starts[w] == starts[w]:  # only windows still at `starts`
-                    for m, value in enumerate(wanted):
-                        counters.reserved[m * len(WINDOWS) + w] += value
-        return Reservation(at, scopes, amounts, dict(zip(WINDOWS, starts, strict=True)))
-
-    async def settle(self, reservation: Reservation, actual: Amounts) -> dict[tuple[Scope, str], int]:
-        starts = tuple(reservation.starts[w] for w in WINDOWS)
-        minute = int(reservation.at.timestamp() // 60)
-        held, spent = _vector(reservation.amounts), _vector(actual)
-        usd_totals = {}
-        for scope in reservation.scopes:
-            counters = self._counters(scope, starts, minute)  # windows only move forward: a later one stays
-            for w, window in enumerate(WINDOWS):
-                if counters.starts[w] != starts[w]:
-                    continue  # the window rolled over since the reservation: its figures went with it
-                for m in range(len(METRICS)):
-                    slot = m * len(WINDOWS) + w
-                    counters.reserved[slot] -= held[m]
-                    counters.used[slot] += spent[m]
-                usd_totals[scope, window] = counters.used[_USD_BASE + w]
-        return usd_totals
-
-    def seed(self, scope: Scope, metric: str, window: str, start: datetime, used: Decimal) -> None:
-        """Counted usage from before a restart (rebuilt from events.duckdb)."""
-        counters = self._scopes.get(scope) or self._scopes.setdefault(scope, _ScopeCounters())
-        counters.roll_window(_WINDOW_INDEX[window], start)
-        if counters.live(_WINDOW_INDEX[window], start):
-            counters.used[_SLOT[metric, window]] += _units(metric, used)
-
-
-def _vector(amounts: Amounts) -> list[int]:
-    return [amounts.requests, amounts.tokens, _units("usd", amounts.usd)]
+def pick_denial(checks: list[Check], over: list[tuple[int, int]], starts: tuple[datetime, ...],
+                at: datetime) -> Denied:
+    """Of the checks that would be crossed ((index, used) pairs), the one the client must wait longest
+    for; then the smallest limit."""
+    best, best_key = None, None
+    for index, used in over:
+        check = checks[index]
+        start = starts[WINDOWS.index(check.window)]
+        wait = max(1, int((window_end(check.window, start) - at).total_seconds() + 0.999))
+        key = (wait, -_from_units(check.metric, check.limit))
+        if best_key is None or key > best_key:
+            best, best_key = Denied(index, used, wait), key
+    return best
 
 
 def crossed_thresholds(spent_before: Decimal | int, spent_after: Decimal | int, limit: Decimal | int) -> list[int]:
@@ -270,3 +234,11 @@ def crossed_thresholds(spent_before: Decimal | int, spent_after: Decimal | int, 
     if limit <= 0:
         return []
     return [t for t in ALERT_THRESHOLDS if spent_before * 100 < t * limit <= spent_after * 100]
+
+
+def __getattr__(name: str):
+    """`MemoryLimitStore` moved to `proxy.stores.memory`; still importable from here."""
+    if name == "MemoryLimitStore":
+        from proxy.stores.memory import MemoryLimitStore
+        return MemoryLimitStore
+    raise AttributeError(name)

@@ -22,11 +22,13 @@ from proxy.limits import (
     Alert,
     Amounts,
     AppliedLimit,
-    MemoryLimitStore,
+    Denied,
     Refusal,
     Reservation,
     Scope,
+    SeedRow,
     crossed_thresholds,
+    refusal,
     window_end,
     window_start,
 )
@@ -34,6 +36,7 @@ from proxy.price import Price
 from proxy.pricebook import book_provider
 from proxy.providers.registry import adapter_for
 from proxy.recorder import EventRecorder, open_events_db
+from proxy.stores.memory import MemoryLimitStore
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -57,7 +60,8 @@ def scopes(user: uuid.UUID = ALICE) -> tuple[Scope, ...]:
 
 async def reserve(store: MemoryLimitStore, limits: list[AppliedLimit], amounts: Amounts, at: datetime = AT,
                   user: uuid.UUID = ALICE) -> Reservation | Refusal:
-    return await store.reserve(limits, scopes(user), amounts, at)
+    result = await store.reserve([lim.check for lim in limits], scopes(user), amounts, at)
+    return refusal(limits, result) if isinstance(result, Denied) else result
 
 
 # --- MemoryLimitStore: reserve and settle ---------------------------------------------------------
@@ -67,13 +71,13 @@ async def test_reservations_count_until_settled_then_the_actual_figures_replace_
     first = await reserve(store, budget, Amounts(1, 500, Decimal("0.40")))
     second = await reserve(store, budget, Amounts(1, 500, Decimal("0.40")))
     assert isinstance(first, Reservation) and isinstance(second, Reservation)
-    assert store.spent(TENANT, "usd", "month", AT) == 0, "a reservation is not spend"
+    assert await store.spent(TENANT, "usd", "month", AT) == 0, "a reservation is not spend"
 
     third = await reserve(store, budget, Amounts(1, 500, Decimal("0.40")))
     assert isinstance(third, Refusal) and third.used == Decimal("0.80"), "0.80 reserved, 0.40 more would cross 1.00"
 
     await store.settle(first, Amounts(1, 120, Decimal("0.10")))
-    assert store.spent(TENANT, "usd", "month", AT) == Decimal("0.10")
+    assert await store.spent(TENANT, "usd", "month", AT) == Decimal("0.10")
     fourth = await reserve(store, budget, Amounts(1, 500, Decimal("0.40")))
     assert isinstance(fourth, Reservation), "0.10 spent + 0.40 reserved + 0.40 = 0.90 fits"
     refused = await reserve(store, budget, Amounts(1, 0, Decimal("0.11")))
@@ -86,11 +90,11 @@ async def test_reservations_count_until_settled_then_the_actual_figures_replace_
     # settled figures land in every metric and window, for the tenant and for the user
     for scope in scopes():
         for window in WINDOWS:
-            assert store.spent(scope, "usd", window, AT) == Decimal("0.60")
-            assert store.spent(scope, "tokens", window, AT) == 420
-            assert store.spent(scope, "requests", window, AT) == 4
-    assert store.spent(Scope("acme", BOB), "requests", "minute", AT) == 0, "another user's counters are untouched"
-    assert store.spent(Scope("globex", None), "usd", "month", AT) == 0
+            assert await store.spent(scope, "usd", window, AT) == Decimal("0.60")
+            assert await store.spent(scope, "tokens", window, AT) == 420
+            assert await store.spent(scope, "requests", window, AT) == 4
+    assert await store.spent(Scope("acme", BOB), "requests", "minute", AT) == 0, "another user's counters are untouched"
+    assert await store.spent(Scope("globex", None), "usd", "month", AT) == 0
     again = await reserve(store, budget, Amounts(1, 0, Decimal("0.40")))
     assert isinstance(again, Reservation), "nothing stays reserved once every request settled"
 
@@ -101,7 +105,7 @@ async def test_a_failed_request_settles_to_zero_and_frees_its_reservation():
     held = await reserve(store, tokens, Amounts(1, 900, Decimal(0)))
     assert isinstance(await reserve(store, tokens, Amounts(1, 200, Decimal(0))), Refusal)
     await store.settle(held, Amounts(1, 0, Decimal(0)))  # e.g. the provider answered 500
-    assert store.spent(Scope("acme", ALICE), "requests", "hour", AT) == 1, "an admitted request still counts"
+    assert await store.spent(Scope("acme", ALICE), "requests", "hour", AT) == 1, "an admitted request still counts"
     assert isinstance(await reserve(store, tokens, Amounts(1, 1000, Decimal(0))), Reservation)
 
 
@@ -135,7 +139,7 @@ async def test_reserve_is_all_or_nothing():
     for scope in scopes():
         for metric in METRICS:
             for window in WINDOWS:
-                assert store.spent(scope, metric, window, AT) == 0
+                assert await store.spent(scope, metric, window, AT) == 0
 
 
 async def test_the_refusal_is_the_one_to_wait_longest_for_then_the_smallest_limit():
@@ -249,14 +253,14 @@ async def test_a_settle_after_the_window_rolled_over_does_not_touch_the_new_wind
     probe = await reserve(store, tokens, Amounts(1, 800, Decimal(0)), at=probe_at)
     assert isinstance(probe, Refusal), "the old request's release leaked into the new minute"
     assert probe.used == 300, "the new minute holds exactly the new reservation"
-    assert store.spent(TENANT, "tokens", "minute", probe_at) == 0
+    assert await store.spent(TENANT, "tokens", "minute", probe_at) == 0
     # the hour (and day, month) both requests fall in counts the old request's real figures
-    assert store.spent(TENANT, "tokens", "hour", probe_at) == 100
+    assert await store.spent(TENANT, "tokens", "hour", probe_at) == 100
 
     await store.settle(new, Amounts(1, 250, Decimal(0)))
-    assert store.spent(TENANT, "tokens", "minute", probe_at) == 250
-    assert store.spent(TENANT, "tokens", "hour", probe_at) == 350
-    assert store.spent(TENANT, "requests", "day", probe_at) == 2
+    assert await store.spent(TENANT, "tokens", "minute", probe_at) == 250
+    assert await store.spent(TENANT, "tokens", "hour", probe_at) == 350
+    assert await store.spent(TENANT, "requests", "day", probe_at) == 2
 
 
 async def test_an_old_windows_settle_after_the_month_rolled_over_leaves_the_new_month_alone():
@@ -267,7 +271,7 @@ async def test_an_old_windows_settle_after_the_month_rolled_over_leaves_the_new_
     new = await reserve(store, budget, Amounts(1, 0, Decimal("0.5")), at=january)
     assert isinstance(new, Reservation), "December's reservation does not count in January"
     await store.settle(old, Amounts(1, 0, Decimal("0.8")))
-    assert store.spent(TENANT, "usd", "month", january) == 0
+    assert await store.spent(TENANT, "usd", "month", january) == 0
     refused = await reserve(store, budget, Amounts(1, 0, Decimal("0.6")), at=january)
     assert isinstance(refused, Refusal) and refused.used == Decimal("0.5")
 
@@ -289,7 +293,7 @@ async def test_a_request_that_started_before_the_boundary_but_reserves_after_lea
     await store.settle(b, Amounts(1, 5, Decimal("0.2")))
 
     now = after + timedelta(seconds=1)
-    spent = store.spent(TENANT, "usd", window, now)
+    spent = await store.spent(TENANT, "usd", window, now)
     assert spent in (Decimal("0.2"), Decimal("0.3")), spent  # B's, and A's if it is counted in the new window
     rest = await reserve(store, budget, Amounts(1, 0, Decimal(1) - spent), at=now)
     assert isinstance(rest, Reservation), (
@@ -305,9 +309,9 @@ async def test_spent_for_an_earlier_window_does_not_report_the_current_one():
     await store.settle(old, Amounts(1, 0, Decimal("1")))
     new = await reserve(store, budget, Amounts(1, 0, Decimal("3")), at=january)
     await store.settle(new, Amounts(1, 0, Decimal("3")))
-    assert store.spent(TENANT, "usd", "month", january) == 3
+    assert await store.spent(TENANT, "usd", "month", january) == 3
     # "settled use in the window containing `at`": December's figure, or nothing if it is no longer kept
-    assert store.spent(TENANT, "usd", "month", december) in (Decimal(1), Decimal(0))
+    assert await store.spent(TENANT, "usd", "month", december) in (Decimal(1), Decimal(0))
 
 
 # --- budget alert thresholds ----------------------------------------------------------------------
@@ -501,14 +505,14 @@ async def test_limiter_settles_the_events_figures_and_alerts_once_per_threshold_
     assert [(a.threshold, a.spent) for a in alerts] == [(50, Decimal("0.85")), (80, Decimal("0.85"))]
     assert alerts[0].window_start == datetime(2025, 6, 1, tzinfo=UTC) and alerts[0].limit is budget
     await spend(None)  # an unpriced or failed request: no money
-    assert limiter.store.spent(TENANT, "tokens", "month", AT) == 21
-    assert limiter.store.spent(TENANT, "usd", "month", AT) == Decimal("0.85")
+    assert await limiter.store.spent(TENANT, "tokens", "month", AT) == 21
+    assert await limiter.store.spent(TENANT, "usd", "month", AT) == Decimal("0.85")
     await spend("0.20")  # 1.05: crosses 100 (a provider may return more than reserved)
     assert [a.threshold for a in alerts] == [50, 80, 100]
 
     # a new month starts over; a remembered alert (from the audit log) is not repeated
     july = datetime(2025, 7, 2, tzinfo=UTC)
-    limiter.remember_alerts([(budget.rule.line, budget.scope, "month", datetime(2025, 7, 1, tzinfo=UTC), 50)])
+    await limiter.remember_alerts([(budget.rule.line, budget.scope, "month", datetime(2025, 7, 1, tzinfo=UTC), 50)])
     await spend("0.90", july)
     assert [(a.threshold, a.window_start.month) for a in alerts[3:]] == [(80, 7)]
 
@@ -520,7 +524,7 @@ async def test_limiter_does_not_repeat_an_alert_when_spend_dips_and_crosses_agai
     reservation = await limiter.reserve([budget], "acme", ALICE, Amounts(1, 0, Decimal("0.6")), AT)
     await limiter.settle(reservation, [budget], _event(1, 1, "0.6"))
     # the same threshold, the same window: a second crossing (e.g. after counters were rebuilt) stays quiet
-    limiter.store.seed(TENANT, "usd", "day", window_start("day", AT), Decimal("-0.2"))
+    await limiter.store.seed("test", [SeedRow(TENANT, "day", window_start("day", AT), 0, 0, -200_000_000)])
     reservation = await limiter.reserve([budget], "acme", ALICE, Amounts(1, 0, Decimal("0.1")), AT)
     await limiter.settle(reservation, [budget], _event(1, 1, "0.1"))
     assert [a.threshold for a in alerts] == [50]
@@ -544,7 +548,7 @@ def _fill(path: Path, events: list[Event]):
     return con
 
 
-def test_rebuild_counts_only_admitted_outcomes_in_the_current_windows(tmp_path):
+async def test_rebuild_counts_only_admitted_outcomes_in_the_current_windows(tmp_path):
     assert set(ADMITTED) == {"ok", "upstream_error", "timeout", "cancelled", "internal_error"}
     now = AT
     this_minute, this_hour = now - timedelta(seconds=20), now - timedelta(minutes=20)
@@ -568,7 +572,7 @@ def test_rebuild_counts_only_admitted_outcomes_in_the_current_windows(tmp_path):
     con = _fill(tmp_path / "events.duckdb", events)
     store = MemoryLimitStore()
     try:
-        rows = rebuild_counters(store, con, now)
+        rows = await rebuild_counters(store, con, now)
     finally:
         con.close()
     assert rows == 3 + 3 + 3 + 3, "(acme, alice), (acme, bob), (globex, bob) in each of four windows"
@@ -582,21 +586,21 @@ def test_rebuild_counts_only_admitted_outcomes_in_the_current_windows(tmp_path):
     }
     for window, (mine, his) in expected.items():
         for scope, figures in ((alice, mine), (bob, his)):
-            assert (store.spent(scope, "requests", window, now), store.spent(scope, "tokens", window, now),
-                    store.spent(scope, "usd", window, now)) == (figures[0], figures[1], Decimal(figures[2])), (
+            assert (await store.spent(scope, "requests", window, now), await store.spent(scope, "tokens", window, now),
+                    await store.spent(scope, "usd", window, now)) == (figures[0], figures[1], Decimal(figures[2])), (
                 window, scope)
         tenant = tuple(a + b for a, b in zip((mine[0], mine[1], Decimal(mine[2])),
                                              (his[0], his[1], Decimal(his[2])), strict=True))
-        assert (store.spent(TENANT, "requests", window, now), store.spent(TENANT, "tokens", window, now),
-                store.spent(TENANT, "usd", window, now)) == tenant
-        assert store.spent(Scope("globex", None), "usd", window, now) == Decimal("0.50")
+        assert (await store.spent(TENANT, "requests", window, now), await store.spent(TENANT, "tokens", window, now),
+                await store.spent(TENANT, "usd", window, now)) == tenant
+        assert await store.spent(Scope("globex", None), "usd", window, now) == Decimal("0.50")
 
 
 async def test_rebuilt_counters_are_enforced(tmp_path):
     con = _fill(tmp_path / "events.duckdb", [_row(AT - timedelta(days=3), "ok", cost="0.95")])
     store = MemoryLimitStore()
     try:
-        rebuild_counters(store, con, AT)
+        await rebuild_counters(store, con, AT)
     finally:
         con.close()
     budget = [applied("usd", "month", "1.00")]
@@ -605,14 +609,14 @@ async def test_rebuilt_counters_are_enforced(tmp_path):
     assert isinstance(await reserve(store, budget, Amounts(1, 0, Decimal("0.05"))), Reservation)
 
 
-def test_rebuild_on_an_empty_store_reads_nothing(tmp_path):
+async def test_rebuild_on_an_empty_store_reads_nothing(tmp_path):
     con = open_events_db(tmp_path / "events.duckdb")
     store = MemoryLimitStore()
     try:
-        assert rebuild_counters(store, con, AT) == 0
+        assert await rebuild_counters(store, con, AT) == 0
     finally:
         con.close()
-    assert store.spent(TENANT, "usd", "month", AT) == 0
+    assert await store.spent(TENANT, "usd", "month", AT) == 0
 
 
 def test_an_uncapped_request_reserves_the_output_bound_pricing_csv_states():

@@ -1,0 +1,1 @@
+"""Limit stores behind `proxy.limits.LimitStore`: `memory` (one process) and `redis_limits` (shared)."""
