@@ -291,3 +291,21 @@ def test_a_provider_error_answering_a_response_is_relayed_and_recorded(ws_gatewa
         assert (error["type"], error["status"], error["stream_id"]) == ("error", 503, "lane-2")
     assert [(e["outcome"], e["status_code"], e["usage_source"]) for e in _stopped_events(ws_gateway)] == [
         ("upstream_error", 503, "none")]
+
+
+def test_realtime_cached_and_audio_tokens_are_metered_at_their_own_rates(deployment, sim):
+    (deployment.path / "policy" / "access.csv").write_text(ACCESS + "p, *, acme, openai/gpt-realtime, allow\n")
+    gw = GatewayProcess(deployment).start()
+    controls = {"x-sim-input-tokens": "1000", "x-sim-cached-tokens": "200", "x-sim-audio-input-tokens": "300",
+                "x-sim-output-tokens": "50", "x-sim-audio-output-tokens": "40"}
+    with _ws(gw, "/openai/v1/realtime?model=gpt-realtime", deployment.tokens["bob"], headers=controls) as ws:
+        _until(ws, "session.created")
+        ws.send(json.dumps({"type": "response.create", "response": {}}))
+        usage = _until(ws, "response.done")[-1]["response"]["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"]) == (1200, 50)
+    event = _stopped_events(gw)[-1]
+    assert (event["input_tokens"], event["cached_input_tokens"], event["input_audio_tokens"]) == (1200, 200, 300)
+    assert (event["output_tokens"], event["output_audio_tokens"]) == (50, 40)
+    # gpt-realtime (price book): text in $4, cached $0.40, audio in $32, text out $16, audio out $64 per million:
+    # 700 x 4 + 300 x 32 + 200 x 0.4 + 10 x 16 + 40 x 64 = 15,200 per million
+    assert event["cost_usd"] == Decimal("0.0152")

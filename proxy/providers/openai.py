@@ -36,12 +36,16 @@ def usage_from_openai(usage: Any) -> Usage:
     """Chat/Completions (`prompt_tokens`…) and Responses (`input_tokens`…) usage objects."""
     if not isinstance(usage, dict):
         return Usage()
-    if "input_tokens" in usage:  # Responses API
+    if "input_tokens" in usage:  # Responses API (`…_tokens_details`) and Realtime (`…_token_details`, with audio)
+        details_in = usage.get("input_tokens_details") or usage.get("input_token_details")
+        details_out = usage.get("output_tokens_details") or usage.get("output_token_details")
         return Usage(
             input_tokens=int_or_none(usage.get("input_tokens")),
             output_tokens=int_or_none(usage.get("output_tokens")),
-            cached_input_tokens=int_or_none(dig(usage, "input_tokens_details", "cached_tokens")),
-            reasoning_tokens=int_or_none(dig(usage, "output_tokens_details", "reasoning_tokens")),
+            cached_input_tokens=int_or_none(dig(details_in, "cached_tokens")),
+            reasoning_tokens=int_or_none(dig(details_out, "reasoning_tokens")),
+            input_audio_tokens=int_or_none(dig(details_in, "audio_tokens")),
+            output_audio_tokens=int_or_none(dig(details_out, "audio_tokens")),
         )
     completion = int_or_none(usage.get("completion_tokens"))
     return Usage(
