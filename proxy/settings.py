@@ -79,6 +79,17 @@ class EventSettings:
     fail_closed: bool = True
     """When the buffer is full: refuse new requests with 503 (true) rather than serve traffic whose
     events would be dropped (false)."""
+    sink: str = "duckdb"
+    """Where the gateway writes events: "duckdb" (`events.duckdb`, one gateway process) or "segments"
+    (sealed Parquet segments in segments_dir, ingested by `tollway pipeline`; any number of processes)."""
+    segments_dir: str = ""
+    """With sink = "segments": the directory of sealed segments (a path, relative to the deployment
+    directory, or a file:// URL); empty means DIR/segments."""
+
+    def segments_path(self, data_dir: Path) -> Path:
+        """The segments directory, resolved against the deployment directory."""
+        text = self.segments_dir.removeprefix("file://") or "segments"
+        return (data_dir / Path(text).expanduser()).resolve()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +104,8 @@ class LimitSettings:
 
 
 UNPRICED_CHOICES = ("refuse", "allow")
+#: The gateway's own first path segments: a provider cannot be named after one.
+RESERVED_PATHS = frozenset({"auth", "healthz", "readyz", "metrics"})
 DISCONNECT_CHOICES = ("close", "drain")
 
 
@@ -171,7 +184,7 @@ def load_settings(data_dir: Path) -> Settings:
         server=_build(ServerSettings, raw.get("server", {}), f"{path} [server]"),
         providers=_providers(raw.get("providers", {}), path),
         auth=_auth(auth, path),
-        events=_build(EventSettings, raw.get("events", {}), f"{path} [events]"),
+        events=_events(raw.get("events", {}), f"{path} [events]"),
         limits=_limits(raw.get("limits", {}), f"{path} [limits]"),
         metering=_metering(raw.get("metering", {}), f"{path} [metering]"),
         pipeline=_build(PipelineSettings, raw.get("pipeline", {}), f"{path} [pipeline]"),
@@ -183,6 +196,21 @@ def _auth(raw: dict[str, Any], path: Path) -> AuthSettings:
         return load_auth(raw, path)
     except AuthSettingsError as exc:
         raise SettingsError(str(exc)) from exc
+
+
+SINKS = ("duckdb", "segments")
+
+
+def _events(raw: dict[str, Any], where: str) -> EventSettings:
+    settings = _build(EventSettings, raw, where)
+    if settings.sink not in SINKS:
+        raise SettingsError(f'{where}: sink must be "duckdb" (one gateway process) or "segments" (sealed Parquet '
+                            "segments that `tollway pipeline` ingests)")
+    scheme = settings.segments_dir.partition("://")[0] if "://" in settings.segments_dir else ""
+    if scheme and scheme != "file":
+        raise SettingsError(f"{where}: segments_dir {settings.segments_dir!r}: {scheme}:// is not available in this "
+                            "build; use a directory (a path, or file://PATH) on a disk every gateway process shares")
+    return settings
 
 
 def _limits(raw: dict[str, Any], where: str) -> LimitSettings:
@@ -205,6 +233,9 @@ def _providers(raw: dict[str, Any], path: Path) -> dict[str, ProviderSettings]:
     for name, values in raw.items():
         if not name.replace("-", "").replace("_", "").isalnum():
             raise SettingsError(f"{path} [providers.{name}]: a provider name may hold letters, digits, - and _")
+        if name in RESERVED_PATHS:
+            raise SettingsError(f"{path} [providers.{name}]: /{name} is the gateway's own endpoint; "
+                                "name the provider otherwise")
         merged.setdefault(name, {"style": "openai"}).update(values)
     out = {}
     for name, values in merged.items():

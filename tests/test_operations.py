@@ -132,3 +132,11 @@ def test_operations_are_governed_by_operations_csv_in_each_routes_format(gateway
     assert gateway.stop() == 0
     events = {row["endpoint"]: row for row in dep.events()}
     assert (events["openai/fine_tuning.jobs.create"]["outcome"], events["openai/admin"]["tenant"]) == ("denied", "acme")
+
+
+@pytest.mark.parametrize("name", ["auth", "healthz", "metrics"])
+def test_a_provider_cannot_take_the_gateways_own_paths(tmp_path, name):
+    from proxy.settings import SettingsError, load_settings
+    (tmp_path / "tollway.toml").write_text(f'[providers.{name}]\nbase_url = "http://127.0.0.1:9"\n')
+    with pytest.raises(SettingsError, match=f"/{name} is the gateway's own endpoint"):
+        load_settings(tmp_path)
