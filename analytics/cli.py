@@ -46,24 +46,25 @@ def cmd_credits_list(args: argparse.Namespace) -> int:
 
 
 def cmd_report_run(args: argparse.Namespace) -> int:
-    from analytics.jobs import run_now
     from proxy.cli import CommandError, emit, say
     from proxy.settings import load_settings
 
     settings = load_settings(resolve_data_dir(args.data_dir))
     if args.period and not _is_period(args.period):
         raise CommandError(f"--period {args.period!r}: use YYYY-MM, e.g. 2026-10")
-    if not settings.events_db.exists():
+    segments = settings.events.sink == "segments"
+    if not settings.events_db.exists() and not segments:
         raise CommandError(f"no events yet in {settings.events_db}: start the gateway (`tollway serve`) first")
-    say("building reports" + (" (asking the running gateway, which owns events.duckdb)" if _locked(settings) else ""))
+    say("building reports" + (" (asking the running gateway, which owns events.duckdb)"
+                              if not segments and _locked(settings) else ""))
     try:
-        manifest, how = run_now(settings.data_dir, settings.events_db, settings.reports_dir)
+        manifest, how = _run_now(settings)
     except TimeoutError as exc:
         raise CommandError(str(exc)) from exc
     lines = [f"{name:14} {info['rows']:>8} rows  {', '.join(info['files'])}" for name, info in manifest["reports"].items()]
     if args.period:
         lines += _period_lines(settings.reports_dir, args.period)
-    say(f"built by the {'gateway' if how == 'gateway' else 'CLI'} from {manifest['source_rows']} events "
+    say(f"built by the {how if how in ('gateway', 'pipeline') else 'CLI'} from {manifest['source_rows']} events "
         f"in {manifest.get('build_seconds', 0)} s into {settings.reports_dir}")
     emit(args, manifest, "\n".join(lines))
     return 0
@@ -74,7 +75,6 @@ def cmd_report_close(args: argparse.Namespace) -> int:
 
     import polars as pl
 
-    from analytics.jobs import run_now
     from proxy.cli import CommandError, emit, open_store, say
     from proxy.settings import load_settings
 
@@ -84,8 +84,8 @@ def cmd_report_close(args: argparse.Namespace) -> int:
         raise CommandError(f"period {args.period} has not ended yet; close it once the month is over")
     settings = load_settings(resolve_data_dir(args.data_dir))
     store = open_store(args)
-    if settings.events_db.exists():
-        run_now(settings.data_dir, settings.events_db, settings.reports_dir)  # the figures as of now
+    if settings.events_db.exists() or settings.events.sink == "segments":
+        _run_now(settings)  # the figures as of now
     path = settings.reports_dir / "statements.parquet"
     rows = (pl.read_parquet(path).filter(pl.col("period") == args.period).to_dicts() if path.exists() else [])
     store.close_period(args.period, rows)
@@ -93,6 +93,18 @@ def cmd_report_close(args: argparse.Namespace) -> int:
         "in the next open period")
     emit(args, {"period": args.period, "statements": rows}, f"{args.period} closed")
     return 0
+
+
+def _run_now(settings) -> tuple[dict, str]:
+    """Build now, whichever process owns events.duckdb: with segments, the pipeline (or this command,
+    which ingests the waiting segments first when no pipeline runs)."""
+    from analytics.jobs import run_now
+
+    if settings.events.sink == "segments":
+        from proxy.pipeline.cli import report_now
+
+        return report_now(settings)
+    return run_now(settings.data_dir, settings.events_db, settings.reports_dir)
 
 
 def _period_lines(reports_dir, period: str) -> list[str]:

@@ -14,6 +14,7 @@ waits for the new manifest.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import subprocess
@@ -34,6 +35,8 @@ from analytics.csv_safety import csv_safe
 from analytics.reports import budget_status, denials, period_usage, tenant_costs, user_costs
 from policy.files import LimitRule, Tenant, load_policy_files
 from proxy.recorder import DUCKDB_CONFIG
+
+log = logging.getLogger("tollway.reports")
 
 REPORTS: dict[str, Callable[[pl.LazyFrame], pl.LazyFrame]] = {
     "tenant_costs": tenant_costs,
@@ -179,6 +182,18 @@ def apply_retention(con: duckdb.DuckDBPyConnection, retention_days: int, closed_
     return count
 
 
+def build_and_retain(con: duckdb.DuckDBPyConnection, data_dir: Path, reports_dir: Path, retention_days: int) -> dict:
+    """The scheduled job (the gateway's with the DuckDB sink, the pipeline's with segments): build the
+    reports in a child process from a snapshot taken through `con`, then apply retention (only now
+    that every report that needed the old events is built). Returns the manifest."""
+    billing = load_billing_inputs(data_dir)
+    manifest = build_in_child(con, data_dir, reports_dir)
+    deleted = apply_retention(con, retention_days, {period for period, _ in billing.closed}, datetime.now(UTC))
+    if deleted:
+        log.info("retention: deleted %d events older than %d days from closed periods", deleted, retention_days)
+    return manifest
+
+
 def snapshot_events(con: duckdb.DuckDBPyConnection, reports_dir: Path) -> Path:
     """The columns the reports read, of every event, as one Parquet file (DuckDB streams it)."""
     reports_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +215,11 @@ def build_from_snapshot(snapshot: Path, data_dir: Path, reports_dir: Path) -> di
 
 def build_in_child(con: duckdb.DuckDBPyConnection, data_dir: Path, reports_dir: Path, timeout_s: float = 600) -> dict:
     """Snapshot the events through `con`, build the reports in a child process, return its manifest."""
-    snapshot = snapshot_events(con, reports_dir)
+    return build_snapshot_in_child(snapshot_events(con, reports_dir), data_dir, reports_dir, timeout_s)
+
+
+def build_snapshot_in_child(snapshot: Path, data_dir: Path, reports_dir: Path, timeout_s: float = 600) -> dict:
+    """Build the reports from a snapshot (`snapshot_events`) in a child process, then delete the snapshot."""
     try:
         child = subprocess.run([sys.executable, "-m", "analytics.jobs", str(snapshot), str(data_dir), str(reports_dir)],
                                capture_output=True, text=True, timeout=timeout_s)
@@ -232,6 +251,12 @@ def run_now(data_dir: Path, events_db: Path, reports_dir: Path, wait_s: float = 
 
 
 def _ask_gateway(reports_dir: Path, wait_s: float) -> dict:
+    return ask_running(reports_dir, wait_s)
+
+
+def ask_running(reports_dir: Path, wait_s: float) -> dict:
+    """Ask the process that runs the report schedule (the gateway, or the pipeline with segments) to
+    build now, through the trigger file it polls; wait for the new manifest."""
     reports_dir.mkdir(parents=True, exist_ok=True)
     asked_at = datetime.now(UTC).isoformat()
     (reports_dir / TRIGGER).write_text(asked_at)
@@ -241,7 +266,7 @@ def _ask_gateway(reports_dir: Path, wait_s: float) -> dict:
         if manifest and manifest["built_at"] >= asked_at:
             return manifest
         time.sleep(0.2)
-    raise TimeoutError("the running gateway did not build the reports in time; check its log")
+    raise TimeoutError("the running gateway (or pipeline) did not build the reports in time; check its log")
 
 
 if __name__ == "__main__":  # the gateway's report child: python -m analytics.jobs SNAPSHOT DATA_DIR REPORTS_DIR

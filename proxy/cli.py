@@ -142,32 +142,6 @@ def next_step(target: Path) -> str:
             "next: add a route to policy/routes.csv, and its key with `tollway keys add` (the key on stdin)")
 
 
-# --- serve --------------------------------------------------------------------------------------
-def cmd_serve(args: argparse.Namespace) -> int:
-    from proxy.factory import build_gateway
-    from proxy.server import bind_socket, build_server
-
-    settings = load_settings(resolve_data_dir(args.data_dir))
-    refuse_if_served(settings.events_db)
-    host, port = args.host or settings.server.host, args.port or settings.server.port
-    sock = bind_socket(host, port)
-    gateway = build_gateway(settings)
-    say(f"tollway serving {settings.data_dir} on http://{host}:{port}  "
-        f"(providers: {', '.join(sorted(gateway.routes))})")
-    build_server(gateway, host, port).run(sockets=[sock])
-    return 0
-
-
-def refuse_if_served(events_db: Path) -> None:
-    """A second gateway on one directory: refused, naming the process that holds `events.duckdb`."""
-    from proxy.server import events_db_holder
-
-    holder = events_db_holder(events_db)
-    if holder:
-        raise CommandError(f"{events_db} is held by {holder}: another gateway serves this directory already; "
-                           "stop it first, or serve another --data-dir")
-
-
 # --- simulator ----------------------------------------------------------------------------------
 def cmd_simulator(args: argparse.Namespace) -> int:
     from proxy.server import bind_socket
@@ -300,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     from policy.cli import register as register_policy
     from proxy.audit import register as register_audit
     from proxy.demo_cli import register as register_demo
+    from proxy.pipeline.cli import register as register_pipeline
     from proxy.pricing_cli import register as register_pricing
+    from proxy.serve_cli import register as register_serve
     from proxy.token_cli import register as register_token
 
     common = argparse.ArgumentParser(add_help=False)
@@ -321,10 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"the simulator's URL (implies --simulated; default {SIMULATOR_URL})")
     init.set_defaults(func=cmd_init)
 
-    serve = commands.add_parser("serve", parents=[common], help="run the gateway")
-    serve.add_argument("--host", help="interface to listen on (default from tollway.toml)")
-    serve.add_argument("--port", type=port_number, help="port to listen on (default from tollway.toml)")
-    serve.set_defaults(func=cmd_serve)
+    register_serve(commands, common)
 
     simulator = commands.add_parser("simulator", parents=[common],
                                     help="run the simulated provider (OpenAI, Anthropic, Gemini) for offline trials",
@@ -378,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_audit(commands, common, as_json)
     register_dashboard(commands, common)
     register_demo(commands, common)
+    register_pipeline(commands, common, as_json)
     return parser
 
 

@@ -5,6 +5,7 @@ store and its snapshot, the policy set. Backends are chosen from settings and re
 interfaces, so scaling out is a wiring change:
 
     [limits] store = "memory" | "redis://..."   ─▶ LimitStore (proxy.limits)
+    [events] sink = "duckdb" | "segments"       ─▶ EventBackend (proxy.sinks)
     upstream client (aiohttp)                   ─▶ Upstream (proxy.upstream)
 """
 
@@ -20,6 +21,7 @@ from proxy.errors import StartupError
 from proxy.gateway import Gateway
 from proxy.limits import LimitStore
 from proxy.settings import LimitSettings, Settings
+from proxy.sinks import EventBackend
 from proxy.stores.memory import MemoryLimitStore
 from proxy.upstream import Upstream
 
@@ -38,7 +40,18 @@ def build_gateway(settings: Settings) -> Gateway:
     for problem in policies.warnings:
         log.warning("%s", problem)
     return Gateway(settings, keyring, store, control, policies, limit_store=limit_store_for(settings.limits),
-                   upstream=Upstream())
+                   upstream=Upstream(), events=event_backend_for(settings))
+
+
+def event_backend_for(settings: Settings) -> EventBackend:
+    """The event sink `[events] sink` names: `events.duckdb` in this process, or sealed segments."""
+    if settings.events.sink == "segments":
+        from proxy.sinks.segment_events import SegmentEvents
+
+        return SegmentEvents(settings)
+    from proxy.sinks.duckdb_sink import DuckDBEvents
+
+    return DuckDBEvents(settings)
 
 
 def limit_store_for(limits: LimitSettings) -> LimitStore:

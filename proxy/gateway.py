@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 
 from yarl import URL
 
-from analytics.jobs import apply_retention, build_in_child, load_billing_inputs
 from analytics.scheduler import ReportSchedule
 from policy.loader import PolicyInvalid, PolicySet
 from policy.watch import PolicyWatcher
@@ -38,8 +37,8 @@ from proxy.overrides import is_glob
 from proxy.pricebook import book_provider
 from proxy.providers.base import Adapter
 from proxy.providers.registry import adapter_for
-from proxy.recorder import EventRecorder, open_events_db
 from proxy.settings import ProviderSettings, Settings
+from proxy.sinks import EventBackend, EventSink
 from proxy.upstream import Upstream
 
 log = logging.getLogger("tollway.gateway")
@@ -61,7 +60,7 @@ class ProviderRoute:
 
 class Gateway:
     def __init__(self, settings: Settings, keyring: Keyring, store: ControlStore, control: ControlView,
-                 policies: PolicySet, *, limit_store: LimitStore, upstream: Upstream) -> None:
+                 policies: PolicySet, *, limit_store: LimitStore, upstream: Upstream, events: EventBackend) -> None:
         self.settings = settings
         self.store = store  # event-loop side: start-up reads only
         self.control = control
@@ -84,29 +83,22 @@ class Gateway:
                                self._limit_refusal, settings.metering.max_output_tokens)
         self.keys = KeyPools(control, self.metrics, self._persist_failing, limit_store.key_share())
         self.jwt = JwtVerifier(settings.auth.issuers, settings.data_dir) if settings.auth.issuers else None
-        self.recorder: EventRecorder | None = None
-        self._events_db = None
+        self.events = events  # the event sink's backend ([events] sink)
+        self.recorder: EventSink | None = None
         self._tasks: list[asyncio.Task] = []
         self.reports: ReportSchedule | None = None
 
     async def start(self) -> None:
-        # The gateway's DuckDB only appends, counts and streams snapshots: a small buffer pool (it
-        # spills to disk beyond it) keeps its memory flat however large the file grows. The soak
-        # measured +48 % RSS over 10 minutes with 256 MB, +4 % with 64 MB.
-        self._events_db = open_events_db(self.settings.events_db, memory_limit="64MB")
-        events = self.settings.events
-        self.recorder = EventRecorder(self._events_db, flush_interval_ms=events.flush_interval_ms,
-                                      batch_size=events.batch_size, max_buffered=events.max_buffered,
-                                      fail_closed=events.fail_closed,
-                                      rejected_path=self.settings.data_dir / "rejected-events.jsonl")
+        self.recorder = self.events.open()
         await self._seed_limits()
         self.control_writer = ControlWriter(self._open_control)
         self.objects = ObjectRegistry(self._open_control, self.control_writer)
         await self.upstream.start()
         await self.keys.start()
-        self.reports = ReportSchedule(self._build_reports, self.settings.reports_dir,
-                                      self.settings.pipeline.report_interval_s)
-        self.reports.start()
+        build = self.events.report_builder()  # None with segments: the pipeline runs the schedule
+        if build is not None:
+            self.reports = ReportSchedule(build, self.settings.reports_dir, self.settings.pipeline.report_interval_s)
+            self.reports.start()
         watcher = PolicyWatcher(self.settings.data_dir, lambda: self.policies, self._fresh_keys,
                                 self._policy_loaded, self._policy_refused, self._policy_unchanged)
         self._tasks.append(asyncio.get_running_loop().create_task(watcher.run(), name="policy-watcher"))
@@ -133,8 +125,7 @@ class Gateway:
             await asyncio.to_thread(self.control_writer.close)
         if self.objects is not None:
             self.objects.close()
-        if self._events_db is not None:
-            self._events_db.close()
+        self.events.close()
 
     def _open_control(self) -> ControlStore:
         return ControlStore(self.settings.control_db, self._keyring, actor="gateway")
@@ -145,24 +136,6 @@ class Gateway:
             return await self.jwt.identify(credential, self.policies.files.identities)
         return await self.control.authenticate(credential, hint)
 
-    def _build_reports(self) -> dict:
-        """Flush pending events, build the reports from a snapshot taken through our own connection
-        in a child process (so the build's memory never stays here), then apply retention (only now
-        that every report that needed the old events is built)."""
-        self.recorder.flush()
-        cursor = self._events_db.cursor()
-        try:
-            billing = load_billing_inputs(self.settings.data_dir)
-            manifest = build_in_child(cursor, self.settings.data_dir, self.settings.reports_dir)
-            deleted = apply_retention(cursor, self.settings.pipeline.retention_days,
-                                      {period for period, _ in billing.closed}, datetime.now(UTC))
-            if deleted:
-                log.info("retention: deleted %d events older than %d days from closed periods", deleted,
-                         self.settings.pipeline.retention_days)
-            return manifest
-        finally:
-            cursor.close()
-
     async def _seed_limits(self) -> None:
         """Counters for the current windows from the events so far (a shared store that already holds
         them is left alone), alerts already sent; a shared store that later loses its counters calls
@@ -171,7 +144,8 @@ class Gateway:
         source = self._events_source()
         self.limit_store.attach(source, self._reseed_limits)
         try:
-            rows = await rebuild_counters(self.limit_store, self._events_db, datetime.now(UTC), source)
+            with self.events.history() as history:
+                rows = await rebuild_counters(self.limit_store, history, datetime.now(UTC), source)
             await self.limiter.remember_alerts(self._recorded_alerts())
         except LimitStoreUnavailable as exc:
             log.error("limit store unavailable at start (%s): requests are refused until it answers", exc)
@@ -182,12 +156,16 @@ class Gateway:
         """The shared store came back empty: flush pending events, read them all in a thread, seed once."""
         def read() -> list[SeedRow]:
             self.recorder.flush()
-            return usage_rows(self._events_db, datetime.now(UTC))[1]
+            with self.events.history() as history:
+                return usage_rows(history, datetime.now(UTC))[1]
         rows = await asyncio.to_thread(read)
         await self.limit_store.seed(self._events_source(), rows)
 
     def _events_source(self) -> str:
         """Names the events a re-seed reads: every process that reads the same events seeds them once."""
+        events = self.settings.events
+        if events.sink == "segments":
+            return f"segments:{events.segments_dir}"
         return f"duckdb:{socket.gethostname()}:{self.settings.events_db.resolve()}"
 
     def _budget_alert(self, alert: Alert) -> None:

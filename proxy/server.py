@@ -1,8 +1,9 @@
 """Run a gateway with uvicorn: graceful on SIGTERM/SIGINT, exit status 0 after a clean stop.
 
 Also the checks that come before serving (shared with `tollway simulator`): the listening socket is
-bound here, so a port in use is refused with a message before anything says "serving", and a
-deployment whose `events.duckdb` another process holds is refused naming that process.
+bound here, so a port in use is refused with a message before anything says "serving" (with
+`--workers N` the supervisor binds it once and every worker accepts on it, see `proxy.workers`),
+and a deployment whose `events.duckdb` another process holds is refused naming that process.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import errno
 import logging
 import re
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -27,6 +29,8 @@ class GatewayServer(uvicorn.Server):
     a gateway that finished its in-flight requests and flushed its events has succeeded.
     """
 
+    on_ready: Callable[[], None] | None = None  # called once the socket accepts (a worker tells its supervisor)
+
     def handle_exit(self, sig, frame) -> None:
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
@@ -37,21 +41,26 @@ class GatewayServer(uvicorn.Server):
         if self.started:
             logging.getLogger("tollway.server").info("listening on http://%s:%d (Ctrl-C or SIGTERM stops it)",
                                                      self.config.host, self.config.port)
+            if self.on_ready is not None:
+                self.on_ready()
 
 
-def configure_logging() -> None:
-    """Tollway's own log lines (reloads, refused edits, budget alerts) to stderr, with a timestamp."""
+def configure_logging(with_pid: bool = False) -> None:
+    """Tollway's own log lines (reloads, refused edits, budget alerts) to stderr, with a timestamp
+    (and the process id, for the workers of `serve --workers N`)."""
     logger = logging.getLogger("tollway")
     if not logger.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        pid = "[%(process)d]" if with_pid else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s{pid}: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
 
 
-def build_server(gateway: Gateway, host: str, port: int, *, log_level: str = "info") -> GatewayServer:
-    configure_logging()
+def build_server(gateway: Gateway, host: str, port: int, *, log_level: str = "info",
+                 worker: bool = False) -> GatewayServer:
+    configure_logging(with_pid=worker)
     config = uvicorn.Config(create_app(gateway), host=host, port=port, access_log=False, log_level=log_level,
                             timeout_graceful_shutdown=30, server_header=False, lifespan="on",
                             proxy_headers=False)

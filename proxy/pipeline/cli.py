@@ -1,0 +1,78 @@
+"""`tollway pipeline` (long-running) and `tollway pipeline run --once`; `report_now` for `tollway report run`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from proxy.settings import Settings, load_settings, resolve_data_dir
+
+SINK_HINT = ('set [events] sink = "segments" in tollway.toml (then every gateway process seals segments and '
+             "the pipeline ingests them)")
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from proxy.cli import CommandError, emit, say
+    from proxy.pipeline.runner import Pipeline, PipelineLock
+    from proxy.server import configure_logging
+
+    settings = load_settings(resolve_data_dir(args.data_dir))
+    if settings.events.sink != "segments":
+        raise CommandError('[events] sink is "duckdb": the gateway writes events.duckdb and runs the reports '
+                           f"itself, there is nothing to ingest; to run a pipeline, {SINK_HINT}")
+    lock = PipelineLock(settings.data_dir)
+    if not lock.acquire():
+        raise CommandError(f"a pipeline already runs on {settings.data_dir} ({lock.holder()}, {lock.path}); "
+                           "it ingests continuously: `tollway report run` asks it to build the reports now")
+    configure_logging()
+    pipeline = Pipeline(settings, batch=args.batch)
+    try:
+        if not getattr(args, "once", False):
+            asyncio.run(pipeline.serve(args.interval))
+            return 0
+        result = pipeline.ingest_once()
+        manifest = pipeline.build_reports()
+    finally:
+        lock.release()
+    say(f"ingested {result.segments} segment(s) from {pipeline.segments_dir}: {result.events} events, "
+        f"{result.inserted} new, {result.duplicates} already present, {result.rejected} unreadable set aside; "
+        f"reports built from {manifest['source_rows']} events into {settings.reports_dir}")
+    emit(args, {"ingest": result.as_json(), "manifest": manifest}, None)
+    return 0
+
+
+def report_now(settings: Settings, wait_s: float = 120) -> tuple[dict, str]:
+    """`tollway report run` with sink = "segments": the running pipeline builds (asked through the
+    trigger file, it ingests first); without one, ingest and build here. Returns (manifest, who)."""
+    from analytics.jobs import ask_running
+    from proxy.pipeline.runner import Pipeline, PipelineLock
+
+    lock = PipelineLock(settings.data_dir)
+    if not lock.acquire():
+        return ask_running(settings.reports_dir, wait_s), "pipeline"
+    try:
+        return Pipeline(settings).build_direct(), "direct"
+    finally:
+        lock.release()
+
+
+def register(commands, common: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
+    help_text = "ingest sealed event segments into events.duckdb, run the reports and retention (sink = segments)"
+    pipeline = commands.add_parser("pipeline", parents=[common], help=help_text, description=help_text + "; "
+                                   "long-running until SIGTERM, or once with `tollway pipeline run --once`")
+    _tuning(pipeline)
+    pipeline.set_defaults(func=cmd_pipeline)
+    actions = pipeline.add_subparsers(dest="pipeline_command", metavar="ACTION")
+    run = actions.add_parser("run", parents=[common, as_json], help="run the pipeline (--once: one pass, then exit)")
+    run.add_argument("--once", action="store_true", help="ingest what is waiting, build the reports, apply "
+                     "retention, exit")
+    _tuning(run)
+    run.set_defaults(func=cmd_pipeline)
+
+
+def _tuning(parser: argparse.ArgumentParser) -> None:
+    from proxy.pipeline.ingest import BATCH_SEGMENTS
+
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between ingests (default 1)")
+    parser.add_argument("--batch", type=int, default=BATCH_SEGMENTS,
+                        help=f"segments ingested per transaction (default {BATCH_SEGMENTS})")

@@ -1,0 +1,143 @@
+"""Ingest sealed segments into `events.duckdb`: nothing lost, nothing doubled, whatever is killed when.
+
+Per batch of segments, one transaction: insert the segments' events whose `event_id` the table does
+not hold yet, and record each segment's name in the ledger (`ingested_segments`); only after the
+commit are the files moved to `ingested/`. A kill before the commit leaves no trace (DuckDB rolls
+the transaction back): the segments are still waiting and are ingested again. A kill between the
+commit and the moves leaves segments that the ledger names: they are moved, not ingested again. An
+event already present (a segment copied back by hand, a seal retried after its rename) is skipped
+by its `event_id`. A segment that cannot be read on its own is moved to `rejected/`, with a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from proxy.events import COLUMNS
+from proxy.sinks.segment_events import LEDGER
+from proxy.sinks.segments import INGESTED, REJECTED, sealed_segments, sql_path
+
+log = logging.getLogger("tollway.pipeline")
+CREATE_LEDGER = (f"CREATE TABLE IF NOT EXISTS {LEDGER} (name VARCHAR PRIMARY KEY, events BIGINT NOT NULL, "
+                 "ingested_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+BATCH_SEGMENTS = 256
+
+
+@dataclass
+class IngestResult:
+    segments: int = 0  # ingested now
+    events: int = 0  # read from them
+    inserted: int = 0  # new to events.duckdb (events - inserted were already there)
+    moved_only: int = 0  # already in the ledger (a run killed after its commit)
+    rejected: int = 0  # unreadable segments set aside
+    waiting: int = 0  # segments found at the start
+    seconds: float = 0.0
+
+    @property
+    def duplicates(self) -> int:
+        return self.events - self.inserted
+
+    def as_json(self) -> dict:
+        return {"segments": self.segments, "events": self.events, "inserted": self.inserted,
+                "duplicates_skipped": self.duplicates, "moved_only": self.moved_only, "rejected": self.rejected,
+                "seconds": round(self.seconds, 3)}
+
+
+def ingest(con: duckdb.DuckDBPyConnection, segments_dir: Path, batch: int = BATCH_SEGMENTS,
+           progress: Callable[[IngestResult], None] | None = None) -> IngestResult:
+    """Ingest every sealed segment waiting in `segments_dir` into `con`'s `events`."""
+    started = time.perf_counter()
+    con.execute(CREATE_LEDGER)
+    pending = sealed_segments(segments_dir)
+    result = IngestResult(waiting=len(pending))
+    done = in_ledger(con, [p.name for p in pending])
+    for path in (p for p in pending if p.name in done):
+        move(path, INGESTED)
+        result.moved_only += 1
+    todo = [p for p in pending if p.name not in done]
+    for start in range(0, len(todo), batch):
+        ingest_batch(con, todo[start:start + batch], result)
+        result.seconds = time.perf_counter() - started
+        if progress is not None:
+            progress(result)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def in_ledger(con: duckdb.DuckDBPyConnection, names: list[str]) -> set[str]:
+    if not names:
+        return set()
+    return {row[0] for row in con.execute(f"SELECT name FROM {LEDGER} WHERE name IN (SELECT unnest(?))",
+                                          [names]).fetchall()}
+
+
+def ingest_batch(con: duckdb.DuckDBPyConnection, paths: list[Path], result: IngestResult) -> None:
+    """One transaction for `paths`, then the moves; a failing batch is retried segment by segment."""
+    try:
+        events, inserted = insert_segments(con, paths)
+    except duckdb.Error as exc:
+        if len(paths) > 1:
+            for path in paths:
+                ingest_batch(con, [path], result)
+            return
+        if readable(con, paths[0]):
+            raise  # the segment is fine: the database is the problem (retried on the next run)
+        log.error("segment %s cannot be read, moved to %s/: %s", paths[0].name, REJECTED, exc)
+        move(paths[0], REJECTED)
+        result.rejected += 1
+        return
+    for path in paths:
+        move(path, INGESTED)
+    result.segments += len(paths)
+    result.events += events
+    result.inserted += inserted
+
+
+def insert_segments(con: duckdb.DuckDBPyConnection, paths: list[Path]) -> tuple[int, int]:
+    """Insert the events of `paths` not yet present and record the segments; returns (read, inserted)."""
+    files = "[" + ", ".join(sql_path(p) for p in paths) + "]"
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("CREATE OR REPLACE TEMP TABLE incoming AS SELECT * FROM "
+                    f"read_parquet({files}, filename = true, union_by_name = true)")
+        present = {row[0] for row in con.execute("DESCRIBE incoming").fetchall()}
+        names = [name for name, _ in COLUMNS]
+        select = ", ".join(f"i.{n}" if n in present else f"NULL AS {n}" for n in names)
+        low, high, read = con.execute("SELECT min(ts), max(ts), count(*) FROM incoming").fetchone()
+        # A duplicate is the same event, with the same ts: only events.duckdb's rows in the batch's
+        # time range are compared (zone maps skip the rest of the table).
+        inserted = con.execute(
+            f"INSERT INTO events ({', '.join(names)}) SELECT {select} FROM incoming i "
+            "WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.ts BETWEEN ? AND ? AND e.event_id = i.event_id) "
+            "QUALIFY row_number() OVER (PARTITION BY i.event_id) = 1", [low, high]).fetchone()[0] if read else 0
+        counts = dict(con.execute("SELECT parse_filename(filename), count(*) FROM incoming GROUP BY 1").fetchall())
+        con.executemany(f"INSERT INTO {LEDGER} (name, events) VALUES (?, ?)",
+                        [(p.name, counts.get(p.name, 0)) for p in paths])
+        con.execute("DROP TABLE incoming")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return read, inserted
+
+
+def readable(con: duckdb.DuckDBPyConnection, path: Path) -> bool:
+    try:
+        con.execute(f"SELECT count(*) FROM read_parquet({sql_path(path)})").fetchone()
+        return True
+    except duckdb.Error:
+        return False
+
+
+def move(path: Path, folder: str) -> None:
+    """Into `folder/` beside the segments (same file system: a rename)."""
+    target = path.parent / folder
+    target.mkdir(exist_ok=True)
+    os.replace(path, target / path.name)

@@ -1,0 +1,133 @@
+"""`[events] sink = "segments"`: each gateway process seals its events into Parquet segments.
+
+The request path appends to the recorder's deque as with the DuckDB sink; the writer thread, every
+`flush_interval_ms` (or when `batch_size` events wait), stages the batch in a private in-memory
+DuckDB table (so a value the schema refuses is found and set aside exactly as `events.duckdb`
+would), then seals it: `COPY` to a temporary name in the segments directory, fsync, atomic rename to
+`<start>-<host>-<pid>-<counter>.parquet`. A sealed segment is complete and never changes; the
+pipeline (`proxy.pipeline`) ingests it. DuckDB's Parquet writer keeps the exact column types
+(UUID, TIMESTAMPTZ, DECIMAL(18,9)).
+
+A seal that fails (disk full, directory gone) keeps the rows queued and retries every interval;
+`accepting` turns false once `max_buffered` rows wait: the gateway refuses new requests (fail
+closed) until a seal succeeds. A SIGKILL loses at most the rows not yet sealed: one interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import socket
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+
+from proxy.events import CREATE_TABLE
+from proxy.recorder import DUCKDB_CONFIG, ROW_ERRORS, EventRecorder
+
+log = logging.getLogger("tollway.recorder")
+SUFFIX = ".parquet"
+INGESTED = "ingested"
+REJECTED = "rejected"
+
+
+class SegmentWriteError(OSError):
+    """A segment could not be sealed: the store's problem (retried), never a row's."""
+
+
+def sealed_segments(directory: Path) -> list[Path]:
+    """The sealed segments waiting in `directory`, by name (temporary files start with a dot)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return [directory / name for name in sorted(names) if name.endswith(SUFFIX) and not name.startswith(".")]
+
+
+def segment_prefix() -> str:
+    """Unique per process and machine: start time, host name, PID."""
+    host = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S%f}-{host}-{os.getpid()}"
+
+
+def sql_path(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SegmentSink(EventRecorder):
+    """The batched writer of `proxy.recorder`, writing sealed segments instead of appending to DuckDB."""
+
+    def __init__(self, directory: Path, **options) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.sealed = 0
+        self._prefix = segment_prefix()
+        self._counter = 0
+        self._staging = duckdb.connect(":memory:", config={**DUCKDB_CONFIG, "threads": 1, "memory_limit": "128MB"})
+        self._staging.execute(CREATE_TABLE)
+        super().__init__(self._staging, **options)
+
+    def _append(self, rows: list[tuple]) -> None:
+        """Stage (DuckDB checks every value: a refused row raises one of ROW_ERRORS), then seal."""
+        self._clear()
+        super()._append(rows)
+        self._seal()
+
+    def _write_one_by_one(self, batch: list[tuple]) -> None:
+        """A batch with a refused row: stage row by row, set the refused ones aside, seal the rest once."""
+        self._clear()
+        staged = []
+        for row in batch:
+            try:
+                super()._append([row])
+            except ROW_ERRORS as exc:
+                self._reject(row, exc)
+            else:
+                staged.append(row)
+        if staged:
+            try:
+                self._seal()
+            except Exception as exc:
+                self._keep(staged, exc)
+                return
+        self.written += len(staged)
+        self.last_error = None
+
+    def _seal(self) -> None:
+        self._counter += 1
+        final = self.directory / f"{self._prefix}-{self._counter:08d}{SUFFIX}"
+        temporary = self.directory / f".{final.name}.tmp"
+        try:
+            self._staging.execute(f"COPY events TO {sql_path(temporary)} (FORMAT parquet, COMPRESSION zstd)")
+            fsync_path(temporary)
+            os.replace(temporary, final)
+        except (duckdb.Error, OSError) as exc:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            raise SegmentWriteError(f"cannot seal a segment in {self.directory}: {exc}") from exc
+        finally:
+            self._clear()
+        try:
+            fsync_path(self.directory)  # the rename itself survives a power cut
+        except OSError as exc:
+            log.warning("could not fsync %s after sealing %s: %s", self.directory, final.name, exc)
+        self.sealed += 1
+
+    def _clear(self) -> None:
+        self._staging.execute("DELETE FROM events")
+
+    def close(self) -> None:
+        """Seal every buffered event, then release the staging table."""
+        super().close()
+        self._staging.close()
