@@ -1,0 +1,393 @@
+"""Limits shared in Redis: the Lua scripts directly (all or nothing, exact money, server-time windows,
+seeding once), then two real gateway processes sharing one private `redis-server`: a budget and a rate
+limit hold across both, a key cool-down seen by one is honoured by the other, and Redis stopped under
+load fails closed (503 in the route's format) and recovers with counters neither lost nor doubled."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy.errors import LimitStoreUnavailable
+from proxy.limits import (
+    WINDOWS,
+    Amounts,
+    Check,
+    Denied,
+    Reservation,
+    Scope,
+    SeedRow,
+    window_end,
+    window_start,
+)
+from proxy.stores import redis_scripts
+from tests.helpers import OPEN_ACCESS, SIM_KEYS, Deployment, GatewayProcess, free_port
+
+redis = pytest.importorskip("redis")
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")]
+
+GPT_4O = (Decimal("2.50"), Decimal("10.00"))  # per million tokens, input and output
+PROMPT = "spend"  # two input tokens, estimated and reported alike
+TENANT = Scope("acme", None)
+ALICE = Scope("acme", uuid.UUID("8f1f3a52-0000-8000-8000-000000000001"))
+
+
+class RedisServer:
+    """A private `redis-server` on a loopback port, without persistence: a restart comes back empty."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port, self.workdir = free_port(), workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        self.workdir.mkdir(exist_ok=True)
+        log = (self.workdir / "redis.log").open("ab")
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.workdir)], stdout=log, stderr=log)
+        client = self.client()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                client.ping()
+                return self
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.02)
+        raise RuntimeError((self.workdir / "redis.log").read_text())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def store(redis_server):
+    from proxy.stores.redis_limits import RedisLimitStore
+
+    limit_store = RedisLimitStore(redis_server.url)
+    yield limit_store
+    await limit_store.close()
+
+
+def _usd(input_tokens: int, output_tokens: int) -> Decimal:
+    return ((input_tokens * GPT_4O[0] + output_tokens * GPT_4O[1]) / 1_000_000).quantize(Decimal("1e-9"))
+
+
+def _nano(usd: str | Decimal) -> int:
+    return int(Decimal(usd) * 1_000_000_000)
+
+
+def _counter(client, scope: Scope, window: str, at: datetime) -> dict[str, int]:
+    key = f"tollway:c:{scope.tenant}:{scope.user or '-'}:{WINDOWS.index(window) + 1}:{int(window_start(window, at).timestamp())}"
+    return {k.decode(): int(v) for k, v in client.hgetall(key).items()}
+
+
+# --- the scripts, directly against redis ----------------------------------------------------------
+async def test_reserve_is_all_or_nothing_across_every_counter(store, redis_server):
+    roomy = Check(ALICE, "tokens", "hour", 1000)
+    budget = Check(TENANT, "usd", "day", _nano("0.50"))
+    closed = Check(TENANT, "requests", "minute", 0)
+    denied = await store.reserve([roomy, budget, closed], (TENANT, ALICE), Amounts(1, 600, Decimal("0.30")),
+                                 datetime.now(UTC))
+    assert isinstance(denied, Denied) and denied.index == 2 and denied.used == 0
+    assert 1 <= denied.retry_after_s <= 60
+    assert redis_server.client().keys("tollway:c:*") == [], "a refused reservation wrote nothing"
+
+    held = await store.reserve([roomy, budget], (TENANT, ALICE), Amounts(1, 1000, Decimal("0.50")), datetime.now(UTC))
+    assert isinstance(held, Reservation), "every counter still had all of its room"
+    over = await store.reserve([roomy, budget], (TENANT, ALICE), Amounts(1, 1, Decimal(0)), datetime.now(UTC))
+    assert isinstance(over, Denied) and over.index == 0 and over.used == 1000
+    await store.settle(held, Amounts(1, 10, Decimal("0.000000001")))
+    for scope in (TENANT, ALICE):
+        for window in WINDOWS:
+            figures = _counter(redis_server.client(), scope, window, held.at)
+            assert figures == {"u0": 1, "u1": 10, "u2": 1, "r0": 0, "r1": 0, "r2": 0}, (scope, window, figures)
+            assert await store.spent(scope, "usd", window, held.at) == Decimal("0.000000001")
+
+
+async def test_concurrent_reservations_never_cross_the_limit_and_money_stays_exact(store, redis_server):
+    budget = [Check(TENANT, "usd", "month", _nano("1.00"))]
+    cost = Decimal("0.010000001")  # 99 fit in 1.00, the 100th would cross it by 99 nano-dollars
+    results = await asyncio.gather(*(store.reserve(budget, (TENANT, ALICE), Amounts(1, 0, cost), datetime.now(UTC))
+                                     for _ in range(200)))
+    held = [r for r in results if isinstance(r, Reservation)]
+    assert len(held) == 99
+    await asyncio.gather(*(store.settle(r, Amounts(1, 0, cost)) for r in held))
+    figures = _counter(redis_server.client(), TENANT, "month", held[0].at)
+    assert figures["u2"] == 99 * 10_000_001 and figures["r2"] == 0 and figures["u0"] == 99
+
+
+async def test_windows_come_from_the_server_clock_and_keys_expire_after_them(store, redis_server):
+    held = await store.reserve([], (TENANT, ALICE), Amounts(1, 0, Decimal(0)), datetime(2001, 1, 1, tzinfo=UTC))
+    server_now = datetime.fromtimestamp(redis_server.client().time()[0], UTC)
+    assert abs((held.at - server_now).total_seconds()) < 2, "the server's TIME, not the caller's `at`"
+    assert held.starts == tuple(window_start(w, held.at) for w in WINDOWS)
+    client = redis_server.client()
+    for window, start in zip(WINDOWS, held.starts, strict=True):
+        key = f"tollway:c:acme:-:{WINDOWS.index(window) + 1}:{int(start.timestamp())}"
+        left = client.ttl(key)
+        expected = (window_end(window, start) - server_now).total_seconds() + 120
+        assert 0 < left <= expected + 1 and left >= expected - 3, (window, left, expected)
+
+
+@pytest.mark.parametrize("at", [
+    datetime(2024, 2, 29, 23, 59, 59, tzinfo=UTC), datetime(2024, 3, 1, tzinfo=UTC),
+    datetime(2025, 12, 31, 23, 59, 59, tzinfo=UTC), datetime(2026, 1, 1, tzinfo=UTC),
+    datetime(2100, 2, 28, 12, tzinfo=UTC), datetime(2000, 2, 29, 1, tzinfo=UTC), datetime(2025, 6, 15, 12, 34, 56, tzinfo=UTC),
+])
+def test_the_scripts_calendar_windows_match_the_memory_stores(redis_server, at):
+    probe = redis_server.client().register_script(
+        redis_scripts._WINDOWS + "local s, e = windows(tonumber(ARGV[1])) return {s[1], s[2], s[3], s[4], e[1], e[2], e[3], e[4]}")
+    got = [datetime.fromtimestamp(v, UTC) for v in probe(args=[int(at.timestamp())])]
+    starts = [window_start(w, at) for w in WINDOWS]
+    assert got == starts + [window_end(w, s) for w, s in zip(WINDOWS, starts, strict=True)]
+
+
+async def test_seeding_happens_once_per_source_and_again_only_when_redis_lost_everything(store, redis_server):
+    now = datetime.now(UTC)
+    rows = [SeedRow(TENANT, "month", window_start("month", now), 3, 30, _nano("0.75"))]
+    assert await store.seed("events-a", rows) is True
+    assert await store.seed("events-a", rows) is False, "a second seed of the same events is refused"
+    assert await store.seed("events-b", rows) is True, "another gateway's events count too"
+    assert await store.spent(TENANT, "usd", "month", now) == Decimal("1.50")
+
+    calls = []
+
+    async def reseed() -> None:
+        calls.append(1)
+        await asyncio.sleep(0.05)  # reading events takes a while: concurrent requests wait for it
+        await store.seed("events-a", rows)
+
+    store.attach("events-a", reseed)
+    held = await store.reserve([Check(TENANT, "usd", "month", _nano("2.00"))], (TENANT, ALICE),
+                               Amounts(1, 0, Decimal("0.25")), now)
+    assert isinstance(held, Reservation) and calls == [], "seeded already: no re-seed"
+    redis_server.client().flushall()  # Redis lost its data
+    budget = [Check(TENANT, "usd", "month", _nano("1.00"))]
+    results = await asyncio.gather(*(store.reserve(budget, (TENANT, ALICE), Amounts(1, 0, Decimal("0.10")), now)
+                                     for _ in range(5)))
+    assert calls == [1], "one re-seed, however many requests found the store empty"
+    assert sum(isinstance(r, Reservation) for r in results) == 2, "0.75 seeded + 2 x 0.10 fit in 1.00"
+    # the reservation from before the loss settles its real figures, not a release of what was lost
+    await store.settle(held, Amounts(1, 0, Decimal("0.05")))
+    figures = _counter(redis_server.client(), TENANT, "month", now)
+    assert figures["u2"] == _nano("0.80") and figures["r2"] == _nano("0.20"), figures
+
+
+async def test_alerts_are_sent_once_whichever_process_crosses_first(store, redis_server):
+    from proxy.stores.redis_limits import RedisLimitStore
+
+    other = RedisLimitStore(redis_server.url)
+    try:
+        until = datetime.now(UTC) + timedelta(days=1)
+        answers = await asyncio.gather(*(s.first_alert("3:acme:-:month:0:80", until) for s in (store, other) * 5))
+        assert sorted(answers) == [False] * 9 + [True]
+    finally:
+        await other.close()
+
+
+async def test_an_unreachable_redis_refuses_with_limit_store_unavailable():
+    from proxy.stores.redis_limits import RedisLimitStore
+
+    dead = RedisLimitStore(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        started = time.monotonic()
+        with pytest.raises(LimitStoreUnavailable) as caught:
+            await dead.reserve([], (TENANT, ALICE), Amounts(1, 0, Decimal(0)), datetime.now(UTC))
+        assert time.monotonic() - started < 2, "fails fast"
+        assert caught.value.status == 503 and caught.value.code == "limit_store_unavailable"
+        assert (await dead.check()).startswith("redis ")
+    finally:
+        await dead.close()
+
+
+# --- two gateway processes sharing one Redis ------------------------------------------------------
+def _twin(deployment: Deployment, path: Path) -> Deployment:
+    """The same deployment (master key, control.db, policy, tokens) in another directory, on another port,
+    with events of its own (DuckDB: one process per file)."""
+    shutil.copytree(deployment.path, path, ignore=shutil.ignore_patterns("events.duckdb*", "*.log", "reports"))
+    twin = Deployment.__new__(Deployment)
+    twin.path, twin.port, twin.sim_url, twin.tokens = path, free_port(), deployment.sim_url, dict(deployment.tokens)
+    return twin
+
+
+def _pair(deployment: Deployment, redis_server: RedisServer, limits: str, routes: str | None = None):
+    (deployment.path / "policy" / "access.csv").write_text(OPEN_ACCESS)
+    (deployment.path / "policy" / "limits.csv").write_text("tenant,subject,metric,window,limit\n" + limits)
+    if routes is not None:
+        (deployment.path / "policy" / "routes.csv").write_text(routes)
+    twin = _twin(deployment, deployment.path.parent / "twin")
+    extra = f'\n[limits]\nstore = "{redis_server.url}"\n'
+    for dep in (deployment, twin):
+        dep.write_toml(extra)
+    return GatewayProcess(deployment).start(), GatewayProcess(twin).start()
+
+
+def _stop(*gateways: GatewayProcess) -> list[dict]:
+    for gw in gateways:
+        assert gw.stop() == 0, gw.log()
+    return [row for gw in gateways for row in gw.deployment.events()]
+
+
+def _fresh_window(window: str, needed_s: float) -> None:
+    now = datetime.now(UTC)
+    left = (window_end(window, window_start(window, now)) - now).total_seconds()
+    if left < needed_s:
+        time.sleep(left + 0.1)
+
+
+def _chat(gw: GatewayProcess, body: dict | None = None, headers: dict | None = None) -> tuple[str, dict, dict]:
+    body = body or {"model": "gpt-4o-mini", "max_tokens": 16, "messages": [{"role": "user", "content": PROMPT}]}
+    return (gw.url + "/openai/v1/chat/completions", body,
+            {"authorization": f"Bearer {gw.deployment.tokens['bob']}", **(headers or {})})
+
+
+async def _burst(gateways: list[GatewayProcess], n: int, body: dict | None = None,
+                 headers: dict | None = None) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=n + 10)) as http:
+        calls = [_chat(gateways[i % len(gateways)], body, headers) for i in range(n)]
+        return await asyncio.gather(*(http.post(url, json=b, headers=h) for url, b, h in calls))
+
+
+async def test_two_gateways_never_spend_more_than_a_shared_1_usd_budget(deployment, sim, redis_server):
+    _fresh_window("month", 60)
+    a, b = _pair(deployment, redis_server, "acme,tenant,usd,month,1.00\n")
+    max_tokens, output_tokens = 4000, 3000
+    reserved_each, spent_each = _usd(2, max_tokens), _usd(2, output_tokens)  # 0.040005 and 0.030005
+    assert (reserved_each, spent_each) == (Decimal("0.040005"), Decimal("0.030005"))
+    body = {"model": "gpt-4o", "max_tokens": max_tokens, "messages": [{"role": "user", "content": PROMPT}]}
+    try:
+        responses = await _burst([a, b], 200, body, {"x-sim-latency-ms": "400",
+                                                     "x-sim-output-tokens": str(output_tokens)})
+        ok = [r for r in responses if r.status_code == 200]
+        assert len(ok) + sum(r.status_code == 429 for r in responses) == 200, {r.status_code for r in responses}
+        # one gateway alone would admit 24-33; two with counters of their own, twice that
+        assert 24 <= len(ok) <= 33, f"{len(ok)} admitted across both gateways"
+    finally:
+        rows = _stop(a, b)
+    admitted = [e for e in rows if e["outcome"] == "ok"]
+    assert len(rows) == 200 and len(admitted) == len(ok)
+    assert all(e["cost_usd"] == spent_each for e in admitted)
+    spent = sum(e["cost_usd"] for e in admitted)
+    assert spent <= Decimal("1.00"), f"spent {spent} of a 1.00 USD budget across two gateways"
+    figures = _counter(redis_server.client(), TENANT, "month", datetime.now(UTC))
+    assert figures["u2"] == _nano(spent) and figures["r2"] == 0 and figures["u0"] == len(ok), figures
+
+
+async def test_a_10_requests_a_minute_limit_admits_exactly_10_of_50_across_two_gateways(deployment, sim, redis_server):
+    _fresh_window("minute", 25)
+    a, b = _pair(deployment, redis_server, "acme,tenant,requests,minute,10\n")
+    try:
+        responses = await _burst([a, b], 50, headers={"x-sim-latency-ms": "200"})
+        assert sorted(r.status_code for r in responses) == [200] * 10 + [429] * 40
+        refused = next(r for r in responses if r.status_code == 429)
+        assert "10 requests per minute" in refused.json()["error"]["message"]
+        assert {r.url.port for r in responses if r.status_code == 200} <= {a.deployment.port, b.deployment.port}
+    finally:
+        _stop(a, b)
+
+
+def test_a_key_cooling_down_after_a_429_on_one_gateway_is_honoured_by_the_other(deployment, sim, redis_server):
+    deployment.add_key("openai-1", "openai", SIM_KEYS["openai"])
+    a, b = _pair(deployment, redis_server, "", routes="p, *, openai/*, openai-1\n")
+    try:
+        with httpx.Client(timeout=10) as http:
+            url, body, headers = _chat(a, headers={"x-sim-fault": "status:429"})
+            limited = http.post(url, json=body, headers=headers)
+            assert limited.status_code == 429 and limited.headers["retry-after"] == "1"
+            assert len(sim.requests) == 1
+            time.sleep(0.1)  # published by a, delivered to b
+            url, body, headers = _chat(b)
+            cooling = http.post(url, json=body, headers=headers)
+            assert cooling.status_code == 429 and "cooling down" in cooling.json()["error"]["message"], cooling.text
+            assert len(sim.requests) == 1, "the other gateway did not call the provider with the resting key"
+            time.sleep(1.1)
+            assert http.post(url, json=body, headers=headers).status_code == 200
+            assert len(sim.requests) == 2
+    finally:
+        _stop(a, b)
+
+
+async def _load(gateways: list[GatewayProcess], stop: asyncio.Event, seen: list[tuple[float, int, dict]]) -> None:
+    """Steady traffic over both gateways until `stop` (bounded: at most 4,000 requests)."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        for i in range(4000):
+            if stop.is_set():
+                return
+            url, body, headers = _chat(gateways[i % 2])
+            response = await http.post(url, json=body, headers=headers)
+            seen.append((time.monotonic(), response.status_code, response.json()))
+
+
+async def test_redis_stopped_under_load_fails_closed_and_recovers_with_counters_right(deployment, sim, redis_server):
+    _fresh_window("day", 120)
+    a, b = _pair(deployment, redis_server, "acme,tenant,requests,day,100000\n")
+    seen: list[tuple[float, int, dict]] = []
+    stop = asyncio.Event()
+    try:
+        loaders = [asyncio.create_task(_load([a, b], stop, seen)) for _ in range(4)]
+        await asyncio.sleep(1.0)
+        redis_server.stop()
+        stopped_at = time.monotonic()
+        await asyncio.sleep(1.0)
+        async with httpx.AsyncClient(timeout=10) as http:
+            ready = await http.get(a.url + "/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["limits"].startswith("redis "), ready.text
+        redis_server.start()
+        restarted_at = time.monotonic()
+        await asyncio.sleep(1.5)
+        stop.set()
+        await asyncio.gather(*loaders)
+        async with httpx.AsyncClient(timeout=10) as http:
+            assert (await http.get(b.url + "/readyz")).status_code == 200
+    finally:
+        stop.set()
+        rows = _stop(a, b)
+    before = [s for t, s, _ in seen if t < stopped_at]
+    during = [(s, body) for t, s, body in seen if stopped_at + 0.2 < t < restarted_at]
+    after = [s for t, s, _ in seen if t > restarted_at + 0.5]
+    assert before and set(before) == {200}
+    assert during and all(s == 503 for s, _ in during), {s for s, _ in during}
+    error = during[0][1]["error"]
+    assert error["code"] == "limit_store_unavailable" and "Redis" in error["message"], error
+    assert after and set(after) == {200}, "requests succeed again once Redis is back"
+
+    refused = [e for e in rows if e["status_code"] == 503]
+    assert refused and all(e["outcome"] == "upstream_error" and e["key_id"] is None for e in refused)
+    admitted = [e for e in rows if e["status_code"] == 200]
+    assert len(admitted) == sum(1 for _, s, _ in seen if s == 200)
+    # Redis came back empty: each gateway put its own events back once, and counted the rest live
+    client = redis_server.client()
+    assert len(client.keys("tollway:seeded:*")) == 2
+    figures = _counter(client, TENANT, "day", datetime.now(UTC))
+    assert figures["u0"] == len(admitted) and figures["r0"] == 0, (figures, len(admitted))
+
+    restarted = GatewayProcess(a.deployment).start()  # a gateway restart with Redis up seeds nothing again
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            url, body, headers = _chat(restarted)
+            assert (await http.post(url, json=body, headers=headers)).status_code == 200
+    finally:
+        _stop(restarted)
+    assert _counter(client, TENANT, "day", datetime.now(UTC))["u0"] == len(admitted) + 1
