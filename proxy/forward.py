@@ -14,16 +14,15 @@ import logging
 import random
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode
 
 import msgspec
 from yarl import URL
 
-from proxy import admission, objects
-from proxy.batch_results import ResultLines, answer_of, result_events
+from proxy import admission, object_calls, objects, relay
 from proxy.errors import (
     BadRequest,
     BodyTimeout,
@@ -35,11 +34,9 @@ from proxy.errors import (
 )
 from proxy.events import Event
 from proxy.keys import preferring
-from proxy.meter import meter
 from proxy.providers.base import Adapter, CallInfo, Usage, json_decode, json_encode
 from proxy.providers.registry import CREDENTIAL_HEADERS, CREDENTIAL_QUERY_PARAMS
 from proxy.request_body import parse_json_body
-from proxy.sse import SseParser
 from proxy.uploads import ClientGone, UploadBody, boundary_of, form_field, read_head
 
 if TYPE_CHECKING:
@@ -48,11 +45,9 @@ if TYPE_CHECKING:
     from proxy.limits import Reservation
     from proxy.objects import Owner
     from proxy.providers.objects import ObjectRules
-    from proxy.upstream import UpstreamResponse
 
 log = logging.getLogger("tollway.gateway")
 REQUEST_ID_HEADER = b"x-tollway-request-id"
-COST_HEADER = b"x-tollway-cost-usd"
 #: Never forwarded upstream: hop-by-hop, routing and client-identity headers, and what aiohttp sets.
 _DROP_REQUEST_HEADERS = CREDENTIAL_HEADERS | {
     "host", "content-length", "connection", "keep-alive", "proxy-authorization", "proxy-authenticate",
@@ -276,18 +271,18 @@ async def _forward_with_failover(gw: Gateway, route: ProviderRoute, call: Call, 
                 event.outcome = "ok" if status < 400 else "upstream_error"
                 response_headers = _response_headers(response.raw_headers, event.event_id, key)
                 if call.objects is not None and call.objects.url_headers:
-                    for url in _point_at_gateway(response_headers, call.objects.url_headers, route, call.origin):
-                        _record_session(gw, route, call, url)
-                if status == 200 and _reads_results(call):
-                    await _relay_results(gw, route, call, response, response_headers, send)
+                    for url in object_calls.point_at_gateway(response_headers, call.objects.url_headers, route, call.origin):
+                        object_calls.record_session(gw, route, call, url)
+                if status == 200 and object_calls.reads_results(call):
+                    await relay.relay_results(gw, route, call, response, response_headers, send)
                 elif response.content_type == "text/event-stream":
-                    await _relay_stream(gw, route, call, response, response_headers, send,
+                    await relay.relay_stream(gw, route, call, response, response_headers, send,
                                         gw.settings.server.max_sse_event_bytes)
                 elif _is_json(response.content_type):
-                    await _relay_body(gw, call, route, response, response_headers, send,
+                    await relay.relay_body(gw, call, route, response, response_headers, send,
                                       gw.settings.server.max_response_bytes)
                 else:  # files, audio, HTML error pages: nothing to meter, so nothing to hold
-                    await _relay_raw(call, response, response_headers, send)
+                    await relay.relay_raw(call, response, response_headers, send)
                 event.upstream_ms = round((time.perf_counter() - upstream_started) * 1000, 3)
                 return
         except (UpstreamUnreachable, UpstreamTimeout) as err:
@@ -361,139 +356,6 @@ def _upstream_headers(headers: dict[str, str], adapter: Adapter, key, body: Any 
 
 def _is_json(content_type: str) -> bool:
     return content_type == "application/json" or content_type.endswith("+json")
-
-
-async def _relay_body(gw: Gateway, call: Call, route: ProviderRoute, response: UpstreamResponse, headers: list,
-                      send, limit: int) -> None:
-    """A JSON answer, read whole (at most `limit` bytes) for its usage and its cost header."""
-    body = await response.read(limit)
-    if response.status < 400 and body:
-        try:
-            payload = json_decode(body)
-        except (msgspec.DecodeError, RecursionError):
-            payload = None
-        if payload is not None:
-            if call.info.metered:
-                call.usage, call.estimate_output_chars = route.adapter.read_body(payload)
-            if call.objects is not None:
-                body = await _observe_objects(gw, route, call, payload) or body
-    meter(call, route)  # now, so that the response can say what it cost
-    if call.event.cost_usd is not None:
-        headers.append((COST_HEADER, f"{call.event.cost_usd:f}".encode()))  # never 1.2E-8
-    headers.append((b"content-length", str(len(body)).encode()))
-    call.response_started = True
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    call.event.ttfb_ms = call.elapsed_ms()
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _relay_raw(call: Call, response: UpstreamResponse, headers: list, send, tee=None, before_end=None) -> None:
-    """Any other body, passed on as it arrives (its length kept when it is not decoded here); `tee`
-    sees each chunk too, and `before_end` is awaited before the last (empty) piece: once a response is
-    complete the server reports the client gone, and the request's task is cancelled."""
-    length = None if response.decoded else response.header("content-length")
-    if length is not None:
-        headers.append((b"content-length", length.encode("latin-1")))
-    call.response_started = True
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    async for chunk in response.chunks():
-        if call.event.ttfb_ms is None:
-            call.event.ttfb_ms = call.elapsed_ms()
-        if tee is not None:
-            tee(chunk)
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    if before_end is not None:
-        await before_end()
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-async def _relay_stream(gw: Gateway, route: ProviderRoute, call: Call, response: UpstreamResponse, headers: list,
-                        send, max_event_bytes: int) -> None:
-    """Pass each chunk on as it arrives; read usage from complete events on the side."""
-    tap = route.adapter.stream_tap(call.info)
-    call.usage, call.estimate_output_chars = tap.usage, 0  # filled in as events pass: a cut stream keeps them
-    parser = SseParser(max_event_bytes)
-    filtering = tap.hide_usage_event
-    call.response_started = True
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    async for chunk in response.chunks():
-        if call.event.ttfb_ms is None:
-            call.event.ttfb_ms = call.elapsed_ms()
-        events = parser.feed(chunk)
-        if filtering:
-            chunk = b"".join(e.raw for e in events if e.unread or tap.feed(e))
-        else:
-            for e in events:
-                if not e.unread:
-                    tap.feed(e)
-        call.estimate_output_chars = tap.text_chars
-        if chunk:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    tail = b"".join(e.raw for e in parser.close() if e.unread or tap.feed(e))  # a last event without its blank line
-    call.estimate_output_chars = tap.text_chars
-    if tap.object_id is not None and call.objects is not None:  # a stored response, named in its first event
-        _record_created(gw, route, call, tap.object_id)
-    await send({"type": "http.response.body", "body": tail if filtering else b"", "more_body": False})
-
-
-async def _observe_objects(gw: Gateway, route: ProviderRoute, call: Call, payload: Any) -> bytes | None:
-    """Record the object a create call made; filter a list to the caller's tenant (its new body);
-    make a batch's result files the batch's owner's."""
-    rules, operation = call.objects, call.event.endpoint.partition("/")[2]
-    if rules.creates_object(operation, call.body):
-        created = rules.created_id(operation, payload)
-        if created is not None:
-            _record_created(gw, route, call, created)
-    items_key = rules.list_items(operation)
-    rewritten = rules.url_fields and objects.rewrite_urls(payload, rules.url_fields, items_key,
-                                                          str(route.base_url).rstrip("/"), f"{call.origin}/{route.name}")
-    if items_key is not None:
-        return json_encode(await objects.filter_list(gw.objects, route.name, items_key, payload, call.event.tenant))
-    if call.owner is not None and call.owner.kind == "batch" and isinstance(payload, dict):
-        for name in rules.result_files:
-            file_id = objects.object_id(payload.get(name))
-            if file_id is not None:
-                gw.objects.record(route.name, file_id, replace(call.owner, kind=objects.BATCH_RESULTS))
-        inline = rules.results_inline(payload)
-        if inline:
-            await _meter_results(gw, route, call, [answer_of(r, i) for i, r in enumerate(inline) if isinstance(r, dict)])
-    return json_encode(payload) if rewritten else None
-
-
-def _record_created(gw: Gateway, route: ProviderRoute, call: Call, object_id: str) -> None:
-    kind = call.objects.kind_of(call.event.endpoint.partition("/")[2])
-    gw.objects.record(route.name, object_id, objects.Owner(call.event.tenant, call.event.user_pseudonym,
-                                                           call.event.key_id, kind))
-
-
-def _reads_results(call: Call) -> bool:
-    """A download of batch results that Tollway meters: the batch's result file, or Anthropic's results."""
-    owner, operation = call.owner, call.event.endpoint.partition("/")[2]
-    return owner is not None and ((owner.kind == objects.BATCH_RESULTS and operation == "files.content")
-                                  or operation == call.objects.results)
-
-
-async def _relay_results(gw: Gateway, route: ProviderRoute, call: Call, response: UpstreamResponse, headers: list,
-                         send) -> None:
-    """Relay the results unchanged, reading each line; meter them once the whole file went through."""
-    lines = ResultLines()
-
-    async def meter_lines() -> None:
-        lines.close()
-        await _meter_results(gw, route, call, lines.answers)
-
-    await _relay_raw(call, response, headers, send, lines.feed, meter_lines)
-
-
-async def _meter_results(gw: Gateway, route: ProviderRoute, call: Call, answers: list) -> None:
-    """One event per result of the batch the call is about, by the first caller ever to read them all."""
-    if not await gw.objects.claim_results(route.name, call.path_id):
-        return  # read before: metered then
-    for event in result_events(answers, route.adapter, route.name, call.path_id, call.owner,
-                               call.event.billing_mode, call.policies.prices, route.book_provider):
-        await gw.limiter.charge(event)
-        gw.recorder.record(event)
-        gw.metrics.observe(event)
 
 
 async def _send_error(call: Call, adapter: Adapter, err: TollwayError, send) -> None:
@@ -606,28 +468,6 @@ def _response_headers(raw_headers: Any, event_id: uuid.UUID, key) -> list[tuple[
                if k.lower().decode("latin-1") not in _DROP_RESPONSE_HEADERS and secret not in v]
     headers.append((REQUEST_ID_HEADER, str(event_id).encode()))
     return headers
-
-
-def _point_at_gateway(headers: list[tuple[bytes, bytes]], names: tuple[str, ...], route: ProviderRoute,
-                      origin: str) -> list[str]:
-    """Rewrite response headers that send the client to the provider's host (a resumable upload's URL);
-    returns the URLs rewritten, as the provider sent them."""
-    upstream = str(route.base_url).rstrip("/").encode()
-    public = f"{origin}/{route.name}".encode()
-    wanted, rewritten = {n.encode() for n in names}, []
-    for i, (name, value) in enumerate(headers):
-        if name in wanted and value.startswith(upstream):
-            headers[i] = (name, public + value[len(upstream):])
-            rewritten.append(value.decode("latin-1"))
-    return rewritten
-
-
-def _record_session(gw: Gateway, route: ProviderRoute, call: Call, url: str) -> None:
-    """An upload session the gateway handed out belongs to the caller, like any object."""
-    found = parse_qs(urlsplit(url).query).get(call.objects.session_param or "")
-    if found:
-        gw.objects.record(route.name, found[0], objects.Owner(call.event.tenant, call.event.user_pseudonym,
-                                                              call.event.key_id, objects.UPLOAD_SESSION))
 
 
 def _too_large_message(gw: Gateway) -> str:
