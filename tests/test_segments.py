@@ -178,6 +178,29 @@ def test_every_answered_request_has_exactly_one_event_after_the_pipeline(deploym
     assert report.returncode == 0 and json.loads(report.stdout)["source_rows"] == len(responses), report.stderr
 
 
+def test_a_segments_directory_that_cannot_be_written_fails_closed_and_recovers_with_nothing_lost(deployment):
+    from tests.test_event_store import StoreOutage
+
+    segments_deployment(deployment, "max_buffered = 20\n")
+    gw = GatewayProcess(deployment).start()
+    carol = client_for(gw, deployment.tokens["carol"])
+    try:
+        seen = [chat(carol) for _ in range(5)]
+        wait_for(lambda: "tollway_event_queue_depth 0.0" in carol.get("/metrics").text)  # all sealed
+        with StoreOutage(gw.proc.pid):  # every file write fails (EFBIG), as on a full disk
+            during = [chat(carol) for _ in range(30)]
+            wait_for(lambda: carol.get("/readyz").status_code == 503)
+        wait_for(lambda: carol.get("/readyz").status_code == 200)
+        after = [chat(carol) for _ in range(5)]
+    finally:
+        assert gw.stop() == 0
+    assert Counter(r.status_code for r in during) == {200: 20, 503: 10}, "max_buffered events, then 503"
+    assert all(r.status_code == 200 for r in seen + after)
+    pipeline_once(deployment)
+    served = Counter(r.headers[REQUEST_ID] for r in seen + during + after if r.status_code == 200)
+    assert event_ids(deployment) == served
+
+
 def test_kill_9_of_the_pipeline_mid_ingest_loses_and_doubles_nothing(deployment):
     segments = segments_deployment(deployment)
     events = make_events(12_000, datetime.now(UTC))
