@@ -252,6 +252,17 @@ def test_serve_workers_2_is_refused_without_redis_and_segments(deployment):
     assert "--workers 1" in refused.stderr
 
 
+def test_a_second_memory_store_gateway_on_a_segments_deployment_is_refused(deployment):
+    segments_deployment(deployment)
+    gw = GatewayProcess(deployment).start()
+    try:
+        second = run_cli(deployment.path, "serve", "--port", str(free_port()))
+    finally:
+        assert gw.stop() == 0
+    assert second.returncode == 1 and f"another gateway (process {gw.proc.pid})" in second.stderr
+    assert "Redis URL" in second.stderr
+
+
 def test_the_pipeline_is_refused_with_the_duckdb_sink_and_runs_once_per_deployment(deployment):
     refused = run_cli(deployment.path, "pipeline", "run", "--once")
     assert refused.returncode == 1 and 'sink = "segments"' in refused.stderr
