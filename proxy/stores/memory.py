@@ -29,6 +29,7 @@ _W = len(WINDOWS)
 _SLOTS = len(METRICS) * _W
 _WINDOW_INDEX = {w: i for i, w in enumerate(WINDOWS)}
 _SLOT = {(m, w): i * _W + j for i, m in enumerate(METRICS) for j, w in enumerate(WINDOWS)}
+_SLOT_OF = {m: {w: _SLOT[m, w] for w in WINDOWS} for m in METRICS}  # two lookups, no tuple built per check
 _USD_BASE = _SLOT["usd", WINDOWS[0]]
 
 
@@ -103,11 +104,11 @@ class MemoryLimitStore:
         tenant_counters, user_counters = (self._counters(scope, starts, minute) for scope in scopes)
         wanted = vector(amounts)
         over = None
-        for index, check in enumerate(checks):
-            counters = tenant_counters if check.scope.user is None else user_counters
-            slot = _SLOT[check.metric, check.window]
+        for index, (scope, metric, window, limit) in enumerate(checks):
+            counters = tenant_counters if scope.user is None else user_counters
+            slot = _SLOT_OF[metric][window]
             current = counters.used[slot] + counters.reserved[slot]
-            if current + wanted[slot // _W] > check.limit:
+            if current + wanted[slot // _W] > limit:
                 over = over or []
                 over.append((index, current))
         if over:
