@@ -274,6 +274,8 @@ def test_the_pipeline_is_refused_with_the_duckdb_sink_and_runs_once_per_deployme
                  (deployment.path / "pipeline.lock").read_text().strip() == str(proc.pid))
         second = run_cli(deployment.path, "pipeline", "run", "--once")
         assert second.returncode == 1 and f"process {proc.pid}" in second.stderr
+        report = run_cli(deployment.path, "report", "run")
+        assert report.returncode == 0 and "built by the pipeline" in report.stderr, report.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, "SIGTERM: a clean stop"

@@ -128,6 +128,12 @@ def insert_segments(con: duckdb.DuckDBPyConnection, paths: list[Path]) -> tuple[
     return read, inserted
 
 
+def prune_ledger(con: duckdb.DuckDBPyConnection, days: int) -> None:
+    """Forget segments ingested more than `days` ago (retention deletes their files from `ingested/` by then)."""
+    con.execute(CREATE_LEDGER)
+    con.execute(f"DELETE FROM {LEDGER} WHERE ingested_at < now() - to_days(?)", [days])
+
+
 def readable(con: duckdb.DuckDBPyConnection, path: Path) -> bool:
     try:
         con.execute(f"SELECT count(*) FROM read_parquet({sql_path(path)})").fetchone()

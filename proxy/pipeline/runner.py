@@ -28,7 +28,7 @@ from analytics.jobs import (
     snapshot_events,
 )
 from analytics.scheduler import ReportSchedule
-from proxy.pipeline.ingest import BATCH_SEGMENTS, IngestResult, ingest
+from proxy.pipeline.ingest import BATCH_SEGMENTS, IngestResult, ingest, prune_ledger
 from proxy.process_lock import ProcessLock
 from proxy.recorder import open_events_db
 from proxy.settings import Settings
@@ -102,6 +102,7 @@ class Pipeline:
         closed = {period for period, _ in load_billing_inputs(self.settings.data_dir).closed}
         with self.database() as con:
             deleted = apply_retention(con, days, closed, datetime.now(UTC))
+            prune_ledger(con, days)
         if deleted:
             log.info("retention: deleted %d events older than %d days from closed periods", deleted, days)
         cutoff = time.time() - days * 86400
