@@ -70,6 +70,7 @@ class EventRecorder:
         self._fail_closed = fail_closed
         self._rejected_path = rejected_path
         self._pending: deque[tuple] = deque()
+        self._in_flight = 0  # rows taken from the queue by a write that has not ended yet
         self._wake = threading.Event()
         self._stop = False
         self._lock = threading.Lock()  # one flush at a time (writer thread, close, explicit flush)
@@ -95,13 +96,15 @@ class EventRecorder:
 
     @property
     def accepting(self) -> bool:
-        """False while the store is failing and the buffer is full: new requests must be refused."""
-        return not self._fail_closed or len(self._pending) < self._max_buffered
+        """False while the store is failing and the buffer is full: new requests must be refused. Rows a
+        write has taken but not yet stored count too (a failing write puts them back)."""
+        return not self._fail_closed or len(self._pending) + self._in_flight < self._max_buffered
 
     def flush(self) -> int:
         """Write everything pending now; return how many rows were written."""
         with self._lock:
-            batch = [self._pending.popleft() for _ in range(len(self._pending))]
+            self._in_flight = len(self._pending)  # set before the rows leave the queue: never uncounted
+            batch = [self._pending.popleft() for _ in range(self._in_flight)]
             before = self.written
             if not batch:
                 return 0
@@ -114,6 +117,8 @@ class EventRecorder:
             else:
                 self.written += len(batch)
                 self.last_error = None
+            finally:
+                self._in_flight = 0
             return self.written - before
 
     def _append(self, rows: list[tuple]) -> None:
