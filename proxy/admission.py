@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 from proxy.errors import InternalError, OperationDenied, PolicyDenied, StoreUnavailable, UnknownTenant
 from proxy.events import Event
-from proxy.limits import Amounts, Scope
 from proxy.meter import meter, pricing_model, refuse_unpriced
 
 if TYPE_CHECKING:
@@ -93,8 +92,7 @@ async def unreserved(gw: Gateway, policies: PolicySet, identity: Identity,
     """Nothing held, but counted when settled: for usage the provider started itself (a Realtime turn
     its voice detection began), which no limit could refuse beforehand."""
     limits = gw.limiter.applicable(policies, identity.tenant, identity.user, identity.subjects, event.user_pseudonym)
-    scopes = (Scope(identity.tenant, None), Scope(identity.tenant, event.user_pseudonym))
-    return await gw.limit_store.reserve([], scopes, Amounts(), event.ts), limits
+    return await gw.limiter.unchecked(identity.tenant, event.user_pseudonym, event.ts), limits
 
 
 async def finish(gw: Gateway, route: ProviderRoute, call: Call) -> None:

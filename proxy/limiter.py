@@ -147,11 +147,16 @@ class Limiter:
                 for threshold in crossed_thresholds(before, after, lim.limit_units):
                     await self._alert(Alert(lim, threshold, start, usd_value(after)))
 
+    async def unchecked(self, tenant: str, pseudonym: uuid.UUID | None, at: datetime) -> Reservation:
+        """A reservation that holds nothing and checks nothing, so that usage the provider served without
+        asking (a Realtime turn it began, a batch's results) is still counted when settled."""
+        scopes = (Scope(tenant, None), Scope(tenant, pseudonym))
+        return await self.store.reserve([], scopes, Amounts(0, 0, Decimal(0)), at)
+
     async def charge(self, event: Event) -> None:
         """Count usage that needed no admission (a batch's results, billed when they are read) against
         the tenant's and user's windows: no check (the provider already served it), no request counted."""
-        scopes = (Scope(event.tenant, None), Scope(event.tenant, event.user_pseudonym))
-        reservation = await self.store.reserve([], scopes, Amounts(0, 0, Decimal(0)), event.ts)
+        reservation = await self.unchecked(event.tenant, event.user_pseudonym, event.ts)
         tokens = (event.input_tokens or 0) + (event.output_tokens or 0)
         await self.store.settle(reservation, Amounts(0, tokens, event.cost_usd or Decimal(0)))
 
