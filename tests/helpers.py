@@ -42,7 +42,8 @@ _next_port = itertools.count()
 
 def free_port() -> int:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    base = 16000 + int(worker.removeprefix("gw") or 0) % 4 * _PORT_BLOCK
+    # Separate checkouts' suites running at once on one machine can each set their own base.
+    base = int(os.environ.get("TOLLWAY_TEST_PORT_BASE", "16000")) + int(worker.removeprefix("gw") or 0) % 4 * _PORT_BLOCK
     for _ in range(_PORT_BLOCK):
         port = base + next(_next_port) % _PORT_BLOCK
         with socket.socket() as s:
