@@ -165,7 +165,7 @@ class Gateway:
         """Names the events a re-seed reads: every process that reads the same events seeds them once."""
         events = self.settings.events
         if events.sink == "segments":
-            return f"segments:{events.segments_path(self.settings.data_dir)}"
+            return f"segments:{events.segments_location(self.settings.data_dir)}"
         return f"duckdb:{socket.gethostname()}:{self.settings.events_db.resolve()}"
 
     def _budget_alert(self, alert: Alert) -> None:

@@ -83,13 +83,20 @@ class EventSettings:
     """Where the gateway writes events: "duckdb" (`events.duckdb`, one gateway process) or "segments"
     (sealed Parquet segments in segments_dir, ingested by `tollway pipeline`; any number of processes)."""
     segments_dir: str = ""
-    """With sink = "segments": the directory of sealed segments (a path, relative to the deployment
-    directory, or a file:// URL); empty means DIR/segments."""
+    """With sink = "segments": where sealed segments go: a directory (a path, relative to the deployment
+    directory, or a file:// URL; empty means DIR/segments) or object storage (s3://BUCKET/PREFIX,
+    gs://BUCKET/PREFIX, az://CONTAINER/PREFIX; credentials from the environment only)."""
 
     def segments_path(self, data_dir: Path) -> Path:
-        """The segments directory, resolved against the deployment directory."""
+        """The segments directory, resolved against the deployment directory (not for object storage)."""
         text = self.segments_dir.removeprefix("file://") or "segments"
         return (data_dir / Path(text).expanduser()).resolve()
+
+    def segments_location(self, data_dir: Path) -> str:
+        """Names where segments go: the object storage URL as written, or the resolved directory."""
+        if segments_scheme(self.segments_dir) in OBJECT_STORE_SCHEMES:
+            return self.segments_dir.rstrip("/")
+        return str(self.segments_path(data_dir))
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,15 +209,48 @@ SINKS = ("duckdb", "segments")
 
 
 def _events(raw: dict[str, Any], where: str) -> EventSettings:
+    _refuse_credentials(raw, where)
     settings = _build(EventSettings, raw, where)
     if settings.sink not in SINKS:
         raise SettingsError(f'{where}: sink must be "duckdb" (one gateway process) or "segments" (sealed Parquet '
                             "segments that `tollway pipeline` ingests)")
-    scheme = settings.segments_dir.partition("://")[0] if "://" in settings.segments_dir else ""
-    if scheme and scheme != "file":
-        raise SettingsError(f"{where}: segments_dir {settings.segments_dir!r}: {scheme}:// is not available in this "
-                            "build; use a directory (a path, or file://PATH) on a disk every gateway process shares")
+    _check_segments_dir(settings.segments_dir, where)
     return settings
+
+
+#: Object storage for event segments (through obstore); "file" and plain paths are local directories.
+OBJECT_STORE_SCHEMES = ("s3", "gs", "az")
+SEGMENTS_FORMS = "a directory path, file:///PATH, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or az://CONTAINER/PREFIX"
+CREDENTIALS_FROM_ENV = ("credentials never go in tollway.toml: set them in the environment of every gateway and "
+                        "of the pipeline (S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL; "
+                        "GCS: GOOGLE_APPLICATION_CREDENTIALS; Azure: AZURE_STORAGE_ACCOUNT_NAME, "
+                        "AZURE_STORAGE_ACCOUNT_KEY), or give the machine a role")
+_CREDENTIAL_WORDS = ("secret", "access_key", "key_id", "token", "password", "credential", "service_account",
+                     "sas_", "account_key")
+
+
+def segments_scheme(text: str) -> str:
+    """"s3", "file", ...; "" for a plain path."""
+    return text.partition("://")[0].lower() if "://" in text else ""
+
+
+def _refuse_credentials(raw: dict[str, Any], where: str) -> None:
+    found = sorted(k for k in raw if k.lower().startswith(("aws_", "google_", "azure_"))
+                   or any(word in k.lower() for word in _CREDENTIAL_WORDS))
+    if found:
+        raise SettingsError(f"{where}: {', '.join(found)}: {CREDENTIALS_FROM_ENV}")
+
+
+def _check_segments_dir(text: str, where: str) -> None:
+    scheme = segments_scheme(text)
+    if scheme and scheme != "file" and scheme not in OBJECT_STORE_SCHEMES:
+        raise SettingsError(f"{where}: segments_dir {text!r}: {scheme}:// is not supported; use {SEGMENTS_FORMS}")
+    if scheme in OBJECT_STORE_SCHEMES:
+        location = text.partition("://")[2]
+        if "@" in location.partition("/")[0] or "?" in location:
+            raise SettingsError(f"{where}: segments_dir holds credentials or options; {CREDENTIALS_FROM_ENV}")
+        if not location.partition("/")[0]:
+            raise SettingsError(f"{where}: segments_dir {text!r} names no bucket; use {SEGMENTS_FORMS}")
 
 
 def _limits(raw: dict[str, Any], where: str) -> LimitSettings:

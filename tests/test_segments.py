@@ -28,9 +28,9 @@ import httpx
 import pytest
 
 from proxy.events import Event
-from proxy.pipeline import ingest as ingest_module
 from proxy.pipeline.ingest import ingest
 from proxy.recorder import open_events_db
+from proxy.sinks.segment_store import LocalSegments
 from proxy.sinks.segments import SegmentSink, sealed_segments
 from tests.helpers import OPEN_ACCESS, REPO, GatewayProcess, free_port, run_cli
 
@@ -127,10 +127,10 @@ def test_a_kill_between_the_commit_and_the_moves_is_finished_by_the_next_run(tmp
     seal(directory, make_events(40, datetime.now(UTC)), per_segment=10)
     db = open_events_db(tmp_path / "events.duckdb")
 
-    def killed(path, folder):
+    def killed(self, names, folder):
         raise KeyboardInterrupt("killed after the commit")
 
-    monkeypatch.setattr(ingest_module, "move", killed)
+    monkeypatch.setattr(LocalSegments, "move", killed)
     with pytest.raises(KeyboardInterrupt):
         ingest(db, directory, batch=2)
     monkeypatch.undo()

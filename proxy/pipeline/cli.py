@@ -34,7 +34,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         manifest = pipeline.build_reports()
     finally:
         lock.release()
-    say(f"ingested {result.segments} segment(s) from {pipeline.segments_dir}: {result.events} events, "
+    say(f"ingested {result.segments} segment(s) from {pipeline.store.location}: {result.events} events, "
         f"{result.inserted} new, {result.duplicates} already present, {result.rejected} unreadable set aside; "
         f"reports built from {manifest['source_rows']} events into {settings.reports_dir}")
     emit(args, {"ingest": result.as_json(), "manifest": manifest}, None)

@@ -1,5 +1,8 @@
 """Ingest sealed segments into `events.duckdb`: nothing lost, nothing doubled, whatever is killed when.
 
+Segments come from a `SegmentStore` (a directory, or object storage: fetched concurrently into a
+temporary directory, one batch at a time, while the previous batch is inserted).
+
 Per batch of segments, one transaction: insert the segments' events whose `event_id` the table does
 not hold yet, and record each segment's name in the ledger (`ingested_segments`); only after the
 commit are the files moved to `ingested/`. A kill before the commit leaves no trace (DuckDB rolls
@@ -11,10 +14,12 @@ by its `event_id`. A segment that cannot be read on its own is moved to `rejecte
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +27,7 @@ import duckdb
 
 from proxy.events import COLUMNS
 from proxy.sinks.segment_events import LEDGER
-from proxy.sinks.segments import INGESTED, REJECTED, sealed_segments, sql_path
+from proxy.sinks.segment_store import INGESTED, REJECTED, LocalSegments, SegmentStore, sql_path
 
 log = logging.getLogger("tollway.pipeline")
 CREATE_LEDGER = (f"CREATE TABLE IF NOT EXISTS {LEDGER} (name VARCHAR PRIMARY KEY, events BIGINT NOT NULL, "
@@ -50,25 +55,48 @@ class IngestResult:
                 "seconds": round(self.seconds, 3)}
 
 
-def ingest(con: duckdb.DuckDBPyConnection, segments_dir: Path, batch: int = BATCH_SEGMENTS,
+def ingest(con: duckdb.DuckDBPyConnection, segments: SegmentStore | Path, batch: int = BATCH_SEGMENTS,
            progress: Callable[[IngestResult], None] | None = None) -> IngestResult:
-    """Ingest every sealed segment waiting in `segments_dir` into `con`'s `events`."""
+    """Ingest every sealed segment waiting in `segments` (a store, or a directory) into `con`'s `events`."""
+    store = LocalSegments(segments) if isinstance(segments, Path) else segments
     started = time.perf_counter()
     con.execute(CREATE_LEDGER)
-    pending = sealed_segments(segments_dir)
+    pending = store.list_sealed()
     result = IngestResult(waiting=len(pending))
-    done = in_ledger(con, [p.name for p in pending])
-    for path in (p for p in pending if p.name in done):
-        move(path, INGESTED)
-        result.moved_only += 1
-    todo = [p for p in pending if p.name not in done]
-    for start in range(0, len(todo), batch):
-        ingest_batch(con, todo[start:start + batch], result)
-        result.seconds = time.perf_counter() - started
-        if progress is not None:
-            progress(result)
+    done = in_ledger(con, pending)
+    if done:
+        store.move(sorted(done), INGESTED)
+        result.moved_only += len(done)
+    todo = [name for name in pending if name not in done]
+    batches = [todo[start:start + batch] for start in range(0, len(todo), batch)]
+    with ThreadPoolExecutor(1, thread_name_prefix="tollway-fetch") as prefetch:
+        fetching = prefetch.submit(_fetch, store, batches[0]) if batches else None
+        try:
+            for number, names in enumerate(batches):
+                copies, paths = fetching.result()
+                # the next batch downloads while this one is inserted (object storage; nothing for a directory)
+                fetching = prefetch.submit(_fetch, store, batches[number + 1]) if number + 1 < len(batches) else None
+                with copies:
+                    ingest_batch(con, store, names, paths, result)
+                result.seconds = time.perf_counter() - started
+                if progress is not None:
+                    progress(result)
+        finally:
+            if fetching is not None:  # an ingest that failed: the prefetched copies go too
+                with contextlib.suppress(Exception):
+                    fetching.result()[0].close()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _fetch(store: SegmentStore, names: list[str]) -> tuple[ExitStack, dict[str, Path]]:
+    """Local files of `names`, and what removes them (temporary copies of objects) when closed."""
+    copies = ExitStack()
+    try:
+        return copies, copies.enter_context(store.local_copies(names))
+    except BaseException:
+        copies.close()
+        raise
 
 
 def in_ledger(con: duckdb.DuckDBPyConnection, names: list[str]) -> set[str]:
@@ -78,30 +106,31 @@ def in_ledger(con: duckdb.DuckDBPyConnection, names: list[str]) -> set[str]:
                                           [names]).fetchall()}
 
 
-def ingest_batch(con: duckdb.DuckDBPyConnection, paths: list[Path], result: IngestResult) -> None:
-    """One transaction for `paths`, then the moves; a failing batch is retried segment by segment."""
+def ingest_batch(con: duckdb.DuckDBPyConnection, store: SegmentStore, names: list[str], paths: dict[str, Path],
+                 result: IngestResult) -> None:
+    """One transaction for `names`, then the moves; a failing batch is retried segment by segment."""
     try:
-        events, inserted = insert_segments(con, paths)
+        events, inserted = insert_segments(con, [paths[name] for name in names])
     except duckdb.Error as exc:
-        if len(paths) > 1:
-            for path in paths:
-                ingest_batch(con, [path], result)
+        if len(names) > 1:
+            for name in names:
+                ingest_batch(con, store, [name], paths, result)
             return
-        if readable(con, paths[0]):
+        if readable(con, paths[names[0]]):
             raise  # the segment is fine: the database is the problem (retried on the next run)
-        log.error("segment %s cannot be read, moved to %s/: %s", paths[0].name, REJECTED, exc)
-        move(paths[0], REJECTED)
+        log.error("segment %s cannot be read, moved to %s/: %s", names[0], REJECTED, exc)
+        store.move(names, REJECTED)
         result.rejected += 1
         return
-    for path in paths:
-        move(path, INGESTED)
-    result.segments += len(paths)
+    store.move(names, INGESTED)
+    result.segments += len(names)
     result.events += events
     result.inserted += inserted
 
 
 def insert_segments(con: duckdb.DuckDBPyConnection, paths: list[Path]) -> tuple[int, int]:
-    """Insert the events of `paths` not yet present and record the segments; returns (read, inserted)."""
+    """Insert the events of `paths` not yet present and record the segments (by file name); returns
+    (read, inserted)."""
     files = "[" + ", ".join(sql_path(p) for p in paths) + "]"
     con.execute("BEGIN TRANSACTION")
     try:
@@ -140,10 +169,3 @@ def readable(con: duckdb.DuckDBPyConnection, path: Path) -> bool:
         return True
     except duckdb.Error:
         return False
-
-
-def move(path: Path, folder: str) -> None:
-    """Into `folder/` beside the segments (same file system: a rename)."""
-    target = path.parent / folder
-    target.mkdir(exist_ok=True)
-    os.replace(path, target / path.name)

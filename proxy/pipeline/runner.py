@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -28,11 +28,12 @@ from analytics.jobs import (
     snapshot_events,
 )
 from analytics.scheduler import ReportSchedule
+from proxy.errors import StartupError
 from proxy.pipeline.ingest import BATCH_SEGMENTS, IngestResult, ingest, prune_ledger
 from proxy.process_lock import ProcessLock
 from proxy.recorder import open_events_db
 from proxy.settings import Settings
-from proxy.sinks.segments import INGESTED
+from proxy.sinks.segment_store import INGESTED, segment_store_for
 
 log = logging.getLogger("tollway.pipeline")
 LOCK_FILE = "pipeline.lock"
@@ -51,7 +52,10 @@ class Pipeline:
     def __init__(self, settings: Settings, batch: int = BATCH_SEGMENTS) -> None:
         self.settings = settings
         self.batch = batch
-        self.segments_dir = settings.events.segments_path(settings.data_dir)
+        try:
+            self.store = segment_store_for(settings.events, settings.data_dir)
+        except ValueError as exc:  # a URL obstore cannot use
+            raise StartupError(str(exc)) from exc
         self._db = threading.Lock()  # one step at a time holds events.duckdb
         self._last_progress = 0.0
 
@@ -66,7 +70,7 @@ class Pipeline:
 
     def ingest_once(self) -> IngestResult:
         with self.database() as con:
-            result = ingest(con, self.segments_dir, self.batch, self._progress)
+            result = ingest(con, self.store, self.batch, self._progress)
         if result.segments or result.moved_only or result.rejected:
             log.info("ingested %d segment(s): %d events, %d new, %d already present (%.0f events/s)%s",
                      result.segments, result.events, result.inserted, result.duplicates,
@@ -105,11 +109,10 @@ class Pipeline:
             prune_ledger(con, days)
         if deleted:
             log.info("retention: deleted %d events older than %d days from closed periods", deleted, days)
-        cutoff = time.time() - days * 86400
-        for path in (self.segments_dir / INGESTED).glob("*.parquet"):
-            with contextlib.suppress(OSError):
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
+        try:
+            self.store.delete_before(INGESTED, datetime.now(UTC) - timedelta(days=days))
+        except Exception as exc:  # object storage unreachable: the next run deletes them
+            log.warning("retention: could not delete old ingested segments in %s: %s", self.store.location, exc)
 
     async def serve(self, interval_s: float) -> None:
         """Until SIGTERM or SIGINT: ingest every `interval_s`, reports every `report_interval_s`
@@ -121,7 +124,7 @@ class Pipeline:
         schedule = ReportSchedule(self.build_reports, self.settings.reports_dir,
                                   self.settings.pipeline.report_interval_s)
         schedule.start()
-        log.info("pipeline: ingesting %s every %.1f s into %s; reports every %d s", self.segments_dir, interval_s,
+        log.info("pipeline: ingesting %s every %.1f s into %s; reports every %d s", self.store.location, interval_s,
                  self.settings.events_db, self.settings.pipeline.report_interval_s)
         try:
             while not stop.is_set():

@@ -5,7 +5,8 @@ schedule or retention (the pipeline does). Limit counters: the Redis store keeps
 memory store (one gateway process) is seeded at start from every event recorded so far, which is
 `events.duckdb` (opened read-only: the pipeline holds it only while it ingests or takes a report
 snapshot, so start-up waits up to `HISTORY_WAIT_S` for it) plus the sealed segments not yet
-ingested (by name: a segment already in the pipeline's ledger is not counted twice).
+ingested (by name: a segment already in the pipeline's ledger is not counted twice), fetched from
+object storage when segments live there.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from proxy.errors import StartupError
 from proxy.events import CREATE_TABLE
 from proxy.recorder import DUCKDB_CONFIG
 from proxy.settings import Settings
-from proxy.sinks.segments import SegmentSink, sealed_segments, sql_path
+from proxy.sinks.segment_store import SegmentStore, segment_store_for, sql_path
+from proxy.sinks.segments import SegmentSink
 
 log = logging.getLogger("tollway.gateway")
 HISTORY_WAIT_S = 60.0
@@ -34,21 +36,24 @@ class SegmentEvents:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self.directory = settings.events.segments_path(settings.data_dir)
+        try:
+            self.store = segment_store_for(settings.events, settings.data_dir)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from exc
         self.sink: SegmentSink | None = None
 
     def open(self) -> SegmentSink:
         events = self._settings.events
-        self.sink = SegmentSink(self.directory, flush_interval_ms=events.flush_interval_ms,
+        self.sink = SegmentSink(self.store, flush_interval_ms=events.flush_interval_ms,
                                 batch_size=events.batch_size, max_buffered=events.max_buffered,
                                 fail_closed=events.fail_closed,
                                 rejected_path=self._settings.data_dir / "rejected-events.jsonl")
-        log.info("events: sealed segments in %s every %d ms (`tollway pipeline` ingests them)", self.directory,
+        log.info("events: sealed segments in %s every %d ms (`tollway pipeline` ingests them)", self.store.location,
                  events.flush_interval_ms)
         return self.sink
 
     def history(self) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
-        return event_history(self._settings.events_db, self.directory)
+        return event_history(self._settings.events_db, self.store)
 
     def report_builder(self) -> None:
         return None  # the pipeline's
@@ -58,7 +63,7 @@ class SegmentEvents:
 
 
 @contextlib.contextmanager
-def event_history(events_db: Path, segments_dir: Path, wait_s: float = HISTORY_WAIT_S
+def event_history(events_db: Path, segments: SegmentStore, wait_s: float = HISTORY_WAIT_S
                   ) -> Iterator[duckdb.DuckDBPyConnection]:
     """An in-memory connection whose `events` is events.duckdb's events plus the pending segments'."""
     con = duckdb.connect(":memory:", config=DUCKDB_CONFIG)
@@ -67,7 +72,7 @@ def event_history(events_db: Path, segments_dir: Path, wait_s: float = HISTORY_W
         if events_db.exists():
             attach_read_only(con, events_db, wait_s)
             parts.append("SELECT * FROM history.events")
-        if load_pending(con, segments_dir, _ledger(con) if parts else set()):
+        if load_pending(con, segments, _ledger(con) if parts else set()):
             parts.append("SELECT * FROM pending")
         if parts:
             con.execute("CREATE VIEW events AS " + " UNION ALL BY NAME ".join(parts))
@@ -100,18 +105,19 @@ def _ledger(con: duckdb.DuckDBPyConnection) -> set[str]:
     return {row[0] for row in con.execute(f"SELECT name FROM history.{LEDGER}").fetchall()} if found else set()
 
 
-def load_pending(con: duckdb.DuckDBPyConnection, segments_dir: Path, ingested: set[str], tries: int = 5) -> bool:
+def load_pending(con: duckdb.DuckDBPyConnection, segments: SegmentStore, ingested: set[str], tries: int = 5) -> bool:
     """Copy the sealed segments not in the ledger into the table `pending`; False when there are none.
     A segment the pipeline moves away meanwhile (it was ingested: the history has it) is re-listed."""
     for attempt in range(tries):
-        paths = [p for p in sealed_segments(segments_dir) if p.name not in ingested]
-        if not paths:
+        names = [name for name in segments.list_sealed() if name not in ingested]
+        if not names:
             return False
         try:
-            con.execute("CREATE OR REPLACE TABLE pending AS SELECT * FROM read_parquet("
-                        f"[{', '.join(sql_path(p) for p in paths)}], union_by_name = true)")
+            with segments.local_copies(names) as paths:
+                con.execute("CREATE OR REPLACE TABLE pending AS SELECT * FROM read_parquet("
+                            f"[{', '.join(sql_path(p) for p in paths.values())}], union_by_name = true)")
             return True
-        except duckdb.IOException:
+        except (duckdb.IOException, FileNotFoundError):
             if attempt == tries - 1:
                 raise
     return False

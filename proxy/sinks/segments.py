@@ -3,19 +3,20 @@
 The request path appends to the recorder's deque as with the DuckDB sink; the writer thread, every
 `flush_interval_ms` (or when `batch_size` events wait), stages the batch in a private in-memory
 DuckDB table (so a value the schema refuses is found and set aside exactly as `events.duckdb`
-would), then seals it: `COPY` to a temporary name in the segments directory, fsync, atomic rename to
-`<start>-<host>-<pid>-<counter>.parquet`. A sealed segment is complete and never changes; the
+would), then seals it as `<start>-<host>-<pid>-<counter>.parquet` in the segment store
+(`proxy.sinks.segment_store`): in a directory, `COPY` to a temporary name, fsync, atomic rename; on
+object storage, one PUT of the complete file. A sealed segment is complete and never changes; the
 pipeline (`proxy.pipeline`) ingests it. DuckDB's Parquet writer keeps the exact column types
 (UUID, TIMESTAMPTZ, DECIMAL(18,9)).
 
-A seal that fails (disk full, directory gone) keeps the rows queued and retries every interval;
+A seal that fails (disk full, directory gone, object store unreachable) keeps the rows queued and
+retries every interval (after obstore's own few quick retries with backoff);
 `accepting` turns false once `max_buffered` rows wait: the gateway refuses new requests (fail
 closed) until a seal succeeds. A SIGKILL loses at most the rows not yet sealed: one interval.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -27,24 +28,23 @@ import duckdb
 
 from proxy.events import CREATE_TABLE
 from proxy.recorder import DUCKDB_CONFIG, ROW_ERRORS, EventRecorder
+from proxy.sinks.segment_store import (  # noqa: F401  (sealed_segments, sql_path: this module's names too)
+    INGESTED,
+    REJECTED,
+    SUFFIX,
+    LocalSegments,
+    SegmentStore,
+    fsync_path,
+    safe_error,
+    sealed_segments,
+    sql_path,
+)
 
 log = logging.getLogger("tollway.recorder")
-SUFFIX = ".parquet"
-INGESTED = "ingested"
-REJECTED = "rejected"
 
 
 class SegmentWriteError(OSError):
     """A segment could not be sealed: the store's problem (retried), never a row's."""
-
-
-def sealed_segments(directory: Path) -> list[Path]:
-    """The sealed segments waiting in `directory`, by name (temporary files start with a dot)."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    return [directory / name for name in sorted(names) if name.endswith(SUFFIX) and not name.startswith(".")]
 
 
 def segment_prefix() -> str:
@@ -53,24 +53,14 @@ def segment_prefix() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%S%f}-{host}-{os.getpid()}"
 
 
-def sql_path(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class SegmentSink(EventRecorder):
     """The batched writer of `proxy.recorder`, writing sealed segments instead of appending to DuckDB."""
 
-    def __init__(self, directory: Path, **options) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.directory = directory
+    def __init__(self, store: SegmentStore | Path, **options) -> None:
+        if isinstance(store, Path):
+            store.mkdir(parents=True, exist_ok=True)
+            store = LocalSegments(store)
+        self.store = store
         self.sealed = 0
         self._prefix = segment_prefix()
         self._counter = 0
@@ -106,23 +96,17 @@ class SegmentSink(EventRecorder):
 
     def _seal(self) -> None:
         self._counter += 1
-        final = self.directory / f"{self._prefix}-{self._counter:08d}{SUFFIX}"
-        temporary = self.directory / f".{final.name}.tmp"
+        name = f"{self._prefix}-{self._counter:08d}{SUFFIX}"
         try:
-            self._staging.execute(f"COPY events TO {sql_path(temporary)} (FORMAT parquet, COMPRESSION zstd)")
-            fsync_path(temporary)
-            os.replace(temporary, final)
+            self.store.seal(name, self._copy_to)
         except (duckdb.Error, OSError) as exc:
-            with contextlib.suppress(OSError):
-                temporary.unlink(missing_ok=True)
-            raise SegmentWriteError(f"cannot seal a segment in {self.directory}: {exc}") from exc
+            raise SegmentWriteError(f"cannot seal a segment in {self.store.location}: {safe_error(exc)}") from exc
         finally:
             self._clear()
-        try:
-            fsync_path(self.directory)  # the rename itself survives a power cut
-        except OSError as exc:
-            log.warning("could not fsync %s after sealing %s: %s", self.directory, final.name, exc)
         self.sealed += 1
+
+    def _copy_to(self, path: Path) -> None:
+        self._staging.execute(f"COPY events TO {sql_path(path)} (FORMAT parquet, COMPRESSION zstd)")
 
     def _clear(self) -> None:
         self._staging.execute("DELETE FROM events")
