@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from policy.files import set_hash
 from policy.loader import PolicyInvalid, check_policy_set, load_policy_set
 from proxy.settings import resolve_data_dir
 
@@ -46,6 +47,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"checked {data_dir}: {len(files.access)} access rules, {len(files.roles)} role links, "
           f"{len(files.routes)} routes, {len(files.limits)} limits, {len(files.tenants)} tenants: "
           f"{len(errors)} error(s), {len(problems) - len(errors)} warning(s)", file=sys.stderr)
+    # The files on disk, byte for byte: compare with a gateway's /readyz policy_hash or `tollway status`.
+    print(f"policy hash {set_hash(files.hashes)}")
     return 1 if errors else 0
 
 

@@ -213,6 +213,18 @@ def file_hashes(data_dir: Path) -> dict[str, str]:
             for name in POLICY_FILES if (data_dir / name).exists()}
 
 
+def set_hash(hashes: dict[str, str]) -> str:
+    """The policy set's hash: sha256 of `name=sha256(bytes);` for each file of `file_hashes`, by name.
+
+    Raw bytes, on purpose: the same hash means the same files, byte for byte (a BOM or CRLF the loader
+    ignores still changes it). A missing file is left out, so it differs from an empty one. Gateways
+    show it as `policy_hash` (`/readyz`) and `tollway_policy_info` (`/metrics`); `tollway policy check`
+    prints it for a directory, so an operator can compare a machine's files with what a gateway serves.
+    """
+    text = "".join(f"{name}={digest};" for name, digest in sorted(hashes.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _relative(path: Path) -> str:
     return f"{path.parent.name}/{path.name}" if path.parent.name == "policy" else path.name
 

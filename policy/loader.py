@@ -7,14 +7,13 @@ swapped in by its caller as one reference.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from policy.engine import Policy
-from policy.files import PolicyFiles, Problem, RouteRule, glob_regex, load_policy_files
+from policy.files import PolicyFiles, Problem, RouteRule, glob_regex, load_policy_files, set_hash
 from proxy.control import ProviderKey
 from proxy.metering import Prices, load_prices
 from proxy.overrides import is_glob
@@ -35,7 +34,8 @@ class PolicySet:
     prices: Prices
     files: PolicyFiles
     warnings: list[Problem]
-    version: str  # short digest of every file's hash
+    version: str  # the first 12 hex digits of `hash`
+    hash: str  # policy.files.set_hash of the files loaded: equal on two machines with the same files
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -60,9 +60,9 @@ def load_policy_set(data_dir: Path, keys: Mapping[str, ProviderKey] | None) -> P
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise PolicyInvalid(errors)
-    digest = hashlib.sha256("".join(f"{k}={v};" for k, v in sorted(files.hashes.items())).encode())
+    digest = set_hash(files.hashes)  # once per (re)load, never per request
     return PolicySet(Policy(files, data_dir / "policy" / "model.conf"), prices, files,
-                     [p for p in problems if p.severity == "warning"], digest.hexdigest()[:12])
+                     [p for p in problems if p.severity == "warning"], digest[:12], digest)
 
 
 def route_key_problems(files: PolicyFiles, keys: Mapping[str, ProviderKey]) -> list[Problem]:

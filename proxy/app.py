@@ -43,9 +43,10 @@ def create_app(gateway: Gateway) -> GatewayApp:
         # A refused policy edit leaves the previous policy serving: reported, but still ready.
         ready = checks["event_store"] == "ok" and checks["limits"] == "ok"
         policies = gateway.policies
-        return Response({"status": "ready" if ready else "not ready", "checks": checks,
-                         "policy": {"version": policies.version, "loaded_at": policies.loaded_at.isoformat(),
-                                    "warnings": len(policies.warnings)}},
+        # policy_hash: the set in force (a refused edit does not change it); `tollway status` compares it.
+        return Response({"status": "ready" if ready else "not ready", "checks": checks, "policy_hash": policies.hash,
+                         "policy": {"version": policies.version, "hash": policies.hash,
+                                    "loaded_at": policies.loaded_at.isoformat(), "warnings": len(policies.warnings)}},
                         status_code=200 if ready else 503)
 
     @get("/metrics")

@@ -29,7 +29,7 @@ SAMPLES = Path(__file__).resolve().parent.parent / "data"
 SAMPLE_FILES = ("tollway.toml", "tenants.csv", "pricing.csv", "policy/model.conf", "policy/access.csv",
                 "policy/routes.csv", "policy/limits.csv", "policy/operations.csv", "policy/identities.csv")
 #: Commands that run without a deployment directory: they create one, or need none.
-NO_DEPLOYMENT_NEEDED = ("init", "demo", "simulator", "token")
+NO_DEPLOYMENT_NEEDED = ("init", "demo", "simulator", "token", "status")
 SIMULATOR_PORT = 9090
 SIMULATOR_URL = f"http://127.0.0.1:{SIMULATOR_PORT}"
 
@@ -277,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     from proxy.pipeline.cli import register as register_pipeline
     from proxy.pricing_cli import register as register_pricing
     from proxy.serve_cli import register as register_serve
+    from proxy.status_cli import register as register_status
     from proxy.token_cli import register as register_token
 
     common = argparse.ArgumentParser(add_help=False)
@@ -345,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke_token.set_defaults(func=cmd_tokens_revoke)
 
     register_token(commands, common)
+    register_status(commands, common, as_json)
     register_policy(commands, common, as_json)
     register_credits(commands, common, as_json)
     register_pricing(commands, common, as_json)

@@ -224,6 +224,7 @@ class Gateway:
         named = {rule.model_glob for rule in (*policies.files.access, *policies.files.routes)}
         named |= set(policies.prices.overrides.models())
         self.metrics.configure(set(policies.files.tenants), set(self.routes), {m for m in named if not is_glob(m)})
+        self.metrics.policy(policies.hash)
 
     def _policy_loaded(self, new: PolicySet) -> None:
         self._configure_metrics(new)

@@ -10,7 +10,7 @@ is a float for Prometheus' sake; the exact figures are in events.duckdb.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from proxy.events import Event
@@ -58,6 +58,9 @@ class Metrics:
                                             registry=r)
         self.event_store_up = Gauge("tollway_event_store_up", "1 when the last write to events.duckdb "
                                     "succeeded", registry=r)
+        # One series, the set in force: `tollway_policy_info{hash="<first 12 hex of policy_hash>"} 1`.
+        self.policy_info = Info("tollway_policy", "The policy set in force (hash: the first 12 hex digits of "
+                                "/readyz policy_hash)", registry=r)
         self._series: dict[tuple, tuple] = {}
         self._tenants: frozenset[str] = frozenset()
         self._providers: frozenset[str] = frozenset()
@@ -66,6 +69,10 @@ class Metrics:
     def configure(self, tenants: set[str], providers: set[str], models: set[str]) -> None:
         """The label values configuration knows (called at start and on every policy reload)."""
         self._tenants, self._providers, self._models = frozenset(tenants), frozenset(providers), frozenset(models)
+
+    def policy(self, set_hash: str) -> None:
+        """The policy set now in force (at start and on every reload); replaces the previous series."""
+        self.policy_info.info({"hash": set_hash[:12]})
 
     def labels(self, event: Event) -> tuple[str, str, str]:
         """(tenant, provider, model) as metric labels: known values, else `other`."""

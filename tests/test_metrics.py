@@ -172,7 +172,7 @@ def test_no_user_identity_token_or_key_in_metrics(traffic):
         assert str(pseudonym) not in text and isinstance(pseudonym, uuid.UUID)
     label_names = {name for family in text_string_to_metric_families(text) for s in family.samples for name in s.labels}
     assert label_names <= {"tenant", "provider", "model", "outcome", "direction", "billing_mode", "le", "metric",
-                           "window", "key_id", "reason", "threshold", "line"}, label_names
+                           "window", "key_id", "reason", "threshold", "line", "hash"}, label_names
 
 
 def test_every_request_that_left_an_event_is_counted_once_by_outcome(traffic):
