@@ -99,8 +99,13 @@ def _nano(usd: str | Decimal) -> int:
 
 
 def _counter(client, scope: Scope, window: str, at: datetime) -> dict[str, int]:
+    """A counter's used figures (u0-u2) and reserved ones (r0-r2: held t0-t2 minus used)."""
     key = f"tollway:c:{scope.tenant}:{scope.user or '-'}:{WINDOWS.index(window) + 1}:{int(window_start(window, at).timestamp())}"
-    return {k.decode(): int(v) for k, v in client.hgetall(key).items()}
+    raw = {k.decode(): int(v) for k, v in client.hgetall(key).items()}
+    if not raw:
+        return {}
+    return {**{f"u{m}": raw.get(f"u{m}", 0) for m in range(3)},
+            **{f"r{m}": raw.get(f"t{m}", 0) - raw.get(f"u{m}", 0) for m in range(3)}}
 
 
 # --- the scripts, directly against redis ----------------------------------------------------------
@@ -151,6 +156,26 @@ async def test_windows_come_from_the_server_clock_and_keys_expire_after_them(sto
         assert 0 < left <= expected + 1 and left >= expected - 3, (window, left, expected)
 
 
+async def test_a_counter_created_again_by_a_late_settle_or_release_still_expires(store, redis_server):
+    """EXPIREAT is set only when a script creates a counter: a settle or release arriving after its
+    counters expired (a request longer than its minute window plus the grace) creates them again, with
+    their expiry."""
+    client = redis_server.client()
+    for finish in ("settle", "release"):
+        held = await store.reserve([], (TENANT, ALICE), Amounts(1, 50, Decimal("0.001")), datetime.now(UTC))
+        keys = client.keys("tollway:c:*")
+        assert len(keys) == 8 and all(client.ttl(k) > 0 for k in keys)
+        client.delete(*keys)  # expired meanwhile
+        if finish == "settle":
+            await store.settle(held, Amounts(1, 40, Decimal("0.0008")))
+        else:
+            await store.release(held)
+        keys = client.keys("tollway:c:*")
+        assert len(keys) == 8, finish
+        assert all(client.ttl(k) > 0 for k in keys), (finish, {k: client.ttl(k) for k in keys})
+        client.delete(*keys)
+
+
 @pytest.mark.parametrize("at", [
     datetime(2024, 2, 29, 23, 59, 59, tzinfo=UTC), datetime(2024, 3, 1, tzinfo=UTC),
     datetime(2025, 12, 31, 23, 59, 59, tzinfo=UTC), datetime(2026, 1, 1, tzinfo=UTC),
@@ -158,10 +183,12 @@ async def test_windows_come_from_the_server_clock_and_keys_expire_after_them(sto
 ])
 def test_the_scripts_calendar_windows_match_the_memory_stores(redis_server, at):
     probe = redis_server.client().register_script(
-        redis_scripts._WINDOWS + "local s, e = windows(tonumber(ARGV[1])) return {s[1], s[2], s[3], s[4], e[1], e[2], e[3], e[4]}")
+        redis_scripts._WINDOWS + "local s, e = windows(tonumber(ARGV[1])) return {s[1], s[2], s[3], s[4], e[1], e[2], "
+        "e[3], e[4], window_end(1, s[1]), window_end(2, s[2]), window_end(3, s[3]), window_end(4, s[4])}")
     got = [datetime.fromtimestamp(v, UTC) for v in probe(args=[int(at.timestamp())])]
     starts = [window_start(w, at) for w in WINDOWS]
-    assert got == starts + [window_end(w, s) for w, s in zip(WINDOWS, starts, strict=True)]
+    ends = [window_end(w, s) for w, s in zip(WINDOWS, starts, strict=True)]
+    assert got == starts + ends + ends, "settle's window_end(w, start) agrees with reserve's windows(now)"
 
 
 async def test_seeding_happens_once_per_source_and_again_only_when_redis_lost_everything(store, redis_server):

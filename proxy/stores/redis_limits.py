@@ -3,6 +3,8 @@
 Reserve (check every applicable counter, then add to all of them, or refuse), settle and seed are
 each one Lua script (`redis_scripts`), so two gateways can never both take the last of a budget.
 Window starts come from the Redis server's clock. Money is integer nano-dollars, as in memory.
+A request costs two commands (reserve, settle: one EVALSHA each), sent over one pipelined connection
+(`redis_pipe`) with the other commands of the same turn of the event loop.
 
 Fail closed: when Redis cannot be reached a request is refused with `LimitStoreUnavailable` (503 in the
 route's format) rather than served past its limits; every call tries again, so service resumes as soon
@@ -17,14 +19,13 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from proxy.errors import LimitStoreUnavailable
 from proxy.limits import (
@@ -44,6 +45,7 @@ from proxy.limits import (
 )
 from proxy.stores import redis_scripts
 from proxy.stores.redis_keys import RedisKeyShare
+from proxy.stores.redis_pipe import AutoPipeline, RedisReplyError, RedisUnavailable, Script
 
 log = logging.getLogger("tollway.limits")
 GRACE_S = 120  # counters outlive their window this long, for requests that settle late
@@ -54,15 +56,10 @@ UNAVAILABLE = ("Tollway cannot check this request's limits right now (its shared
 
 
 def connect(url: str) -> redis.Redis:
-    """A client that fails fast: a limit check is normally well under a millisecond, and a request must
-    not hang on a dead Redis. One immediate retry on a broken connection (after a Redis restart the
-    pooled connections are dead); none on a timeout, which might have run the script already."""
+    """A redis-py client for what is not on a request's path (key health's publish and subscribe): fails
+    fast, one immediate retry on a broken connection, none on a timeout."""
     return redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0, retry_on_timeout=False,
-                                retry=Retry(NoBackoff(), 1, (RedisConnectionError,)), max_connections=256)
-
-
-def _epoch(at: datetime) -> int:
-    return int(at.timestamp())
+                                retry=Retry(NoBackoff(), 1, (RedisConnectionError,)), max_connections=64)
 
 
 def _at(seconds: int) -> datetime:
@@ -72,54 +69,101 @@ def _at(seconds: int) -> datetime:
 class RedisLimitStore:
     def __init__(self, url: str, prefix: str = "tollway") -> None:
         self.url = url
-        self.redis = connect(url)
+        # Every limit-store call goes over one pipelined connection (see redis_pipe): a request's
+        # reserve and settle are one EVALSHA each, written together with whatever else is issued in the
+        # same turn of the event loop.
+        self.pipe = AutoPipeline(url, connect_timeout=0.5, reply_timeout=1.0)
+        self._redis: redis.Redis | None = None
         self._prefix = prefix
-        self._reserve = self.redis.register_script(redis_scripts.RESERVE)
-        self._settle_script = self.redis.register_script(redis_scripts.SETTLE)
-        self._seed = self.redis.register_script(redis_scripts.SEED)
+        self._reserve = Script(self.pipe, redis_scripts.RESERVE)
+        self._settle_script = Script(self.pipe, redis_scripts.SETTLE)
+        self._seed = Script(self.pipe, redis_scripts.SEED)
         self.source = "default"
+        self._marker_key = self._marker()
         self._reseed: Callable[[], Awaitable[None]] | None = None
         self._reseeding = asyncio.Lock()
         self.last_error: str | None = None
+        self._scope_keys: dict[Scope, str] = {}
+        self._starts: dict[tuple, tuple[tuple[datetime, ...], tuple[int, ...]]] = {}
+        self._epochs: dict[tuple[datetime, ...], tuple[int, ...]] = {}
+
+    @property
+    def redis(self) -> redis.Redis:
+        """A redis-py client on the same server (created on first use: key health sharing)."""
+        if self._redis is None:
+            self._redis = connect(self.url)
+        return self._redis
 
     def attach(self, source: str, reseed: Callable[[], Awaitable[None]] | None) -> None:
         """`source` names the event store this process seeds from; `reseed` re-reads it into `seed`."""
         self.source, self._reseed = source, reseed
+        self._marker_key = self._marker()
 
     def _marker(self) -> str:
         return f"{self._prefix}:seeded:{self.source}"
 
     def _scope_key(self, scope: Scope) -> str:
-        return f"{self._prefix}:c:{scope.tenant}:{scope.user or '-'}"
+        key = self._scope_keys.get(scope)
+        if key is None:
+            if len(self._scope_keys) > 100_000:
+                self._scope_keys.clear()
+            key = self._scope_keys[scope] = f"{self._prefix}:c:{scope.tenant}:{scope.user or '-'}"
+        return key
 
-    async def _call(self, script, keys: list[str], args: list) -> object:
+    def _unavailable(self, exc: Exception) -> LimitStoreUnavailable:
+        if self.last_error is None:
+            log.error("limit store %s unreachable, refusing requests until it answers: %s", self.url, exc)
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        return LimitStoreUnavailable(UNAVAILABLE, retry_after=1)
+
+    async def _call(self, script: Script, keys: list, args: list) -> object:
         try:
-            result = await script(keys=keys, args=args)
-        except RedisError as exc:
-            if self.last_error is None:
-                log.error("limit store %s unreachable, refusing requests until it answers: %s", self.url, exc)
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            raise LimitStoreUnavailable(UNAVAILABLE, retry_after=1) from exc
+            result = await script(keys, args)
+        except (RedisUnavailable, RedisReplyError) as exc:
+            raise self._unavailable(exc) from exc
         if self.last_error is not None:
             log.warning("limit store %s answers again", self.url)
             self.last_error = None
         return result
 
+    async def _command(self, *args) -> object:
+        try:
+            return await self.pipe.send(*args)
+        except (RedisUnavailable, RedisReplyError) as exc:
+            raise self._unavailable(exc) from exc
+
+    def _windows(self, reply: list) -> tuple[datetime, ...]:
+        """The window starts of a reserve reply (shared by every reservation of the same minute)."""
+        raw = (reply[4], reply[5], reply[6], reply[7])
+        found = self._starts.get(raw)
+        if found is None:
+            if len(self._starts) > 64:
+                self._starts.clear()
+                self._epochs.clear()
+            epochs = tuple(int(s) for s in raw)
+            starts = tuple(_at(s) for s in epochs)
+            found = self._starts[raw] = (starts, epochs)
+            self._epochs[starts] = epochs
+        return found[0]
+
+    def _epochs_of(self, starts: tuple[datetime, ...]) -> tuple[int, ...]:
+        epochs = self._epochs.get(starts)
+        return epochs if epochs is not None else tuple(int(s.timestamp()) for s in starts)
+
     async def reserve(self, checks: list[Check], scopes: tuple[Scope, ...], amounts: Amounts,
                       at: datetime) -> Reservation | Denied:
-        wanted = vector(amounts)
-        args = [*wanted, GRACE_S]
+        args = [*vector(amounts), GRACE_S]
         for check in checks:
-            args += [1 if check.scope.user is None else 2, _M[check.metric], _W[check.window], check.limit]
-        keys = [self._marker(), *(self._scope_key(s) for s in scopes)]
+            args += (1 if check.scope.user is None else 2, _M[check.metric], _W[check.window], check.limit)
+        keys = [self._marker_key, self._scope_key(scopes[0]), self._scope_key(scopes[1])]
         reply = await self._call(self._reserve, keys, args)
         if reply[0] == -1:  # Redis lost its counters: put this source's usage back first, once
             await self._reseed_once()
             reply = await self._call(self._reserve, keys, args)
             if reply[0] == -1:
                 raise LimitStoreUnavailable(UNAVAILABLE, retry_after=1)
-        now = _at(int(reply[1])) + timedelta(microseconds=int(reply[2]))
-        starts = tuple(_at(int(s)) for s in reply[4:8])
+        now = _at(int(reply[1])).replace(microsecond=int(reply[2]))
+        starts = self._windows(reply)
         if reply[0] == 0:
             over = [(int(reply[i]), int(reply[i + 1])) for i in range(8, len(reply), 2)]
             return pick_denial(checks, over, starts, now)
@@ -128,7 +172,7 @@ class RedisLimitStore:
 
     async def _reseed_once(self) -> None:
         async with self._reseeding:  # single-flight: the waiters find the marker set
-            if await self._call_raw(lambda: self.redis.exists(self._marker())):
+            if await self._command("EXISTS", self._marker_key):
                 return
             if self._reseed is None:
                 await self.seed(self.source, [])
@@ -137,41 +181,36 @@ class RedisLimitStore:
                         self.source)
             await self._reseed()
 
-    async def _call_raw(self, command: Callable[[], Awaitable]) -> object:
-        try:
-            return await command()
-        except RedisError as exc:
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            raise LimitStoreUnavailable(UNAVAILABLE, retry_after=1) from exc
-
     async def settle(self, reservation: Reservation, actual: Amounts) -> dict[tuple[Scope, str], int]:
+        """As the interface says, except that a request that cost nothing returns {} (no budget moved,
+        so there is no total to read)."""
         return await self._settle(reservation, vector(actual))
 
     async def release(self, reservation: Reservation) -> None:
-        await self._settle(reservation, [0] * len(METRICS))
+        await self._settle(reservation, [0, 0, 0])
 
     async def _settle(self, reservation: Reservation, actual: list[int]) -> dict[tuple[Scope, str], int]:
-        starts = reservation.starts
-        expire = [_epoch(window_end(w, s)) + GRACE_S for w, s in zip(WINDOWS, starts, strict=True)]
-        args = [reservation.generation or "", *(_epoch(s) for s in starts), *expire,
-                *(-v for v in vector(reservation.amounts)), *actual]
-        keys = [self._marker(), *(self._scope_key(s) for s in reservation.scopes)]
+        held = vector(reservation.amounts)
+        scopes = reservation.scopes
+        args = [reservation.generation or "", *self._epochs_of(reservation.starts),
+                actual[0] - held[0], actual[1] - held[1], actual[2] - held[2], *actual, GRACE_S]
+        keys = [self._marker_key, self._scope_key(scopes[0]), self._scope_key(scopes[1])]
         reply = await self._call(self._settle_script, keys, args)
-        if not reply:
+        if len(reply) != 8:
             return {}
-        return {(scope, window): int(reply[s * 4 + w])
-                for s, scope in enumerate(reservation.scopes) for w, window in enumerate(WINDOWS)}
+        return {(scope, window): reply[s * 4 + w]
+                for s, scope in enumerate(scopes) for w, window in enumerate(WINDOWS)}
 
     async def spent(self, scope: Scope, metric: str, window: str, at: datetime) -> Decimal:
-        key = f"{self._scope_key(scope)}:{_W[window]}:{_epoch(window_start(window, at))}"
-        value = await self._call_raw(lambda: self.redis.hget(key, f"u{_M[metric]}"))
+        key = f"{self._scope_key(scope)}:{_W[window]}:{int(window_start(window, at).timestamp())}"
+        value = await self._command("HGET", key, f"u{_M[metric]}")
         return from_units(metric, int(value or 0))
 
     async def seed(self, source: str, rows: list[SeedRow]) -> bool:
         args: list = [secrets.token_hex(8)]
         for row in rows:
-            expire = _epoch(window_end(row.window, row.start)) + GRACE_S
-            args += [self._scope_key(row.scope), _W[row.window], _epoch(row.start), expire,
+            expire = int(window_end(row.window, row.start).timestamp()) + GRACE_S
+            args += [self._scope_key(row.scope), _W[row.window], int(row.start.timestamp()), expire,
                      row.requests, row.tokens, row.usd]
         seeded = bool(await self._call(self._seed, [f"{self._prefix}:seeded:{source}"], args))
         if seeded:
@@ -179,9 +218,8 @@ class RedisLimitStore:
         return seeded
 
     async def first_alert(self, key: str, until: datetime) -> bool:
-        expire = _epoch(until) + 86_400
-        name = f"{self._prefix}:alert:{key}"
-        return bool(await self._call_raw(lambda: self.redis.set(name, 1, nx=True, exat=expire)))
+        expire = int(until.timestamp()) + 86_400
+        return await self._command("SET", f"{self._prefix}:alert:{key}", 1, "NX", "EXAT", expire) is not None
 
     def key_share(self) -> RedisKeyShare:
         """Provider-key health shared through the same Redis."""
@@ -190,11 +228,14 @@ class RedisLimitStore:
     async def check(self) -> str:
         """One PING with a short deadline (for /readyz)."""
         try:
-            await asyncio.wait_for(self.redis.ping(), 1.0)
-        except (RedisError, TimeoutError) as exc:
+            await asyncio.wait_for(self.pipe.send("PING"), 1.5)
+        except (RedisUnavailable, RedisReplyError, TimeoutError) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             return f"redis {self.url} unreachable: {self.last_error}"
         return "ok"
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        """Waits (bounded) for the replies of what was sent, so nothing issued before shutdown is lost."""
+        await self.pipe.close()
+        if self._redis is not None:
+            await self._redis.aclose()

@@ -4,11 +4,17 @@ on them whatever its clock), and sets each counter to expire after its window.
 
 Keys (P = the store's prefix, S = a scope: `tenant:user-pseudonym`, `-` for the tenant as a whole):
     P:c:S:W:START   hash, one per scope, window (1 minute, 2 hour, 3 day, 4 month, UTC) and window
-                    start (epoch seconds): u0 u1 u2 used and r0 r1 r2 reserved requests, tokens,
-                    nano-dollars
+                    start (epoch seconds): u0 u1 u2 used (settled) requests, tokens, nano-dollars, and
+                    t0 t1 t2 the same held in all (used plus reserved: what a limit is checked against,
+                    so a check reads one field and a settle leaves the request count alone)
     P:seeded:SRC    the counter generation seeded from event source SRC (no TTL): absent means Redis
                     lost its data (or never had it) and SRC's usage must be added before anyone reserves
 Amounts are passed as decimal strings and added with HINCRBY, so money stays exact integers.
+
+Every `redis.call` costs about a microsecond of the server's single thread, so the scripts make as few
+as they can: field names are constants, key names are built once per call, and a counter's EXPIREAT is
+set only when the script's first HINCRBY on it finds the field absent (the key was just created; its
+expiry never changes afterwards), not on every call.
 """
 
 _WINDOWS = r"""
@@ -43,30 +49,38 @@ local function windows(now)
   return {minute, hour, day * 86400, days_from_civil(y, m, 1) * 86400},
          {minute + 60, hour + 3600, day * 86400 + 86400, days_from_civil(ny, nm, 1) * 86400}
 end
+-- the end of window w (1-4) starting at `start`
+local function window_end(w, start)
+  if w == 1 then return start + 60 elseif w == 2 then return start + 3600 elseif w == 3 then return start + 86400 end
+  local y, m = civil_from_days(math.floor(start / 86400))
+  if m == 12 then y, m = y + 1, 1 else m = m + 1 end
+  return days_from_civil(y, m, 1) * 86400
+end
+local T, U = {'t0', 't1', 't2'}, {'u0', 'u1', 'u2'}
 """
 
 #: KEYS: seeded marker, tenant scope prefix, user scope prefix. ARGV: wanted requests, tokens, usd; grace
 #: seconds; then per check: scope (1 tenant, 2 user), metric (0-2), window (1-4), limit.
-#: Returns {-1} unseeded; {0, sec, usec, gen, s1..s4, index, used, ...} denied; {1, sec, usec, gen, s1..s4}.
+#: Returns {-1} unseeded; {0, sec, usec, gen, s1..s4, index, held, ...} denied; {1, sec, usec, gen, s1..s4}.
 RESERVE = _WINDOWS + r"""
 local gen = redis.call('GET', KEYS[1])
 if not gen then return {-1} end
 local t = redis.call('TIME')
-local now = tonumber(t[1])
-local starts, ends = windows(now)
+local starts, ends = windows(tonumber(t[1]))
+local keys = {{}, {}}
+for s = 1, 2 do
+  local prefix = KEYS[s + 1] .. ':'
+  for w = 1, 4 do keys[s][w] = prefix .. w .. ':' .. starts[w] end
+end
 local want = {tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])}
-local grace = tonumber(ARGV[4])
 local over = {}
 local i = 0
 for b = 5, #ARGV, 4 do
-  local w = tonumber(ARGV[b + 2])
-  local m = ARGV[b + 1]
-  local key = KEYS[1 + tonumber(ARGV[b])] .. ':' .. w .. ':' .. starts[w]
-  local v = redis.call('HMGET', key, 'u' .. m, 'r' .. m)
-  local current = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0)
-  if current + want[tonumber(m) + 1] > tonumber(ARGV[b + 3]) then
+  local m = tonumber(ARGV[b + 1]) + 1
+  local held = tonumber(redis.call('HGET', keys[tonumber(ARGV[b])][tonumber(ARGV[b + 2])], T[m])) or 0
+  if held + want[m] > tonumber(ARGV[b + 3]) then
     over[#over + 1] = i
-    over[#over + 1] = current
+    over[#over + 1] = held
   end
   i = i + 1
 end
@@ -75,49 +89,73 @@ if #over > 0 then
   for _, v in ipairs(over) do head[#head + 1] = v end
   return head
 end
-for s = 2, 3 do
+local grace = tonumber(ARGV[4])
+for s = 1, 2 do
   for w = 1, 4 do
-    local key = KEYS[s] .. ':' .. w .. ':' .. starts[w]
-    for m = 0, 2 do
-      if want[m + 1] ~= 0 then redis.call('HINCRBY', key, 'r' .. m, ARGV[m + 1]) end
+    local key = keys[s][w]
+    local fresh = nil
+    for m = 1, 3 do
+      if want[m] ~= 0 then
+        local v = redis.call('HINCRBY', key, T[m], ARGV[m])
+        if fresh == nil then fresh = v == want[m] end
+      end
     end
-    redis.call('EXPIREAT', key, ends[w] + grace)
+    if fresh then redis.call('EXPIREAT', key, ends[w] + grace) end
   end
 end
 return head
 """
 
-#: KEYS: seeded marker, tenant prefix, user prefix. ARGV: generation, s1..s4, expire-at 1..4, minus the
-#: reserved requests, tokens, usd, then the actual requests, tokens, usd.
-#: Returns the used usd of {tenant w1..w4, user w1..w4}, or {} when Redis lost the counters since (the
-#: next seed counts this request from its event).
-SETTLE = r"""
+#: KEYS: seeded marker, tenant prefix, user prefix. ARGV: generation, s1..s4, then actual minus reserved
+#: requests, tokens, usd, then the actual requests, tokens, usd, then grace seconds.
+#: Returns the used usd of {tenant w1..w4, user w1..w4} when the actual usd is not 0, else {}; {} also
+#: when Redis lost the counters since (the next seed counts this request from its event). A reservation
+#: made in an earlier generation (Redis lost it meanwhile) adds the actual figures to the held ones.
+SETTLE = _WINDOWS + r"""
 local gen = redis.call('GET', KEYS[1])
 if not gen then return {} end
-local same = gen == ARGV[1]
+local held = gen == ARGV[1] and 5 or 8
+local grace = tonumber(ARGV[12])
 local out = {}
 for s = 2, 3 do
+  local prefix = KEYS[s] .. ':'
   for w = 1, 4 do
-    local key = KEYS[s] .. ':' .. w .. ':' .. ARGV[1 + w]
-    for m = 0, 2 do
-      if same and ARGV[10 + m] ~= '0' then redis.call('HINCRBY', key, 'r' .. m, ARGV[10 + m]) end
-      if ARGV[13 + m] ~= '0' then redis.call('HINCRBY', key, 'u' .. m, ARGV[13 + m]) end
+    local key = prefix .. w .. ':' .. ARGV[1 + w]
+    local fresh = nil
+    for m = 1, 3 do
+      local d = ARGV[held + m]
+      if d ~= '0' then
+        local v = redis.call('HINCRBY', key, T[m], d)
+        if fresh == nil then fresh = v == tonumber(d) end
+      end
     end
-    redis.call('EXPIREAT', key, ARGV[5 + w])
-    out[#out + 1] = tonumber(redis.call('HGET', key, 'u2') or '0')
+    for m = 1, 3 do
+      local a = ARGV[8 + m]
+      if a ~= '0' then
+        local v = redis.call('HINCRBY', key, U[m], a)
+        if fresh == nil then fresh = v == tonumber(a) end
+        if m == 3 then out[#out + 1] = v end
+      end
+    end
+    if fresh then redis.call('EXPIREAT', key, window_end(w, tonumber(ARGV[1 + w])) + grace) end
   end
 end
 return out
 """
 
 #: KEYS: seeded marker. ARGV: new generation, then per row: scope prefix, window (1-4), start, expire-at,
-#: requests, tokens, usd. Adds the rows only if the marker was absent (SET NX): never twice.
+#: requests, tokens, usd. Adds the rows (used, and so held) only if the marker was absent (SET NX): never twice.
 SEED = r"""
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
+local T, U = {'t0', 't1', 't2'}, {'u0', 'u1', 'u2'}
 for b = 2, #ARGV, 7 do
   local key = ARGV[b] .. ':' .. ARGV[b + 1] .. ':' .. ARGV[b + 2]
-  for m = 0, 2 do
-    if ARGV[b + 4 + m] ~= '0' then redis.call('HINCRBY', key, 'u' .. m, ARGV[b + 4 + m]) end
+  for m = 1, 3 do
+    local v = ARGV[b + 3 + m]
+    if v ~= '0' then
+      redis.call('HINCRBY', key, U[m], v)
+      redis.call('HINCRBY', key, T[m], v)
+    end
   end
   redis.call('EXPIREAT', key, ARGV[b + 3])
 end
