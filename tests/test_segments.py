@@ -134,9 +134,10 @@ def test_a_kill_between_the_commit_and_the_moves_is_finished_by_the_next_run(tmp
     with pytest.raises(KeyboardInterrupt):
         ingest(db, directory, batch=2)
     monkeypatch.undo()
-    assert len(sealed_segments(directory)) == 4, "committed (2 segments) but not moved"
+    assert len(sealed_segments(directory)) == 4, "committed (2 or 4 segments: moves overlap the next batch) but not moved"
     rerun = ingest(db, directory)
-    assert (rerun.moved_only, rerun.segments, rerun.inserted) == (2, 2, 20)
+    assert rerun.moved_only >= 2 and rerun.moved_only + rerun.segments == 4, "the committed ones moved, not ingested"
+    assert rerun.inserted == 10 * rerun.segments
     assert db.execute("SELECT count(*), count(DISTINCT event_id) FROM events").fetchone() == (40, 40)
 
 

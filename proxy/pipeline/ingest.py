@@ -1,7 +1,8 @@
 """Ingest sealed segments into `events.duckdb`: nothing lost, nothing doubled, whatever is killed when.
 
 Segments come from a `SegmentStore` (a directory, or object storage: fetched concurrently into a
-temporary directory, one batch at a time, while the previous batch is inserted).
+temporary directory, a batch at a time, while the previous batch is inserted and the one before it
+moves under `ingested/`).
 
 Per batch of segments, one transaction: insert the segments' events whose `event_id` the table does
 not hold yet, and record each segment's name in the ledger (`ingested_segments`); only after the
@@ -69,21 +70,29 @@ def ingest(con: duckdb.DuckDBPyConnection, segments: SegmentStore | Path, batch:
         result.moved_only += len(done)
     todo = [name for name in pending if name not in done]
     batches = [todo[start:start + batch] for start in range(0, len(todo), batch)]
-    with ThreadPoolExecutor(1, thread_name_prefix="tollway-fetch") as prefetch:
+    # Three things at once: batch N is inserted while batch N+1 downloads and batch N-1's segments
+    # move under ingested/ (object storage: requests that wait on the network, not on this CPU).
+    with ThreadPoolExecutor(1, thread_name_prefix="tollway-fetch") as prefetch, \
+            ThreadPoolExecutor(1, thread_name_prefix="tollway-move") as mover:
         fetching = prefetch.submit(_fetch, store, batches[0]) if batches else None
+        moving = None
         try:
             for number, names in enumerate(batches):
                 copies, paths = fetching.result()
-                # the next batch downloads while this one is inserted (object storage; nothing for a directory)
                 fetching = prefetch.submit(_fetch, store, batches[number + 1]) if number + 1 < len(batches) else None
                 with copies:
-                    ingest_batch(con, store, names, paths, result)
+                    ingested = ingest_batch(con, store, names, paths, result)
+                if moving is not None:
+                    moving.result()  # a move that failed stops the ingest (the ledger knows those segments)
+                moving = mover.submit(store.move, ingested, INGESTED) if ingested else None
                 result.seconds = time.perf_counter() - started
                 if progress is not None:
                     progress(result)
+            if moving is not None:
+                moving.result()
         finally:
             if fetching is not None:  # an ingest that failed: the prefetched copies go too
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(BaseException):
                     fetching.result()[0].close()
     result.seconds = time.perf_counter() - started
     return result
@@ -107,25 +116,24 @@ def in_ledger(con: duckdb.DuckDBPyConnection, names: list[str]) -> set[str]:
 
 
 def ingest_batch(con: duckdb.DuckDBPyConnection, store: SegmentStore, names: list[str], paths: dict[str, Path],
-                 result: IngestResult) -> None:
-    """One transaction for `names`, then the moves; a failing batch is retried segment by segment."""
+                 result: IngestResult) -> list[str]:
+    """One transaction for `names` (a failing batch is retried segment by segment); returns the segments
+    ingested, for the caller to move under ingested/ (an unreadable one is moved to rejected/ here)."""
     try:
         events, inserted = insert_segments(con, [paths[name] for name in names])
     except duckdb.Error as exc:
         if len(names) > 1:
-            for name in names:
-                ingest_batch(con, store, [name], paths, result)
-            return
+            return [done for name in names for done in ingest_batch(con, store, [name], paths, result)]
         if readable(con, paths[names[0]]):
             raise  # the segment is fine: the database is the problem (retried on the next run)
         log.error("segment %s cannot be read, moved to %s/: %s", names[0], REJECTED, exc)
         store.move(names, REJECTED)
         result.rejected += 1
-        return
-    store.move(names, INGESTED)
+        return []
     result.segments += len(names)
     result.events += events
     result.inserted += inserted
+    return names
 
 
 def insert_segments(con: duckdb.DuckDBPyConnection, paths: list[Path]) -> tuple[int, int]:
@@ -147,8 +155,9 @@ def insert_segments(con: duckdb.DuckDBPyConnection, paths: list[Path]) -> tuple[
             "WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.ts BETWEEN ? AND ? AND e.event_id = i.event_id) "
             "QUALIFY row_number() OVER (PARTITION BY i.event_id) = 1", [low, high]).fetchone()[0] if read else 0
         counts = dict(con.execute("SELECT parse_filename(filename), count(*) FROM incoming GROUP BY 1").fetchall())
-        con.executemany(f"INSERT INTO {LEDGER} (name, events) VALUES (?, ?)",
-                        [(p.name, counts.get(p.name, 0)) for p in paths])
+        # one statement for the batch's ledger rows (executemany costs a statement, ~1 ms, per segment)
+        con.execute(f"INSERT INTO {LEDGER} (name, events) SELECT unnest(?), unnest(?)",
+                    [[p.name for p in paths], [counts.get(p.name, 0) for p in paths]])
         con.execute("DROP TABLE incoming")
         con.execute("COMMIT")
     except BaseException:

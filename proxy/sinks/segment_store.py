@@ -35,6 +35,7 @@ INGESTED = "ingested"
 REJECTED = "rejected"
 #: Concurrent object store requests of one fetch or move.
 CONCURRENCY = 16
+BULK_DELETE = 1000  # keys per delete request (S3's limit)
 RETRY = {"max_retries": 3, "retry_timeout": timedelta(seconds=10),
          "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2), "base": 2}}
 
@@ -212,26 +213,34 @@ class ObjectSegments:
             yield dict(zip(names, self._each(fetch, names), strict=True))
 
     def move(self, names: list[str], folder: str) -> None:
-        """A rename (copy, then delete) per segment, concurrently; one already moved is fine."""
+        """Copies under `folder/` (concurrently), then one bulk delete of the originals: a rename per
+        object would pay a delete request each. Killed in between, an object is in both places: the
+        pipeline's ledger names it, and the next run moves it again."""
         import obstore
 
-        def move_one(name: str) -> None:
+        def copy(name: str) -> str | None:
             try:
-                obstore.rename(self._store, name, f"{folder}/{name}")
+                obstore.copy(self._store, name, f"{folder}/{name}")
             except FileNotFoundError:
-                pass  # moved by an earlier run that died before it reported
+                return None  # moved by an earlier run that died before it reported
             except Exception as exc:
                 raise OSError(f"cannot move {name} to {folder}/ in {self.location}: {safe_error(exc)}") from exc
+            return name
 
-        self._each(move_one, names)
+        copied = [name for name in self._each(copy, names) if name is not None]
+        try:
+            for start in range(0, len(copied), BULK_DELETE):
+                obstore.delete(self._store, copied[start:start + BULK_DELETE])
+        except Exception as exc:
+            raise OSError(f"cannot delete moved segments in {self.location}: {safe_error(exc)}") from exc
 
     def delete_before(self, folder: str, cutoff: datetime) -> int:
         import obstore
 
         old = [meta["path"] for chunk in obstore.list(self._store, prefix=folder) for meta in chunk
                if meta["last_modified"] < cutoff.astimezone(UTC)]
-        for start in range(0, len(old), 1000):
-            obstore.delete(self._store, old[start:start + 1000])
+        for start in range(0, len(old), BULK_DELETE):
+            obstore.delete(self._store, old[start:start + BULK_DELETE])
         return len(old)
 
     @staticmethod
