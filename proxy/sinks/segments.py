@@ -114,4 +114,7 @@ class SegmentSink(EventRecorder):
     def close(self) -> None:
         """Seal every buffered event, then release the staging table."""
         super().close()
+        if self.queue_depth:  # the store is still failing: nothing else will seal them
+            log.error("%d events could not be sealed in %s before the process ends and are lost: %s",
+                      self.queue_depth, self.store.location, self.last_error)
         self._staging.close()
