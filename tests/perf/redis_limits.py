@@ -7,8 +7,11 @@
    requests, four limits applying to each (a tenant budget per month, tenant tokens per day, user
    requests per minute, a user budget per day), 100 users rotating. Reports the reserve latency seen by
    the caller (p50/p99) for the memory store and for Redis, with a 20 ms upstream call (64 requests in
-   flight, as a gateway at c=64 has them) and with none (saturated: only limit checks, so the figure is
-   mostly queueing behind the other 63), and Redis's own time per script call (INFO commandstats).
+   flight, as a gateway at c=64 has them; the 64 start spread over one upstream call, as clients'
+   requests arrive, rather than all in the same instant, which would keep them in lock-step so that
+   every check queued behind 63 others) and with none (saturated: only limit checks, so the figure is
+   mostly queueing behind the other 63), Redis's own time per script call and the Redis commands the
+   scripts run per request (INFO commandstats), and the caller's CPU per reserve + settle.
 2. Processes: `tollway serve` with `[limits] store = "memory"` and with the Redis URL, the simulated
    provider and the same load (JSON chat completions at concurrency 16); the gateway's CPU per
    request and redis-server's, read from /proc. Runs alternate the two stores. The gateway is pinned
@@ -83,6 +86,8 @@ async def check_latency(store, checks: int, upstream_s: float) -> list[float]:
     per_worker = checks // CONCURRENCY
 
     async def worker(w: int) -> None:
+        if upstream_s:
+            await asyncio.sleep(upstream_s * w / CONCURRENCY)
         for i in range(per_worker):
             user = users[(w * per_worker + i) % len(users)]
             at = datetime.now(UTC)
@@ -112,12 +117,20 @@ async def part_one(url: str, checks: int) -> None:
             store = make()
             await check_latency(store, CONCURRENCY * 20, 0.0)  # warm-up: scripts loaded, connections open
             client.config_resetstat()
+            cpu = time.process_time()
             samples = sorted(await check_latency(store, checks_run, upstream_s))
-            stats = client.info("commandstats").get("cmdstat_evalsha", {})
-            server = f"; Redis per script call {stats['usec_per_call']:.1f} µs" if name == "redis" and stats else ""
+            cpu = (time.process_time() - cpu) * 1e6 / len(samples)
+            server = ""
+            if name == "redis":
+                stats = client.info("commandstats")
+                scripts = stats.get("cmdstat_evalsha", {})
+                inner = sum(v["calls"] for k, v in stats.items() if k not in ("cmdstat_evalsha", "cmdstat_eval"))
+                if scripts:
+                    server = (f"; Redis per script call {scripts['usec_per_call']:.1f} µs, "
+                              f"{inner / len(samples):.0f} commands per request")
             print(f"limit check ({name:6}) c={CONCURRENCY}, upstream {upstream_s * 1000:2.0f} ms: "
-                  f"p50 {_pct(samples, 0.5):7.1f} µs  p99 {_pct(samples, 0.99):7.1f} µs  max {samples[-1]:8.1f} µs"
-                  f"{server}", flush=True)
+                  f"p50 {_pct(samples, 0.5):7.1f} µs  p99 {_pct(samples, 0.99):7.1f} µs  max {samples[-1]:8.1f} µs; "
+                  f"caller CPU {cpu:5.1f} µs per reserve + settle{server}", flush=True)
             await store.close()
 
 
