@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -101,17 +100,20 @@ class BillingInputs:
 
 
 def load_billing_inputs(data_dir: Path) -> BillingInputs:
-    """`tenants.csv` and the credits in `control.db` (read-only)."""
+    """`tenants.csv` and the credits in the control store (read-only: control.db or PostgreSQL)."""
+    from proxy.control import ControlStore, is_postgres
+    from proxy.settings import load_settings
+
     credits, closed = [], {}
-    db = data_dir / "control.db"
-    if db.exists():
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    db = load_settings(data_dir).control_target
+    if is_postgres(db) or db.exists():
+        store = ControlStore(db, None, read_only=True)
         try:
-            rows = con.execute("SELECT tenant, amount_usd, created_at FROM credits ORDER BY credit_id").fetchall()
-            frozen = con.execute("SELECT period, tenant, statement FROM closed_statements").fetchall()
+            rows = store.credit_rows()
+            frozen = store.closed_statements()
         finally:
-            con.close()
-        credits = [Credit(t, Decimal(a), datetime.fromisoformat(c.replace("Z", "+00:00"))) for t, a, c in rows]
+            store.close()
+        credits = [Credit(t, Decimal(a), datetime.fromisoformat(c.replace("Z", "+00:00"))) for t, a, _, c in rows]
         closed = {(period, tenant): json.loads(body) for period, tenant, body in frozen}
     files = load_policy_files(data_dir)
     return BillingInputs(files.tenants, credits, files.limits, closed)

@@ -1,4 +1,4 @@
-"""What the dashboard reads: report snapshots, the policy files, and `control.db` — all read-only.
+"""What the dashboard reads: report snapshots, the policy files, and the control store — all read-only.
 
 It never opens `events.duckdb` (the gateway holds it). Reports are replaced atomically by renames,
 so each Parquet file is read into memory in one go and parsed from the bytes: the file a path names
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +20,7 @@ import polars as pl
 from analytics.jobs import MANIFEST
 from policy.files import PolicyFiles, Problem, file_hashes
 from policy.loader import check_policy_set
-from proxy.control import ProviderKey
+from proxy.control import ControlStore, ControlUnavailable, ProviderKey, is_postgres
 from proxy.settings import SettingsError, load_settings
 
 REPORT_NAMES = ("tenant_costs", "user_costs", "denials", "statements", "budget_status")
@@ -100,33 +99,39 @@ class ControlSnapshot:
     closed_periods: tuple[str, ...] = ()
 
 
-def read_control(db: Path) -> ControlSnapshot:
-    """Keys (no secrets), credits, policy reload history and closed periods, opened read-only."""
-    if not db.exists():
-        return ControlSnapshot()
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+def control_location(data_dir: Path) -> str:
+    """The deployment's control store ([control] url): a PostgreSQL URL, or control.db's path."""
     try:
-        keys = [KeyInfo(key_id, provider, owner or "operator", "byok" if owner else "unified", status, health)
-                for key_id, provider, owner, status, health in con.execute(
-                    "SELECT key_id, provider, owner_tenant, status, health FROM provider_keys ORDER BY key_id")]
-        credit_rows = con.execute("SELECT tenant, amount_usd, note, created_at FROM credits ORDER BY credit_id")
-        credits = pl.DataFrame(credit_rows.fetchall(), orient="row",
+        return str(load_settings(data_dir).control_target)
+    except SettingsError:
+        return str(data_dir / "control.db")
+
+
+def read_control(db: Path | str) -> ControlSnapshot:
+    """Keys (no secrets), credits, policy reload history and closed periods, opened read-only (control.db's
+    path or a PostgreSQL URL)."""
+    target = db if is_postgres(db) else Path(db)
+    if not is_postgres(target) and not target.exists():
+        return ControlSnapshot()
+    store = ControlStore(target, None, read_only=True)
+    try:
+        keys = [KeyInfo(k.key_id, k.provider, k.owner, "byok" if k.owner_tenant else "unified", k.status, k.health)
+                for k in store.list_keys()]
+        credits = pl.DataFrame(store.credit_rows(), orient="row",
                                schema={"tenant": pl.String, "amount_usd": pl.String, "note": pl.String,
                                        "created_at": pl.String})
-        last = {action: _last_audit(con, action) for action in ("policy.refused", "policy.reloaded")}
-        closed = tuple(row[0] for row in con.execute("SELECT period FROM closed_periods ORDER BY period"))
+        last = {action: _last_audit(store, action) for action in ("policy.refused", "policy.reloaded")}
+        closed = tuple(store.closed_periods())
     finally:
-        con.close()
+        store.close()
     return ControlSnapshot(keys, credits, last["policy.refused"], last["policy.reloaded"], closed)
 
 
-def _last_audit(con: sqlite3.Connection, action: str) -> dict | None:
-    row = con.execute("SELECT seq, ts, target, details FROM audit_log WHERE action = ? ORDER BY seq DESC LIMIT 1",
-                      (action,)).fetchone()
-    if row is None:
+def _last_audit(store: ControlStore, action: str) -> dict | None:
+    entry = store.last_audit(action)
+    if entry is None:
         return None
-    seq, ts, target, details = row
-    return {"seq": seq, "ts": ts, "version": target, "details": json.loads(details)}
+    return {"seq": entry["seq"], "ts": entry["ts"], "version": entry["target"], "details": json.loads(entry["details"])}
 
 
 @dataclass(frozen=True)
@@ -161,8 +166,19 @@ def policy_fingerprint(data_dir: Path) -> str:
     return json.dumps(hashes, sort_keys=True) + str(stamp)
 
 
-def control_fingerprint(db: Path) -> str:
-    """Changes whenever another process commits to `control.db` (WAL included)."""
+def control_fingerprint(db: Path | str) -> str:
+    """Changes whenever another process commits to `control.db` (WAL included), or to what the dashboard shows
+    of a PostgreSQL control store (its change counter and the audit log's newest entry)."""
+    if is_postgres(db):
+        try:
+            store = ControlStore(db, None, read_only=True)
+        except ControlUnavailable as exc:
+            return f"unreachable: {exc}"
+        try:
+            return f"{store.data_version()}:{store.audit_high_water()}"
+        finally:
+            store.close()
+    db = Path(db)
     parts = [db, db.with_name(db.name + "-wal")]
     return ";".join(f"{p.stat().st_mtime_ns}:{p.stat().st_size}" if p.exists() else "-" for p in parts)
 

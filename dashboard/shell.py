@@ -16,6 +16,7 @@ from dashboard.data import (
     PolicyView,
     Reports,
     control_fingerprint,
+    control_location,
     policy_fingerprint,
     read_control,
     read_manifest,
@@ -55,12 +56,12 @@ def _reports(reports_dir: str, built_at: str | None) -> Reports:
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def _control(db: str, fingerprint: str) -> ControlSnapshot:
-    return read_control(Path(db))
+    return read_control(db)
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def _policy(data_dir: str, fingerprint: str, control_fp: str) -> PolicyView:
-    return read_policy(Path(data_dir), _control(str(Path(data_dir) / "control.db"), control_fp).keys)
+    return read_policy(Path(data_dir), _control(control_location(Path(data_dir)), control_fp).keys)
 
 
 def build_context() -> Context:
@@ -69,7 +70,7 @@ def build_context() -> Context:
     reports_dir = data_dir / "reports"
     manifest = read_manifest(reports_dir)
     reports = _reports(str(reports_dir), manifest["built_at"] if manifest else None)
-    db = data_dir / "control.db"
+    db = control_location(data_dir)
     control_fp = control_fingerprint(db)
     control = _control(str(db), control_fp)
     policy = _policy(str(data_dir), policy_fingerprint(data_dir), control_fp)

@@ -13,14 +13,18 @@ from proxy.settings import resolve_data_dir
 
 
 def _keys(data_dir: Path):
-    """The provider keys (no secrets) for the route checks, or None when there is no control.db yet."""
-    from proxy.control import ControlStore
+    """The provider keys (no secrets) for the route checks, or None when there is no control store yet."""
+    from proxy.control import ControlStore, control_target, is_postgres
     from proxy.crypto import Keyring, SecretError, load_master_key
 
-    if not (data_dir / "control.db").exists():
+    try:
+        target = control_target(data_dir)
+    except ValueError:  # tollway.toml unreadable: `policy check` reports it; the default store serves here
+        target = data_dir / "control.db"
+    if not is_postgres(target) and not target.exists():
         return None
     try:
-        store = ControlStore(data_dir / "control.db", Keyring(load_master_key(data_dir)))
+        store = ControlStore(target, Keyring(load_master_key(data_dir)))
     except SecretError:
         return None
     try:

@@ -39,8 +39,10 @@ def create_app(gateway: Gateway) -> GatewayApp:
             "event_store": "ok" if recorder and recorder.last_error is None else (
                 recorder.last_error if recorder else "not started"),
             "limits": await gateway.limit_store.check(),  # a shared store (Redis) is pinged
+            "control": gateway.control.health(),  # PostgreSQL's listener; "ok" on SQLite
         }
-        # A refused policy edit leaves the previous policy serving: reported, but still ready.
+        # A refused policy edit leaves the previous policy serving: reported, but still ready. So does an
+        # unreachable control store: tokens and keys are authenticated from the cached snapshot.
         ready = checks["event_store"] == "ok" and checks["limits"] == "ok"
         policies = gateway.policies
         # policy_hash: the set in force (a refused edit does not change it); `tollway status` compares it.

@@ -1,18 +1,18 @@
-"""`tollway audit`: read and verify the hash-chained audit log in `control.db`.
+"""`tollway audit`: read and verify the hash-chained audit log of the control store.
 
 Each entry's hash covers its content and the previous entry's hash, so an edited entry breaks its
 own hash and a removed one breaks the next entry's link. Sequence numbers come from SQLite's
-AUTOINCREMENT, whose high-water mark survives deletes, so removing the newest entries shows too.
+AUTOINCREMENT (or PostgreSQL's identity sequence), whose high-water mark survives deletes, so
+removing the newest entries shows too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 from datetime import UTC, date, datetime
 
-from proxy.control import GENESIS_HASH, audit_hash
+from proxy.control import GENESIS_HASH, ControlStore, audit_hash, is_postgres
 
 
 def verify_chain(entries: list[dict], high_water: int | None) -> list[str]:
@@ -35,26 +35,24 @@ def verify_chain(entries: list[dict], high_water: int | None) -> list[str]:
     return problems
 
 
-def read_entries(db_path) -> tuple[list[dict], int | None]:
-    """The log and AUTOINCREMENT's high-water mark, read-only."""
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+def read_entries(target) -> tuple[list[dict], int | None]:
+    """The log and its sequence's high-water mark, read-only (no master key needed)."""
+    store = ControlStore(target, None, read_only=True)
     try:
-        cols = ("seq", "ts", "action", "actor", "target", "details", "prev_hash", "hash")
-        rows = con.execute(f"SELECT {', '.join(cols)} FROM audit_log ORDER BY seq").fetchall()
-        mark = con.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit_log'").fetchone()
-        return [dict(zip(cols, row, strict=True)) for row in rows], mark[0] if mark else None
+        return store.audit_entries(), store.audit_high_water()
     finally:
-        con.close()
+        store.close()
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from proxy.cli import CommandError, emit
-    from proxy.settings import resolve_data_dir
+    from proxy.settings import load_settings, resolve_data_dir
 
     data_dir = resolve_data_dir(args.data_dir)
-    if not (data_dir / "control.db").exists():
+    target = load_settings(data_dir).control_target
+    if not is_postgres(target) and not target.exists():
         raise CommandError(f"no control.db in {data_dir}: run `tollway init {data_dir}` first")
-    entries, high_water = read_entries(data_dir / "control.db")
+    entries, high_water = read_entries(target)
     if args.audit_action == "verify":
         problems = verify_chain(entries, high_water)
         for problem in problems:

@@ -1,8 +1,10 @@
 """Who is calling: a client credential becomes an `Identity`, or a 401.
 
-The gateway's view of `control.db` (tokens and decrypted provider keys) is a snapshot refreshed
-whenever SQLite's `data_version` says the CLI committed a change, so a token revoked by
-`tollway tokens revoke` stops working on the very next request.
+The gateway's view of the control store (tokens and decrypted provider keys) is a snapshot in memory.
+On SQLite it is refreshed whenever `data_version` says the CLI committed a change, so a token revoked
+by `tollway tokens revoke` stops working on the very next request. On PostgreSQL a listener thread
+reloads it when a commit is notified (well within a second); requests never wait on the database,
+and while PostgreSQL is unreachable the last snapshot keeps serving (`/readyz` says so).
 """
 
 from __future__ import annotations
@@ -52,7 +54,10 @@ class ControlView:
     Two connections: `probe`, read on the event loop only for `PRAGMA data_version` (a counter in
     WAL shared memory: no disk read, no lock wait), and `reader`, which reloads the snapshot in a
     worker thread. Requests that find a reload under way wait for it (so a revoked token fails on
-    the very next request) without blocking the loop."""
+    the very next request) without blocking the loop.
+
+    A store that pushes its changes (PostgreSQL) is not polled: its listener thread reloads the
+    snapshot after each notified commit, and a request only reads memory."""
 
     def __init__(self, probe: ControlStore, reader: ControlStore, keyring: Keyring) -> None:
         self._probe = probe
@@ -60,11 +65,24 @@ class ControlView:
         self._keyring = keyring
         self._lock = threading.Lock()  # one reload at a time on the reader connection
         self._reader_version = -1
-        self._probe_version = probe.data_version()
+        self._polls = not reader.pushes_changes
+        self._probe_version = probe.data_version() if self._polls else 0
         self._reloading: asyncio.Future | None = None
         self.tokens: dict[str, _TokenEntry] = {}
         self.keys: dict[str, ProviderKey] = {}
         self.refresh()
+        self._listener = None if self._polls else reader.listen(self.refresh)
+
+    def health(self) -> str:
+        """"ok", or why the control store cannot be reached (the cached snapshot keeps serving)."""
+        error = self._listener.error if self._listener is not None else None
+        if error is None:
+            return "ok"
+        return f"unreachable, serving cached tokens and keys: {error}"
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
 
     def refresh(self) -> bool:
         """Reload if another connection committed since the last look; True if reloaded. Blocking:
@@ -99,7 +117,7 @@ class ControlView:
     def _reloaded(self, done: asyncio.Future, version: int) -> None:
         self._reloading = None
         if done.cancelled() or done.exception() is not None:
-            log.error("control.db could not be read; serving the snapshot loaded before: %s",
+            log.error("the control store could not be read; serving the snapshot loaded before: %s",
                       None if done.cancelled() else done.exception())
         else:
             self._probe_version = version
@@ -109,9 +127,10 @@ class ControlView:
             raise Unauthenticated(f"No credential sent. {missing_hint}")
         if not credential.startswith("tw_"):
             raise Unauthenticated(INVALID_CREDENTIAL)
-        version = self._probe.data_version()  # the common case costs this one counter read
-        if version != self._probe_version:
-            await self._catch_up(version)
+        if self._polls:
+            version = self._probe.data_version()  # the common case costs this one counter read
+            if version != self._probe_version:
+                await self._catch_up(version)
         token_hash = self._keyring.token_hash(credential)
         entry = self.tokens.get(token_hash)
         if entry is None or not hmac.compare_digest(entry.token_hash, token_hash):

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from policy.files import RouteRule, load_policy_files
 from proxy import durations
-from proxy.control import ControlError, ControlStore, utcnow
+from proxy.control import ControlError, ControlStore, ControlUnavailable, is_postgres, utcnow
 from proxy.crypto import Keyring, SecretError, load_master_key, write_master_key
 from proxy.errors import StartupError
 from proxy.settings import BUILTIN_PROVIDERS, SettingsError, load_settings, resolve_data_dir
@@ -60,10 +60,12 @@ def require_deployment(data_dir: Path) -> Path:
 
 
 def open_store(args: argparse.Namespace) -> ControlStore:
+    """The deployment's control store ([control] url: control.db, or PostgreSQL), with its master key."""
     data_dir = require_deployment(resolve_data_dir(args.data_dir))
-    if not (data_dir / "control.db").exists():
+    target = load_settings(data_dir).control_target
+    if not is_postgres(target) and not target.exists():
         raise CommandError(f"no control.db in {data_dir}: run `tollway init {data_dir}` first")
-    return ControlStore(data_dir / "control.db", Keyring(load_master_key(data_dir)))
+    return ControlStore(target, Keyring(load_master_key(data_dir)))
 
 
 # --- init ---------------------------------------------------------------------------------------
@@ -83,7 +85,7 @@ def init_deployment(target: Path, simulator_url: str | None = None) -> tuple[lis
                 shutil.copyfile(SAMPLES / name, dest)
             written.append(name)
     key_file = write_master_key(target)
-    ControlStore(target / "control.db", Keyring(load_master_key(target))).close()
+    ControlStore(load_settings(target).control_target, Keyring(load_master_key(target))).close()
     return written, key_file
 
 
@@ -273,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dashboard.cli import register as register_dashboard
     from policy.cli import register as register_policy
     from proxy.audit import register as register_audit
+    from proxy.control.cli import register as register_control
     from proxy.demo_cli import register as register_demo
     from proxy.pipeline.cli import register as register_pipeline
     from proxy.pricing_cli import register as register_pricing
@@ -351,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_credits(commands, common, as_json)
     register_pricing(commands, common, as_json)
     register_audit(commands, common, as_json)
+    register_control(commands, common, as_json)
     register_dashboard(commands, common)
     register_demo(commands, common)
     register_pipeline(commands, common, as_json)
@@ -365,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in NO_DEPLOYMENT_NEEDED:
             require_deployment(resolve_data_dir(args.data_dir))
         return args.func(args)
-    except (CommandError, ControlError, SecretError, SettingsError, StartupError) as exc:
+    except (CommandError, ControlError, ControlUnavailable, SecretError, SettingsError, StartupError) as exc:
         say(f"error: {exc}")
         return 1
 

@@ -1,10 +1,10 @@
-"""Writes to `control.db` that a request must never wait for: audit entries and key health.
+"""Writes to the control store that a request must never wait for: audit entries and key health.
 
 The gateway's side effects (a budget alert's audit entry, a key marked failing, a policy reload)
 go onto a queue that one thread writes through its own connection, in order. A write that finds
 the database locked (a CLI command, a backup holding a transaction) is retried until it commits,
 so a lock delays the entry, never the request that caused it, and never drops that request's
-event. On shutdown the queue is drained for at most `drain_s` seconds; whatever is still locked
+event. PostgreSQL unreachable is retried the same way, until it is back. On shutdown the queue is drained for at most `drain_s` seconds; whatever is still locked
 out then is logged as lost, entry by entry.
 """
 
@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
 
-from proxy.control import ControlStore
+from proxy.control import RETRYABLE, ControlStore
 
 log = logging.getLogger("tollway.control")
 
@@ -71,7 +70,7 @@ class ControlWriter:
                 if warned:
                     log.info("control.db: %s written after the lock cleared", what)
                 return store
-            except sqlite3.OperationalError as exc:  # locked or busy: another process holds a write lock
+            except RETRYABLE as exc:  # locked or busy (another process holds a write lock), or PostgreSQL down
                 if self._stop_by is not None and time.monotonic() >= self._stop_by:
                     log.error("control.db: %s not written before shutdown (%s)", what, exc)
                     return store

@@ -7,6 +7,7 @@ interfaces, so scaling out is a wiring change:
     [limits] store = "memory" | "redis://..."   ─▶ LimitStore (proxy.limits)
     [events] sink = "duckdb" | "segments"       ─▶ EventBackend (proxy.sinks)
     upstream client (aiohttp)                   ─▶ Upstream (proxy.upstream)
+    [control] url = "control.db" | "postgresql://..."  ─▶ ControlStore (proxy.control)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 
 from policy.loader import PolicyInvalid, load_policy_set
 from proxy.auth import ControlView
-from proxy.control import ControlStore
+from proxy.control import ControlStore, ControlUnavailable
 from proxy.crypto import Keyring, load_master_key
 from proxy.errors import StartupError
 from proxy.gateway import Gateway
@@ -31,8 +32,11 @@ log = logging.getLogger("tollway.gateway")
 def build_gateway(settings: Settings) -> Gateway:
     """Read and validate everything; raise `StartupError` naming the first problems."""
     keyring = Keyring(load_master_key(settings.data_dir))
-    store = ControlStore(settings.control_db, keyring, actor="gateway")
-    control = ControlView(store, ControlStore(settings.control_db, keyring, actor="gateway"), keyring)
+    try:
+        store = ControlStore(settings.control_target, keyring, actor="gateway")
+        control = ControlView(store, ControlStore(settings.control_target, keyring, actor="gateway"), keyring)
+    except ControlUnavailable as exc:  # at start there is no snapshot to serve from
+        raise StartupError(f"{exc}\nstart PostgreSQL (or fix [control] url in tollway.toml) and start again") from exc
     try:
         policies = load_policy_set(settings.data_dir, control.keys)
     except PolicyInvalid as exc:

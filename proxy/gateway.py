@@ -22,7 +22,7 @@ from analytics.scheduler import ReportSchedule
 from policy.loader import PolicyInvalid, PolicySet
 from policy.watch import PolicyWatcher
 from proxy.auth import ControlView, Identity
-from proxy.control import ControlStore, ProviderKey
+from proxy.control import ControlStore, ControlUnavailable, ProviderKey
 from proxy.control_writer import ControlWriter
 from proxy.crypto import Keyring
 from proxy.errors import LimitStoreUnavailable
@@ -125,10 +125,11 @@ class Gateway:
             await asyncio.to_thread(self.control_writer.close)
         if self.objects is not None:
             self.objects.close()
+        self.control.close()
         self.events.close()
 
     def _open_control(self) -> ControlStore:
-        return ControlStore(self.settings.control_db, self._keyring, actor="gateway")
+        return ControlStore(self.settings.control_target, self._keyring, actor="gateway")
 
     async def identify(self, credential: str | None, hint: str) -> Identity:
         """A gateway token (`tw_…`) or, when issuers are configured, a JWT of one (mapped through identities.csv)."""
@@ -216,7 +217,8 @@ class Gateway:
                                    lambda store: store.mark_key_failing(key_id, reason))
 
     def _fresh_keys(self) -> dict[str, ProviderKey]:
-        self.control.refresh()
+        with contextlib.suppress(ControlUnavailable):  # PostgreSQL down: the cached keys stand (readyz says so)
+            self.control.refresh()
         return self.control.keys
 
     def _configure_metrics(self, policies: PolicySet) -> None:

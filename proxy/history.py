@@ -57,7 +57,7 @@ class World:
     def of(cls, data_dir: Path) -> World:
         files = load_policy_files(data_dir)
         keyring = Keyring(load_master_key(data_dir))
-        store = ControlStore(data_dir / "control.db", keyring, actor="history")
+        store = ControlStore(load_settings(data_dir).control_target, keyring, actor="history")
         try:
             owners = {k.key_id: k.owner_tenant for k in store.list_keys() if k.status == "active"}
         finally:

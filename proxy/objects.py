@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from proxy.control import ControlStore, iso
-from proxy.errors import ObjectNotFound
+from proxy.control import ControlStore, ControlUnavailable, iso
+from proxy.errors import ObjectNotFound, StoreUnavailable
 from proxy.providers.objects import RULES, ObjectRules, object_id
 
 __all__ = ["BATCH_RESULTS", "UPLOAD_SESSION", "ObjectRegistry", "Owner", "check_access", "filter_list", "object_id", "rewrite_urls",
@@ -94,9 +94,13 @@ class ObjectRegistry:
 
     def _read(self, query: Callable[[ControlStore], Any]) -> Any:
         with self._lock:
-            if self._store is None:
-                self._store = self._open_store()
-            return query(self._store)
+            try:
+                if self._store is None:
+                    self._store = self._open_store()
+                return query(self._store)
+            except ControlUnavailable as exc:  # PostgreSQL down: this request gets 503, the next may succeed
+                raise StoreUnavailable("The control store is unreachable, so this object's owner cannot be "
+                                       "checked; try again shortly.") from exc
 
     def close(self) -> None:
         with self._lock:

@@ -139,6 +139,14 @@ class PipelineSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlSettings:
+    url: str = "control.db"
+    """The control store (keys, tokens, credits, audit log): a SQLite file relative to the deployment
+    directory, or "postgresql://USER@HOST:PORT/DB" shared by several gateway machines (the password from
+    PGPASSWORD or ~/.pgpass rather than the URL)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     data_dir: Path
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -148,6 +156,7 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     metering: MeteringSettings = field(default_factory=MeteringSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    control: ControlSettings = field(default_factory=ControlSettings)
 
     @property
     def policy_dir(self) -> Path:
@@ -156,6 +165,13 @@ class Settings:
     @property
     def control_db(self) -> Path:
         return self.data_dir / "control.db"
+
+    @property
+    def control_target(self) -> Path | str:
+        """The control store: a SQLite file's path, or a PostgreSQL URL ([control] url)."""
+        from proxy.control.target import resolve
+
+        return resolve(self.control.url, self.data_dir)
 
     @property
     def events_db(self) -> Path:
@@ -180,7 +196,7 @@ def load_settings(data_dir: Path) -> Settings:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"{path}: {exc}") from exc
-    unknown = set(raw) - {"server", "providers", "auth", "events", "limits", "metering", "pipeline"}
+    unknown = set(raw) - {"server", "providers", "auth", "events", "limits", "metering", "pipeline", "control"}
     if unknown:
         raise SettingsError(f"{path}: unknown section(s) {sorted(unknown)}")
     auth = raw.get("auth", {})
@@ -195,6 +211,7 @@ def load_settings(data_dir: Path) -> Settings:
         limits=_limits(raw.get("limits", {}), f"{path} [limits]"),
         metering=_metering(raw.get("metering", {}), f"{path} [metering]"),
         pipeline=_build(PipelineSettings, raw.get("pipeline", {}), f"{path} [pipeline]"),
+        control=_control(raw.get("control", {}), f"{path} [control]"),
     )
 
 
@@ -251,6 +268,14 @@ def _check_segments_dir(text: str, where: str) -> None:
             raise SettingsError(f"{where}: segments_dir holds credentials or options; {CREDENTIALS_FROM_ENV}")
         if not location.partition("/")[0]:
             raise SettingsError(f"{where}: segments_dir {text!r} names no bucket; use {SEGMENTS_FORMS}")
+
+
+def _control(raw: dict[str, Any], where: str) -> ControlSettings:
+    settings = _build(ControlSettings, raw, where)
+    if "://" in settings.url and not settings.url.startswith(("postgresql://", "postgres://", "sqlite://")):
+        raise SettingsError(f'{where}: url must be a SQLite file (default "control.db") or a PostgreSQL URL such as '
+                            '"postgresql://tollway@127.0.0.1:5432/tollway"')
+    return settings
 
 
 def _limits(raw: dict[str, Any], where: str) -> LimitSettings:

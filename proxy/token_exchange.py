@@ -18,11 +18,10 @@ import concurrent.futures
 import contextlib
 import json
 import logging
-import sqlite3
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from proxy.control import ControlStore, utcnow
+from proxy.control import RETRYABLE, ControlStore, utcnow
 from proxy.errors import BadRequest, StoreUnavailable, TollwayError, Unauthenticated, UnknownTenant
 from proxy.identity_map import map_identity
 from proxy.jwt_auth import looks_like_jwt
@@ -80,8 +79,8 @@ async def committed(writer: ControlWriter | None, job: Callable[[ControlStore], 
             return  # the request gave up waiting: issue nothing
         try:
             result = job(store)
-        except sqlite3.OperationalError:
-            raise  # locked: the writer retries the whole job (its transaction was rolled back)
+        except RETRYABLE:
+            raise  # locked or unreachable: the writer retries the whole job (its transaction was rolled back)
         except Exception as exc:  # handed to the waiting request
             _settle(done.set_exception, exc)
         else:

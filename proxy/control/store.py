@@ -1,145 +1,117 @@
-"""`control.db`: provider keys (encrypted), client tokens (hashed), credits, and the audit log.
+"""The control store: provider keys (encrypted), client tokens (hashed), credits, closed periods, objects,
+and the audit log, on SQLite (`control.db`, the default) or PostgreSQL (`[control] url`).
 
-SQLite in WAL mode, so the CLI can change it while the gateway runs. The gateway keeps an
-in-memory snapshot and re-reads it when `PRAGMA data_version` says another connection committed.
-The audit log is append-only and hash-chained: each row's hash covers the previous row's hash.
+One `ControlStore` runs the same SQL on either, through a small connection seam (`proxy.control.sqlite`,
+`proxy.control.postgres`): queries are written in SQLite's dialect and translated for PostgreSQL;
+write transactions are serialised on both (BEGIN IMMEDIATE / an advisory lock). The audit log is
+append-only and hash-chained: each row's hash covers the previous row's hash.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import secrets
-import sqlite3
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
+from proxy.control.model import (
+    EXCHANGED_KEPT_AFTER_EXPIRY,
+    GENESIS_HASH,
+    ClientToken,
+    ControlError,
+    ProviderKey,
+    audit_hash,
+    changed_at,
+    check_name,
+    iso,
+    utcnow,
+)
+from proxy.control.schema import check_version, migrate, stored_version
+from proxy.control.target import Target, describe, is_postgres
 from proxy.crypto import Keyring, Secret, SecretError, new_client_token
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS provider_keys (
-    key_id TEXT PRIMARY KEY, provider TEXT NOT NULL, owner_tenant TEXT,
-    ciphertext BLOB NOT NULL, fingerprint TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'active',
-    created_at TEXT NOT NULL, updated_at TEXT NOT NULL, health TEXT NOT NULL DEFAULT 'ok');
-CREATE TABLE IF NOT EXISTS client_tokens (
-    token_id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, tenant TEXT NOT NULL,
-    user_id TEXT NOT NULL, roles TEXT NOT NULL, created_at TEXT NOT NULL,
-    expires_at TEXT, revoked_at TEXT, identity_source TEXT);
-CREATE TABLE IF NOT EXISTS credits (
-    credit_id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, amount_usd TEXT NOT NULL,
-    note TEXT, created_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS closed_periods (period TEXT PRIMARY KEY, closed_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS closed_statements (
-    period TEXT NOT NULL, tenant TEXT NOT NULL, statement TEXT NOT NULL, PRIMARY KEY (period, tenant));
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS owned_objects (
-    provider TEXT NOT NULL, object_id TEXT NOT NULL, kind TEXT NOT NULL, tenant TEXT NOT NULL,
-    user_pseudonym TEXT, key_id TEXT, created_at TEXT NOT NULL, PRIMARY KEY (provider, object_id));
-CREATE TABLE IF NOT EXISTS metered_results (
-    provider TEXT NOT NULL, object_id TEXT NOT NULL, metered_at TEXT NOT NULL, PRIMARY KEY (provider, object_id));
-CREATE TABLE IF NOT EXISTS audit_log (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, action TEXT NOT NULL,
-    actor TEXT NOT NULL, target TEXT, details TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
-"""
-GENESIS_HASH = "0" * 64
-#: Exchanged tokens this long past their expiry are deleted at the next exchange (they can never work again).
-EXCHANGED_KEPT_AFTER_EXPIRY = timedelta(days=1)
 
+def connect(target: Target, *, read_only: bool = False):
+    """The connection seam for `target`: a SQLite file or a PostgreSQL URL (its driver imported only then)."""
+    if is_postgres(target):
+        from proxy.control.postgres import PostgresConnection
 
-class ControlError(ValueError):
-    """A control-plane request was refused; the message says why and what to do."""
+        return PostgresConnection(target, read_only=read_only)
+    from proxy.control.sqlite import SQLiteConnection
 
-
-@dataclass(frozen=True, slots=True)
-class ProviderKey:
-    key_id: str
-    provider: str
-    owner_tenant: str | None  # None: owned by the operator (unified billing)
-    fingerprint: str
-    status: str
-    created_at: str
-    updated_at: str
-    health: str = "ok"  # ok, or "failing: …" once the provider refused it (401/403); reset by rotate
-    secret: Secret | None = None
-
-    @property
-    def owner(self) -> str:
-        return self.owner_tenant or "operator"
-
-
-@dataclass(frozen=True, slots=True)
-class ClientToken:
-    token_id: str
-    tenant: str
-    user_id: str
-    roles: tuple[str, ...]
-    created_at: str
-    expires_at: str | None
-    revoked_at: str | None
-    identity_source: str | None = None  # the issuer entry a POST /auth/token exchange came from
-
-    def as_json(self) -> dict:
-        return {"id": self.token_id, "tenant": self.tenant, "user": self.user_id, "roles": list(self.roles),
-                "created_at": self.created_at, "expires_at": self.expires_at, "revoked_at": self.revoked_at,
-                "identity_source": self.identity_source}
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(ts: datetime) -> str:
-    return ts.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def changed_at() -> str:
-    """A key's `updated_at`: to the microsecond, so that two changes within a second still differ (the
-    gateway tells its own unwritten failing mark from a later rotation by it)."""
-    return utcnow().isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return SQLiteConnection(Path(target), read_only=read_only)
 
 
 class ControlStore:
-    """One connection to `control.db`. Not shared across threads."""
+    """One connection to the control store. Not shared across threads.
 
-    def __init__(self, path: Path, keyring: Keyring, *, actor: str = "cli") -> None:
-        new = not path.exists()
-        if new:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(provider_keys)")}
-        if "health" not in columns:  # control.db from before key health existed
-            self._db.execute("ALTER TABLE provider_keys ADD COLUMN health TEXT NOT NULL DEFAULT 'ok'")
-        if "identity_source" not in {row[1] for row in self._db.execute("PRAGMA table_info(client_tokens)")}:
-            self._db.execute("ALTER TABLE client_tokens ADD COLUMN identity_source TEXT")  # before token exchange
+    `ControlStore(data_dir / "control.db", keyring)` or `ControlStore("postgresql://…", keyring)`; the
+    schema is created or migrated on open. `read_only=True` (the dashboard, `audit`, reports) opens an
+    existing store as it is, with no master key (`keyring=None`): no secret can be read through it."""
+
+    def __init__(self, target: Target, keyring: Keyring | None, *, actor: str = "cli",
+                 read_only: bool = False) -> None:
+        self.target = target
+        self._db = connect(target, read_only=read_only)
+        try:
+            if read_only:
+                check_version(stored_version(self._db)[0], describe(target))
+            else:
+                migrate(self._db, describe(target))
+        except BaseException:
+            self._db.close()
+            raise
         self._keyring = keyring
         self._actor = actor
-        self._check_master_key()
+        if keyring is not None and not read_only:
+            self._check_master_key()
+
+    @property
+    def backend(self) -> str:
+        """"sqlite" or "postgresql"."""
+        return self._db.dialect
+
+    @property
+    def pushes_changes(self) -> bool:
+        """True where commits are pushed to listeners (PostgreSQL); SQLite is polled with `data_version`."""
+        return self._db.pushes_changes
+
+    def listen(self, on_change):
+        """PostgreSQL: a `Listener` thread calling `on_change()` after commits elsewhere (None on SQLite)."""
+        if not self.pushes_changes:
+            return None
+        from proxy.control.postgres import Listener
+
+        return Listener(self.target, on_change)
+
+    def schema_version(self) -> int | None:
+        return stored_version(self._db)[0]
 
     def _check_master_key(self) -> None:
-        """Refuse a master key other than the one this control.db was created with."""
-        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('master_key_check', ?)", (self._keyring.check_value(),))
-        stored = self._db.execute("SELECT value FROM meta WHERE name = 'master_key_check'").fetchone()[0]
-        if stored != self._keyring.check_value():
+        """Refuse a master key other than the one this store was created with."""
+        check = self._keyring.check_value()
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'master_key_check'").fetchone()
+        if row is None:  # a new store: written once (a concurrent first writer's value wins, and is checked)
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('master_key_check', ?)", (check,))
+            row = self._db.execute("SELECT value FROM meta WHERE name = 'master_key_check'").fetchone()
+        if row[0] != check:
             self._db.close()
-            raise SecretError("the master key does not match this control.db (check TOLLWAY_MASTER_KEY or "
-                              "master.key): keys stored under it could not be decrypted")
+            where = f"the control store at {describe(self.target)}" if self.pushes_changes else "this control.db"
+            raise SecretError(f"the master key does not match {where} (check TOLLWAY_MASTER_KEY or master.key): "
+                              "keys stored under it could not be decrypted")
 
     def close(self) -> None:
         self._db.close()
 
     def data_version(self) -> int:
-        """Changes whenever another connection commits: the cue to reload a snapshot."""
-        return self._db.execute("PRAGMA data_version").fetchone()[0]
+        """Changes whenever another connection commits (SQLite) or a cached table changed (PostgreSQL): the cue
+        to reload a snapshot."""
+        return self._db.data_version()
 
     # --- provider keys -------------------------------------------------------------------------
     def add_key(self, key_id: str, provider: str, secret: str, owner_tenant: str | None) -> ProviderKey:
-        _check_name("key id", key_id)
+        check_name("key id", key_id)
         if not secret.strip():
             raise ControlError("the provider key read from stdin is empty")
         now = iso(utcnow())
@@ -150,7 +122,7 @@ class ControlStore:
                     (key_id, provider, owner_tenant, self._keyring.encrypt(secret.strip(), key_id),
                      Secret(secret.strip()).fingerprint(), now, now))
                 self._audit("key.added", key_id, {"provider": provider, "owner": owner_tenant or "operator"})
-        except sqlite3.IntegrityError as exc:
+        except self._db.integrity_errors as exc:
             raise ControlError(f"key {key_id!r} exists already; use `tollway keys rotate {key_id}`") from exc
         return self.get_key(key_id)
 
@@ -199,11 +171,11 @@ class ControlStore:
     def create_token(self, tenant: str, user_id: str, roles: list[str],
                      expires_at: datetime | None) -> tuple[ClientToken, str]:
         """Issue a token; the plain token is returned once and only its keyed hash is stored."""
-        _check_name("tenant", tenant)
+        check_name("tenant", tenant)
         if not user_id.strip():
             raise ControlError("--user must not be empty")
         for role in roles:
-            _check_name("role", role)
+            check_name("role", role)
         with self._tx():
             token_id, token = self._insert_token(tenant, user_id, roles, expires_at, None)
             self._audit("token.issued", token_id, {"tenant": tenant, "roles": roles,
@@ -265,14 +237,15 @@ class ControlStore:
 
     # --- credits -------------------------------------------------------------------------------
     def add_credits(self, tenant: str, amount: Decimal, note: str | None) -> int:
-        _check_name("tenant", tenant)
+        check_name("tenant", tenant)
         if not amount.is_finite() or amount == 0:
             raise ControlError("--amount must be a non-zero number of USD, e.g. 250 or 99.50")
         with self._tx():
-            cur = self._db.execute("INSERT INTO credits (tenant, amount_usd, note, created_at) VALUES (?,?,?,?)",
-                                   (tenant, str(amount), note, iso(utcnow())))
+            credit_id = self._db.execute(
+                "INSERT INTO credits (tenant, amount_usd, note, created_at) VALUES (?,?,?,?) RETURNING credit_id",
+                (tenant, str(amount), note, iso(utcnow()))).fetchone()[0]
             self._audit("credits.added", tenant, {"amount_usd": str(amount), "note": note})
-        return cur.lastrowid
+        return credit_id
 
     def list_credits(self) -> list[tuple[str, Decimal, str | None, str]]:
         rows = self._db.execute("SELECT tenant, amount_usd, note, created_at FROM credits ORDER BY credit_id")
@@ -289,7 +262,7 @@ class ControlStore:
                 total = sum((Decimal(str(r["charges_usd"])) for r in statements), Decimal(0))
                 self._audit("period.closed", period, {"tenants": sorted(r["tenant"] for r in statements),
                                                       "charges_usd": str(total)})
-        except sqlite3.IntegrityError as exc:
+        except self._db.integrity_errors as exc:
             raise ControlError(f"period {period} is closed already; its statements are frozen") from exc
 
     # --- objects created through the gateway -------------------------------------------------------
@@ -315,9 +288,14 @@ class ControlStore:
 
     def audit_entries(self, action: str | None = None, since: str | None = None) -> list[dict]:
         """Entries in order, optionally only one action and those at or after an ISO timestamp."""
+        where, args = [], []
+        for condition, value in (("action = ?", action), ("ts >= ?", since)):
+            if value is not None:
+                where.append(condition)
+                args.append(value)
         rows = self._db.execute(
             "SELECT seq, ts, action, actor, target, details, prev_hash, hash FROM audit_log "
-            "WHERE (?1 IS NULL OR action = ?1) AND (?2 IS NULL OR ts >= ?2) ORDER BY seq", (action, since))
+            f"{'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY seq", args)
         cols = ("seq", "ts", "action", "actor", "target", "details", "prev_hash", "hash")
         return [dict(zip(cols, row, strict=True)) for row in rows.fetchall()]
 
@@ -330,29 +308,39 @@ class ControlStore:
             "INSERT INTO audit_log (ts, action, actor, target, details, prev_hash, hash) VALUES (?,?,?,?,?,?,?)",
             (ts, action, self._actor, target, body, prev, digest))
 
+    def audit_high_water(self) -> int | None:
+        """The highest audit seq ever handed out (a deleted newest entry leaves it behind)."""
+        return self._db.audit_high_water()
+
+    def last_audit(self, action: str) -> dict | None:
+        entries = self._db.execute(
+            "SELECT seq, ts, target, details FROM audit_log WHERE action = ? ORDER BY seq DESC LIMIT 1",
+            (action,)).fetchone()
+        return None if entries is None else dict(zip(("seq", "ts", "target", "details"), entries, strict=True))
+
+    # --- read-only views (dashboard, reports) ------------------------------------------------------
+    def closed_periods(self) -> list[str]:
+        return [row[0] for row in self._db.execute("SELECT period FROM closed_periods ORDER BY period").fetchall()]
+
+    def closed_statements(self) -> list[tuple[str, str, str]]:
+        """(period, tenant, statement JSON) of every closed period."""
+        return [tuple(row) for row in self._db.execute(
+            "SELECT period, tenant, statement FROM closed_statements ORDER BY period, tenant").fetchall()]
+
+    def credit_rows(self) -> list[tuple[str, str, str | None, str]]:
+        """(tenant, amount as written, note, created_at) in order."""
+        return [tuple(row) for row in self._db.execute(
+            "SELECT tenant, amount_usd, note, created_at FROM credits ORDER BY credit_id").fetchall()]
+
+    def count(self, table: str) -> int:
+        return self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+    @property
+    def connection(self):
+        """The connection seam (for `control migrate`'s copy)."""
+        return self._db
+
     def _tx(self):
-        return _Transaction(self._db)
+        return self._db.transaction()
 
 
-def audit_hash(prev: str, ts: str, action: str, actor: str, target: str | None, details: str) -> str:
-    payload = "\x1f".join([prev, ts, action, actor, target or "", details])
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-class _Transaction:
-    """`BEGIN IMMEDIATE … COMMIT`, rolled back on error: nothing is half-applied."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
-
-
-def _check_name(what: str, value: str) -> None:
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.@")
-    if not value or not set(value) <= allowed:
-        raise ControlError(f"{what} {value!r} may only hold letters, digits and - _ . @")
