@@ -73,6 +73,13 @@ class ControlView:
         self.refresh()
         self._listener = None if self._polls else reader.listen(self.refresh)
 
+    def remember(self, token: ClientToken, secret: str) -> None:
+        """A token this gateway has just committed: valid here at once, before the reload that its commit
+        causes (the next snapshot holds it too)."""
+        token_hash = self._keyring.token_hash(secret)
+        expires = datetime.fromisoformat(token.expires_at) if token.expires_at else None
+        self.tokens = {**self.tokens, token_hash: _TokenEntry(token_hash, token, expires)}
+
     def health(self) -> str:
         """"ok", or why the control store cannot be reached (the cached snapshot keeps serving)."""
         error = self._listener.error if self._listener is not None else None

@@ -62,6 +62,7 @@ async def exchange(gw: Gateway, credential: str | None) -> dict[str, Any]:
     pseudonym = str(gw.pseudonymize(identity.tenant, identity.user))
     token, secret = await committed(gw.control_writer, lambda store: store.exchange_token(
         identity.tenant, identity.user, list(identity.roles), expires_at, entry.name, pseudonym))
+    gw.control.remember(token, secret)  # on PostgreSQL the notified reload follows a few ms later
     log.info("token %s exchanged for a JWT of issuer %s (tenant %s, expires %s)", token.token_id, entry.name,
              identity.tenant, token.expires_at)
     return {"token": secret, "expires_at": token.expires_at, "id": token.token_id, "tenant": token.tenant,
