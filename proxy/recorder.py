@@ -21,10 +21,14 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 
 from proxy.events import COLUMNS, CREATE_TABLE, Event, missing_columns
+
+if TYPE_CHECKING:
+    from proxy.sinks.spool import EventSpool
 
 log = logging.getLogger("tollway.recorder")
 #: Nothing is ever downloaded: the extensions Tollway needs are built in.
@@ -62,14 +66,17 @@ def upgrade_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 class EventRecorder:
     def __init__(self, con: duckdb.DuckDBPyConnection, *, flush_interval_ms: int = 500, batch_size: int = 5000,
-                 max_buffered: int = 100_000, fail_closed: bool = True, rejected_path: Path | None = None) -> None:
+                 max_buffered: int = 100_000, fail_closed: bool = True, rejected_path: Path | None = None,
+                 spool: EventSpool | None = None) -> None:
         self._con = con
+        self._spool = spool  # rows also written ahead to a local file (the segment sink's)
         self._interval = flush_interval_ms / 1000
         self._batch_size = batch_size
         self._max_buffered = max_buffered
         self._fail_closed = fail_closed
         self._rejected_path = rejected_path
         self._pending: deque[tuple] = deque()
+        self._kept = False  # the last write put rows back
         self._in_flight = 0  # rows taken from the queue by a write that has not ended yet
         self._wake = threading.Event()
         self._stop = False
@@ -82,7 +89,10 @@ class EventRecorder:
         self._thread.start()
 
     def record(self, event: Event) -> None:
-        self._pending.append(event.row())
+        if self._spool is None:
+            self._pending.append(event.row())
+        else:
+            self._spool.append(event.row(), self._pending)
         depth = len(self._pending)
         if depth >= self._batch_size:
             self._wake.set()
@@ -103,11 +113,11 @@ class EventRecorder:
     def flush(self) -> int:
         """Write everything pending now; return how many rows were written."""
         with self._lock:
-            self._in_flight = len(self._pending)  # set before the rows leave the queue: never uncounted
-            batch = [self._pending.popleft() for _ in range(self._in_flight)]
+            batch = self._take()
             before = self.written
             if not batch:
                 return 0
+            self._kept = False
             try:
                 self._append(batch)
             except ROW_ERRORS:  # a row DuckDB refuses: find it, set it aside, keep the rest
@@ -119,7 +129,18 @@ class EventRecorder:
                 self.last_error = None
             finally:
                 self._in_flight = 0
+            if self._spool is not None and not self._kept:
+                self._spool.sealed()
             return self.written - before
+
+    def _take(self) -> list[tuple]:
+        if self._spool is not None:
+            return self._spool.take(self._pending, self._count_in_flight)
+        self._count_in_flight(len(self._pending))
+        return [self._pending.popleft() for _ in range(self._in_flight)]
+
+    def _count_in_flight(self, count: int) -> None:
+        self._in_flight = count  # set before the rows leave the queue: never uncounted
 
     def _append(self, rows: list[tuple]) -> None:
         cursor = self._con.cursor()
@@ -146,6 +167,7 @@ class EventRecorder:
     def _keep(self, rows: list[tuple], exc: Exception) -> None:
         """Put unwritten rows back at the head of the queue and report the store as failing."""
         self._pending.extendleft(reversed(rows))
+        self._kept = True
         self.last_error = f"{type(exc).__name__}: {exc}"
         log.error("event store cannot be written, %d events kept in memory (bound %d): %s", len(rows),
                   self._max_buffered, self.last_error)

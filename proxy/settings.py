@@ -87,6 +87,10 @@ class EventSettings:
     directory, or a file:// URL; empty means DIR/segments) or object storage (s3://BUCKET/PREFIX,
     gs://BUCKET/PREFIX, az://CONTAINER/PREFIX; credentials from the environment only)."""
 
+    spool: bool = True
+    """With sink = "segments": also write each event ahead to a local file (DIR/spool) before the response
+    ends, so a killed gateway process loses none (the next gateway started here seals them)."""
+
     def segments_path(self, data_dir: Path) -> Path:
         """The segments directory, resolved against the deployment directory (not for object storage)."""
         text = self.segments_dir.removeprefix("file://") or "segments"

@@ -47,7 +47,8 @@ class SegmentEvents:
         self.sink = SegmentSink(self.store, flush_interval_ms=events.flush_interval_ms,
                                 batch_size=events.batch_size, max_buffered=events.max_buffered,
                                 fail_closed=events.fail_closed,
-                                rejected_path=self._settings.data_dir / "rejected-events.jsonl")
+                                rejected_path=self._settings.data_dir / "rejected-events.jsonl",
+                                spool_dir=self._settings.data_dir / "spool" if events.spool else None)
         log.info("events: sealed segments in %s every %d ms (`tollway pipeline` ingests them)", self.store.location,
                  events.flush_interval_ms)
         return self.sink

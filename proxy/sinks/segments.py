@@ -12,7 +12,10 @@ pipeline (`proxy.pipeline`) ingests it. DuckDB's Parquet writer keeps the exact 
 A seal that fails (disk full, directory gone, object store unreachable) keeps the rows queued and
 retries every interval (after obstore's own few quick retries with backoff);
 `accepting` turns false once `max_buffered` rows wait: the gateway refuses new requests (fail
-closed) until a seal succeeds. A SIGKILL loses at most the rows not yet sealed: one interval.
+closed) until a seal succeeds. With a spool (`[events] spool`, the default; `proxy.sinks.spool`)
+every row is also written ahead to a local file, so a SIGKILL of the process loses nothing: the next
+process to start on the machine seals the rows. Without it a SIGKILL loses the rows not yet sealed:
+one interval.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from proxy.sinks.segment_store import (  # noqa: F401  (sealed_segments, sql_pat
     sealed_segments,
     sql_path,
 )
+from proxy.sinks.spool import EventSpool
 
 log = logging.getLogger("tollway.recorder")
 
@@ -56,7 +60,7 @@ def segment_prefix() -> str:
 class SegmentSink(EventRecorder):
     """The batched writer of `proxy.recorder`, writing sealed segments instead of appending to DuckDB."""
 
-    def __init__(self, store: SegmentStore | Path, **options) -> None:
+    def __init__(self, store: SegmentStore | Path, *, spool_dir: Path | None = None, **options) -> None:
         if isinstance(store, Path):
             store.mkdir(parents=True, exist_ok=True)
             store = LocalSegments(store)
@@ -66,7 +70,11 @@ class SegmentSink(EventRecorder):
         self._counter = 0
         self._staging = duckdb.connect(":memory:", config={**DUCKDB_CONFIG, "threads": 1, "memory_limit": "128MB"})
         self._staging.execute(CREATE_TABLE)
-        super().__init__(self._staging, **options)
+        spool = EventSpool(spool_dir, self._prefix) if spool_dir is not None else None
+        super().__init__(self._staging, spool=spool, **options)
+        if spool is not None and (recovered := spool.adopt()):
+            self._pending.extend(recovered)
+            self.flush()  # sealed before this process serves (and before limits are seeded from segments)
 
     def _append(self, rows: list[tuple]) -> None:
         """Stage (DuckDB checks every value: a refused row raises one of ROW_ERRORS), then seal."""
@@ -114,7 +122,13 @@ class SegmentSink(EventRecorder):
     def close(self) -> None:
         """Seal every buffered event, then release the staging table."""
         super().close()
-        if self.queue_depth:  # the store is still failing: nothing else will seal them
+        if self.queue_depth and self._spool is not None and self._spool.broken is None:
+            log.error("%d events could not be sealed in %s before the process ends; they stay in the spool "
+                      "(%s) and are sealed when a gateway starts again here: %s", self.queue_depth,
+                      self.store.location, self._spool.directory, self.last_error)
+        elif self.queue_depth:  # the store is still failing: nothing else will seal them
             log.error("%d events could not be sealed in %s before the process ends and are lost: %s",
                       self.queue_depth, self.store.location, self.last_error)
+        if self._spool is not None:
+            self._spool.close(everything_sealed=not self.queue_depth)
         self._staging.close()
