@@ -13,6 +13,7 @@ so a refusal reads the same whatever the transport.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from proxy.errors import InternalError, OperationDenied, PolicyDenied, StoreUnavailable, UnknownTenant
@@ -95,20 +96,35 @@ async def unreserved(gw: Gateway, policies: PolicySet, identity: Identity,
     return await gw.limiter.unchecked(identity.tenant, event.user_pseudonym, event.ts), limits
 
 
-async def finish(gw: Gateway, route: ProviderRoute, call: Call) -> None:
-    """Meter, settle limits, record: once for every call, however it ended."""
+def conclude(gw: Gateway, route: ProviderRoute, call: Call) -> None:
+    """Meter and record the call's event, once: right before the last byte of its answer is sent (the
+    HTTP path calls this from its `send`), so an answered request has its event in the recorder, and
+    with a spool on disk, even if the process is killed the next instant. Settling limits follows."""
+    if call.concluded:
+        return
+    call.concluded = True
     event = call.event
     event.latency_ms = call.elapsed_ms()
+    if call.upstream_started is not None and call.response_started:
+        event.upstream_ms = round((time.perf_counter() - call.upstream_started) * 1000, 3)
     try:
         meter(call, route)
-        if call.reservation is not None:
-            await gw.limiter.settle(call.reservation, call.limits, event)
     except Exception:
-        log.exception("request %s: metering or settling its limits failed; its event is recorded as it stands",
-                      event.event_id)
-    finally:
-        if event.status_code == 0:  # nothing answered the client: never recorded as a success
-            event.status_code, event.outcome = InternalError.status, "internal_error"
-        if call.recorded:
-            gw.recorder.record(event)
-        gw.metrics.observe(event)
+        log.exception("request %s: metering failed; its event is recorded as it stands", event.event_id)
+    if event.status_code == 0:  # nothing answered the client: never recorded as a success
+        event.status_code, event.outcome = InternalError.status, "internal_error"
+    if call.recorded:
+        gw.recorder.record(event)
+    gw.metrics.observe(event)
+
+
+async def finish(gw: Gateway, route: ProviderRoute, call: Call) -> None:
+    """Once for every call, however it ended: its event concluded (if its answer did not already), then
+    its limits settled with the real usage."""
+    conclude(gw, route, call)
+    if call.reservation is None:
+        return
+    try:
+        await gw.limiter.settle(call.reservation, call.limits, call.event)
+    except Exception:
+        log.exception("request %s: settling its limits failed", call.event.event_id)

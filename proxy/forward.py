@@ -92,6 +92,8 @@ class Call:
     reservation: Reservation | None = None
     limits: list = field(default_factory=list)
     recorded: bool = True
+    concluded: bool = False  # its event metered and recorded (`admission.conclude`)
+    upstream_started: float | None = None  # when the attempt that answered began
     metered: bool = False  # usage and cost written onto the event (it happens once)
     draining: bool = False  # the client left; the provider's stream is read on for its usage
     raw: bytes = b""  # the request body as received (a JSON or empty one; uploads stream instead)
@@ -104,9 +106,15 @@ class Call:
         return round((time.perf_counter() - self.started) * 1000, 3)
 
 
-async def handle(gw: Gateway, route: ProviderRoute, scope: dict, receive, send) -> None:
+async def handle(gw: Gateway, route: ProviderRoute, scope: dict, receive, asgi_send) -> None:
     """ASGI entry for one provider route."""
     call = Call(Event(event_id=new_request_id(), ts=datetime.now(UTC), provider=route.name), time.perf_counter())
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            admission.conclude(gw, route, call)  # recorded before the client can have the whole answer
+        await asgi_send(message)
+
     try:
         await _serve(gw, route, call, scope, receive, send)
     except TollwayError as err:
@@ -258,7 +266,7 @@ async def _forward_with_failover(gw: Gateway, route: ProviderRoute, call: Call, 
     for attempt, key in enumerate(keys, start=1):
         event.key_id, event.billing_mode, event.attempts = key.key_id, _billing_mode(key), attempt
         last = attempt == len(keys)
-        upstream_started = time.perf_counter()
+        call.upstream_started = time.perf_counter()
         try:
             async with gw.upstream.request(route.settings, method, url, _upstream_headers(headers, adapter, key, body),
                                            body) as response:
@@ -283,7 +291,6 @@ async def _forward_with_failover(gw: Gateway, route: ProviderRoute, call: Call, 
                                       gw.settings.server.max_response_bytes)
                 else:  # files, audio, HTML error pages: nothing to meter, so nothing to hold
                     await relay.relay_raw(call, response, response_headers, send)
-                event.upstream_ms = round((time.perf_counter() - upstream_started) * 1000, 3)
                 return
         except (UpstreamUnreachable, UpstreamTimeout) as err:
             if isinstance(body, UploadBody) and body.error is not None:  # the client's side failed, not the provider
