@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -31,6 +30,7 @@ from proxy.limits import (
 )
 from proxy.stores import redis_scripts
 from tests.helpers import OPEN_ACCESS, SIM_KEYS, Deployment, GatewayProcess, free_port
+from tests.redis_server import RedisServer
 
 redis = pytest.importorskip("redis")
 pytestmark = [pytest.mark.timeout(120),
@@ -40,38 +40,6 @@ GPT_4O = (Decimal("2.50"), Decimal("10.00"))  # per million tokens, input and ou
 PROMPT = "spend"  # two input tokens, estimated and reported alike
 TENANT = Scope("acme", None)
 ALICE = Scope("acme", uuid.UUID("8f1f3a52-0000-8000-8000-000000000001"))
-
-
-class RedisServer:
-    """A private `redis-server` on a loopback port, without persistence: a restart comes back empty."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port, self.workdir = free_port(), workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> RedisServer:
-        self.workdir.mkdir(exist_ok=True)
-        log = (self.workdir / "redis.log").open("ab")
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.workdir)], stdout=log, stderr=log)
-        client = self.client()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                client.ping()
-                return self
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.02)
-        raise RuntimeError((self.workdir / "redis.log").read_text())
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
 
 
 @pytest.fixture
