@@ -63,9 +63,9 @@ def limit_store_for(limits: LimitSettings) -> LimitStore:
     (imported only then, so the default start never loads the Redis client)."""
     if limits.store == "memory":
         return MemoryLimitStore()
-    from proxy.stores.redis_limits import RedisLimitStore
+    from proxy.stores.redis_limits import RedisLimitStore, shown
 
     try:
         return RedisLimitStore(limits.store)
     except ValueError as exc:  # a URL redis-py cannot read
-        raise StartupError(f"[limits] store = {limits.store!r}: {exc}") from exc
+        raise StartupError(f"[limits] store = {shown(limits.store)!r}: {exc}") from exc

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.timeout(60),
               pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")]
 
 from proxy.stores.redis_pipe import AutoPipeline, RedisReplyError, RedisUnavailable, Script  # noqa: E402
-from tests.test_redis_limits import RedisServer  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
 
 
 @pytest.fixture
@@ -153,6 +153,22 @@ async def test_the_database_and_password_of_the_url_are_used(tmp_path):
             await wrong.close()
     finally:
         server.stop()
+
+
+async def test_a_password_in_the_redis_url_never_reaches_readyz_or_the_log(tmp_path, caplog):
+    from proxy.stores.redis_limits import RedisLimitStore
+
+    store = RedisLimitStore(f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0")  # nothing listens there
+    try:
+        reason = await store.check()
+        assert "unreachable" in reason and "redis://:***@127.0.0.1" in reason and "s3cret-pw" not in reason
+        budget = [Check(Scope("acme", None), "requests", "day", 10)]
+        with pytest.raises(LimitStoreUnavailable):
+            await store.reserve(budget, (Scope("acme", None), Scope("acme", uuid.uuid4())), Amounts(1, 0, Decimal(0)),
+                                datetime.now(UTC))
+        assert "s3cret-pw" not in caplog.text
+    finally:
+        await store.close()
 
 
 async def test_the_store_over_the_pipe_fails_closed_while_redis_is_killed_and_recovers(redis_server):

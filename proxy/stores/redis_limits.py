@@ -21,6 +21,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from urllib.parse import urlsplit
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
@@ -66,9 +67,18 @@ def _at(seconds: int) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
+def shown(url: str) -> str:
+    """The URL for messages, /readyz and logs: a password in it replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
 class RedisLimitStore:
     def __init__(self, url: str, prefix: str = "tollway") -> None:
         self.url = url
+        self.shown = shown(url)
         # Every limit-store call goes over one pipelined connection (see redis_pipe): a request's
         # reserve and settle are one EVALSHA each, written together with whatever else is issued in the
         # same turn of the event loop.
@@ -112,7 +122,7 @@ class RedisLimitStore:
 
     def _unavailable(self, exc: Exception) -> LimitStoreUnavailable:
         if self.last_error is None:
-            log.error("limit store %s unreachable, refusing requests until it answers: %s", self.url, exc)
+            log.error("limit store %s unreachable, refusing requests until it answers: %s", self.shown, exc)
         self.last_error = f"{type(exc).__name__}: {exc}"
         return LimitStoreUnavailable(UNAVAILABLE, retry_after=1)
 
@@ -122,7 +132,7 @@ class RedisLimitStore:
         except (RedisUnavailable, RedisReplyError) as exc:
             raise self._unavailable(exc) from exc
         if self.last_error is not None:
-            log.warning("limit store %s answers again", self.url)
+            log.warning("limit store %s answers again", self.shown)
             self.last_error = None
         return result
 
@@ -177,7 +187,7 @@ class RedisLimitStore:
             if self._reseed is None:
                 await self.seed(self.source, [])
                 return
-            log.warning("limit store %s has no counters for %s: re-seeding them from the events", self.url,
+            log.warning("limit store %s has no counters for %s: re-seeding them from the events", self.shown,
                         self.source)
             await self._reseed()
 
@@ -231,7 +241,7 @@ class RedisLimitStore:
             await asyncio.wait_for(self.pipe.send("PING"), 1.5)
         except (RedisUnavailable, RedisReplyError, TimeoutError) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
-            return f"redis {self.url} unreachable: {self.last_error}"
+            return f"redis {self.shown} unreachable: {self.last_error}"
         return "ok"
 
     async def close(self) -> None:
