@@ -61,3 +61,13 @@ def anthropic_for(gateway):
         return anthropic.Anthropic(base_url=gateway.url + "/anthropic", api_key=gateway.deployment.tokens[token_name],
                                    max_retries=0, **kwargs)
     return make
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A private redis-server on a free loopback port (tests/redis_server.py), stopped afterwards."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()

@@ -43,13 +43,6 @@ ALICE = Scope("acme", uuid.UUID("8f1f3a52-0000-8000-8000-000000000001"))
 
 
 @pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 async def store(redis_server):
     from proxy.stores.redis_limits import RedisLimitStore
 

@@ -27,13 +27,6 @@ from tests.redis_server import RedisServer  # noqa: E402
 
 
 @pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 async def pipe(redis_server):
     connection = AutoPipeline(redis_server.url, reply_timeout=1.0)
     yield connection

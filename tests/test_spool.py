@@ -1,10 +1,9 @@
 """The segment sink's write-ahead spool (proxy/sinks/spool.py): what a killed process leaves is recovered
-exactly, a live process's spool is never taken, and only a row's own value types are ever unpickled."""
+exactly, a live process's spool is never taken, and nothing but a row of the events' column types is read."""
 
 from __future__ import annotations
 
 import os
-import pickle
 import subprocess
 import sys
 import uuid
@@ -13,13 +12,16 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
+import msgspec
 import pytest
 
+from proxy.events import Event
 from proxy.sinks.spool import EventSpool, read_rows
 
-ROW = (uuid.uuid4(), datetime(2026, 12, 7, 3, 0, tzinfo=UTC), "acme", None, "token", "openai", "gpt-4o-mini",
-       "openai/chat.completions.create", False, 200, "ok", "operator-openai", "unified", 12, 34,
-       Decimal("0.000012345"), True)
+ROW = Event(event_id=uuid.uuid4(), ts=datetime(2026, 12, 7, 3, 0, 0, 123456, tzinfo=UTC), tenant="acme",
+            provider="openai", model="gpt-4o-mini", endpoint="openai/chat.completions.create", status_code=200,
+            outcome="ok", key_id="operator-openai", billing_mode="unified", input_tokens=12, output_tokens=34,
+            cost_usd=Decimal("0.000012345"), latency_ms=1.25).row()
 
 
 def rows_of(directory: Path) -> list[tuple]:
@@ -53,7 +55,8 @@ def test_a_killed_writer_leaves_rows_a_new_process_adopts_once_even_with_a_torn_
     spool = EventSpool(tmp_path, "b")
     recovered = spool.adopt()
     assert [row[0] for row in recovered] == [uuid.UUID(int=i) for i in range(3)]
-    assert recovered[0][1:] == ROW[1:], "the exact values: UUID, timestamp, Decimal, None, bool"
+    assert recovered[0][1:] == ROW[1:], "the exact values: UUID, timestamp, Decimal, None, bool, float"
+    assert type(recovered[0][0]) is uuid.UUID and recovered[0][1].tzinfo is not None
     assert EventSpool(tmp_path, "c").adopt() == [], "adopted files are held by the adopter"
     spool.sealed()
     assert not dead.exists()
@@ -66,15 +69,12 @@ def test_a_live_process_spool_is_never_adopted(tmp_path):
     assert rows_of(tmp_path) == [ROW]
 
 
-class Evil:
-    def __reduce__(self):
-        return (os.system, ("true",))
-
-
-def test_a_frame_that_is_not_a_row_is_refused(tmp_path):
-    data = pickle.dumps((ROW[0], Evil()))
-    (tmp_path / "x.spool").write_bytes(len(data).to_bytes(4, "little") + data)
+def test_a_frame_that_is_not_a_row_leaves_its_file_in_place(tmp_path):
+    data = msgspec.msgpack.encode(["not", "an", "event"])
+    bad = tmp_path / "x.spool"
+    bad.write_bytes(len(data).to_bytes(4, "little") + data)
     assert EventSpool(tmp_path, "b").adopt() == []
+    assert bad.exists(), "kept for an operator, never deleted as if sealed"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory")

@@ -14,51 +14,62 @@ adopts every spool file whose lock it can take (its owner died), queues its rows
 A row that was sealed just before the kill is sealed again: harmless, the pipeline skips an
 `event_id` it already holds.
 
-Frames: a 4-byte little-endian length, then the pickled row. Reading stops at a truncated last
-frame (a kill in the middle of a write). Unpickling accepts only the value types of a row.
+Frames: a 4-byte little-endian length, then the row as MessagePack, decoded into the exact column
+types of `proxy.events.COLUMNS`. Reading stops at a truncated last frame (a kill in the middle of a
+write); a file with a frame this version cannot read is left in place, with a log line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import io
 import logging
 import os
-import pickle
 import threading
+import uuid
 from collections import deque
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
+
+import msgspec
+
+from proxy.events import COLUMNS
 
 log = logging.getLogger("tollway.recorder")
 SUFFIX = ".spool"
 _LENGTH = 4
-#: The only classes a row's pickle refers to (UUID, TIMESTAMPTZ, DECIMAL columns).
-_ALLOWED = {("uuid", "UUID"), ("uuid", "SafeUUID"), ("datetime", "datetime"), ("datetime", "timezone"),
-            ("datetime", "timedelta"), ("decimal", "Decimal"), ("copyreg", "_reconstructor"),
-            ("builtins", "object")}
+_TYPES = {"UUID": uuid.UUID, "TIMESTAMPTZ": datetime, "VARCHAR": str, "BOOLEAN": bool, "INTEGER": int,
+          "BIGINT": int, "DOUBLE": float, "DECIMAL(18,9)": Decimal}
 
 
-class _RowUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _ALLOWED:
-            raise pickle.UnpicklingError(f"a spooled row cannot contain {module}.{name}")
-        return super().find_class(module, name)
+def _column_type(sql: str) -> type:
+    kind = _TYPES[sql.removesuffix(" NOT NULL")]
+    return kind if sql.endswith("NOT NULL") else kind | None
+
+
+#: A row's exact types back from MessagePack (UUIDs and Decimals travel as text, timestamps as
+#: MessagePack timestamps); nothing but these values can come out of a spool file.
+_encode = msgspec.msgpack.Encoder(decimal_format="string").encode
+_decode = msgspec.msgpack.Decoder(tuple[tuple(_column_type(sql) for _, sql in COLUMNS)]).decode
+
+
+class UnreadableSpool(ValueError):
+    """A complete frame that is not a row of this version's events: the file is left for an operator."""
 
 
 def read_rows(data: bytes) -> list[tuple]:
-    """The rows of a spool file's bytes, up to a truncated or unreadable frame."""
+    """The rows of a spool file's bytes, up to a truncated last frame (a kill in the middle of a write)."""
     rows, at = [], 0
     while at + _LENGTH <= len(data):
         size = int.from_bytes(data[at:at + _LENGTH], "little")
         frame = data[at + _LENGTH:at + _LENGTH + size]
         if len(frame) < size:
-            break  # the process died in the middle of this write
-        try:
-            rows.append(tuple(_RowUnpickler(io.BytesIO(frame)).load()))
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
-            log.error("spool: an unreadable frame ends the recovery of this file: %s", exc)
             break
+        try:
+            rows.append(_decode(frame))
+        except msgspec.DecodeError as exc:
+            raise UnreadableSpool(f"frame at byte {at}: {exc}") from exc
         at += _LENGTH + size
     return rows
 
@@ -100,7 +111,7 @@ class EventSpool:
 
     def append(self, row: tuple, queue: deque) -> None:
         """Write the row, then queue it: a row is never queued without being spooled first."""
-        data = pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL)
+        data = _encode(row)
         with self.lock:
             if self.broken is None:
                 try:
@@ -154,8 +165,13 @@ class EventSpool:
             except BlockingIOError:
                 os.close(fd)  # a live process's
                 continue
-            with os.fdopen(os.dup(fd), "rb") as file:
-                found = read_rows(file.read())
+            try:
+                with os.fdopen(os.dup(fd), "rb") as file:
+                    found = read_rows(file.read())
+            except UnreadableSpool as exc:
+                log.error("spool: %s is not readable by this version and stays where it is: %s", path.name, exc)
+                os.close(fd)
+                continue
             log.info("spool: recovered %d events of a process that ended before sealing them (%s)",
                      len(found), path.name)
             rows.extend(found)
