@@ -97,6 +97,7 @@ class ControlSnapshot:
     last_refused: dict | None = None  # the newest `policy.refused` audit entry
     last_reloaded: dict | None = None  # the newest `policy.reloaded` audit entry
     closed_periods: tuple[str, ...] = ()
+    unavailable: str | None = None  # why the control store could not be read (PostgreSQL down), or None
 
 
 def control_location(data_dir: Path) -> str:
@@ -113,7 +114,10 @@ def read_control(db: Path | str) -> ControlSnapshot:
     target = db if is_postgres(db) else Path(db)
     if not is_postgres(target) and not target.exists():
         return ControlSnapshot()
-    store = ControlStore(target, None, read_only=True)
+    try:
+        store = ControlStore(target, None, read_only=True)
+    except ControlUnavailable as exc:  # the pages still show the reports; the sidebar says what is missing
+        return ControlSnapshot(unavailable=str(exc))
     try:
         keys = [KeyInfo(k.key_id, k.provider, k.owner, "byok" if k.owner_tenant else "unified", k.status, k.health)
                 for k in store.list_keys()]
@@ -122,6 +126,8 @@ def read_control(db: Path | str) -> ControlSnapshot:
                                        "created_at": pl.String})
         last = {action: _last_audit(store, action) for action in ("policy.refused", "policy.reloaded")}
         closed = tuple(store.closed_periods())
+    except ControlUnavailable as exc:
+        return ControlSnapshot(unavailable=str(exc))
     finally:
         store.close()
     return ControlSnapshot(keys, credits, last["policy.refused"], last["policy.reloaded"], closed)

@@ -85,6 +85,9 @@ def build_context() -> Context:
                               help="Every page shows this month; the newest is first.")
         choice = st.selectbox("Tenant", [ALL_TENANTS, *tenants], key="tenant")
         _freshness_caption(reports, now)
+        if control.unavailable:
+            st.warning(f"The control store cannot be read ({control.unavailable}): provider keys, credits and "
+                       "policy history are not shown until it answers. Reports are shown as built.")
         st.caption(f"Deployment: `{data_dir}`")
     context = Context(data_dir, reports, control, policy, period, None if choice == ALL_TENANTS else choice,
                       tenants, staleness(reports, interval, now), interval, now)

@@ -36,7 +36,7 @@ from proxy.control import ControlStore
 from proxy.crypto import Keyring, load_master_key
 from proxy.events import COLUMNS, CREATE_TABLE, Event, Pseudonymizer
 from proxy.limiter import ADMITTED
-from tests.helpers import HISTORY_WORKLOADS, deployment_with_history
+from tests.helpers import HISTORY_WORKLOADS, deployment_with_history, free_port
 
 APP = str((Path(dashboard.__file__).parent / "streamlit_app.py").resolve())
 PAGES = ("overview", "tenants", "billing", "users", "policy")
@@ -864,3 +864,18 @@ def test_a_new_report_build_shows_on_the_next_run(tmp_path, monkeypatch):
     assert metric(at, "Spend") == money(dsum(after))
     assert metric(at, "Requests") == f"{after['requests'].sum():,}"
     assert "newco" in at.selectbox(key="tenant").options
+
+
+# --- a control store that cannot be reached ------------------------------------------------------------
+def test_an_unreachable_postgresql_control_store_leaves_the_pages_up_with_a_warning(history, tmp_path, monkeypatch):
+    pytest.importorskip("psycopg")
+    copy = tmp_path / "data"
+    shutil.copytree(history, copy)
+    url = f"postgresql://tollway:hunter2-pw@127.0.0.1:{free_port()}/tollway"  # nothing listens there
+    with (copy / "tollway.toml").open("a") as toml:
+        toml.write(f'\n[control]\nurl = "{url}"\n')
+    for page in (None, "tenants", "billing", "policy"):
+        at = open_app(monkeypatch, copy, page)
+        warnings = [w.value for w in at.warning]
+        assert any("control store cannot be read" in w and "PostgreSQL" in w for w in warnings), warnings
+        assert not any("hunter2-pw" in w for w in warnings), "the password is never shown"
