@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ import pytest
 from proxy.control import ControlError, ControlStore, ControlUnavailable
 from proxy.control.schema import SCHEMA_VERSION
 from proxy.crypto import Keyring, load_master_key
-from tests.helpers import REPO, SIM_KEYS, Deployment, GatewayProcess, run_cli
+from tests.helpers import REPO, SIM_KEYS, Deployment, GatewayProcess, free_port, run_cli
 from tests.pg_server import PgServer, unavailable_reason
 
 pytestmark = [pytest.mark.timeout(120),
@@ -334,3 +335,44 @@ def test_an_unreachable_postgresql_at_start_is_a_clear_error(tmp_path, simulator
         dep.store()
     result = run_cli(dep.path, "serve")
     assert result.returncode == 1 and "start PostgreSQL" in result.stderr
+
+
+# --- token exchange on PostgreSQL: issued by one gateway, accepted by another ---------------------------
+def test_a_token_exchanged_at_one_gateway_is_accepted_by_another_within_a_second(pg_deployment, tmp_path):
+    from tests.test_identity import ACCESS, IDENTITIES, auth_toml, claude, exchange, k8s_token
+    from tests.test_jwt import Idp, ec_key, rsa_key
+
+    idps = {"sso": Idp().start(), "github": Idp().start(), "k8s": Idp().start()}
+    idps["sso"].add("sso-1", rsa_key())
+    idps["github"].add("gh-1", rsa_key())
+    idps["k8s"].add("k8s-1", ec_key())
+    (pg_deployment.path / "policy" / "access.csv").write_text(ACCESS)
+    (pg_deployment.path / "policy" / "identities.csv").write_text(IDENTITIES)
+    pg_deployment.write_toml(auth_toml(idps))
+    twin = PgDeployment.__new__(PgDeployment)
+    twin.url, twin.sim_url, twin.tokens = pg_deployment.url, pg_deployment.sim_url, dict(pg_deployment.tokens)
+    twin.path, twin.port = tmp_path / "twin", free_port()
+    shutil.copytree(pg_deployment.path, twin.path, ignore=shutil.ignore_patterns("*.log", "events.duckdb*"))
+    twin.write_toml(auth_toml(idps))
+    a, b = GatewayProcess(pg_deployment).start(), GatewayProcess(twin).start()
+    try:
+        answer = exchange(a.url, k8s_token(idps))
+        assert answer.status_code == 200, answer.text
+        token = answer.json()["token"]
+        assert claude(a.url, token).content[0].text, "the issuing gateway knows the token at once"
+        started = time.monotonic()
+        while True:
+            try:
+                assert claude(b.url, token).content[0].text
+                break
+            except Exception:
+                if time.monotonic() - started > PROPAGATION_BOUND_S:
+                    raise
+                time.sleep(0.02)
+        assert [t["user"] for t in json.loads(cli_ok(pg_deployment.path, "tokens", "list", "--json").stdout)
+                if t["id"] == answer.json()["id"]] == ["svc:billing"], "stored in PostgreSQL, hashed"
+    finally:
+        for gw in (a, b):
+            gw.stop()
+        for idp in idps.values():
+            idp.stop()
