@@ -36,8 +36,8 @@ def create_app(gateway: Gateway) -> GatewayApp:
         recorder = gateway.recorder
         checks = {
             "policy": "ok" if gateway.policy_error is None else f"last edit refused: {gateway.policy_error}",
-            "event_store": "ok" if recorder and recorder.last_error is None else (
-                recorder.last_error if recorder else "not started"),
+            "event_store": (recorder.last_error if recorder.last_error is not None else await gateway.events.check())
+            if recorder else "not started",
             "limits": await gateway.limit_store.check(),  # a shared store (Redis) is pinged
             "control": gateway.control.health(),  # PostgreSQL's listener; "ok" on SQLite
         }

@@ -16,6 +16,7 @@ import uuid
 from collections import Counter
 from datetime import UTC, datetime
 
+import httpx
 import pytest
 
 from proxy.pipeline.ingest import ingest
@@ -131,6 +132,25 @@ def test_the_store_down_keeps_the_buffer_readyz_says_why_and_every_kept_event_ar
     pipeline_once(deployment)
     served = Counter(r.headers[REQUEST_ID] for r in seen + during + after if r.status_code == 200)
     assert event_ids(deployment) == served, "every served request's event arrived, once"
+
+
+def test_an_idle_gateway_finds_its_store_gone_through_readyz_and_back(deployment, s3, bucket):
+    s3_deployment(deployment, bucket)
+    gw = GatewayProcess(deployment).start()
+    try:
+        with httpx.Client(base_url=gw.url, timeout=10) as http:
+            assert http.get("/readyz").json()["checks"]["event_store"] == "ok"
+            s3.kill()  # no request is sent: only /readyz's own probe can notice
+            try:
+                wait_for(lambda: http.get("/readyz").status_code == 503, timeout=15)
+                reason = http.get("/readyz").json()["checks"]["event_store"]
+            finally:
+                s3.start()
+            s3.create_bucket(bucket)
+            wait_for(lambda: http.get("/readyz").status_code == 200, timeout=15)
+    finally:
+        assert gw.stop() == 0
+    assert reason.startswith(f"object store s3://{bucket}/events ") and SECRET not in reason, reason
 
 
 # --- the pipeline's side, in process -------------------------------------------------------------

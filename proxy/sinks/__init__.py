@@ -53,6 +53,9 @@ class EventBackend(Protocol):
     def history(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
         """A connection whose `events` relation holds every event recorded so far (to seed limit counters)."""
 
+    async def check(self) -> str:
+        """"ok", or why the store cannot take events now, found by asking it (for /readyz)."""
+
     def report_builder(self) -> Callable[[], dict] | None:
         """The blocking report build (reports, then retention) when the gateway runs the schedule;
         None when another process (the pipeline) does."""

@@ -37,6 +37,9 @@ class DuckDBEvents:
     def history(self) -> Iterator[duckdb.DuckDBPyConnection]:
         yield self._con
 
+    async def check(self) -> str:
+        return "ok"  # the writer's own errors say the rest (recorder.last_error)
+
     def report_builder(self) -> Callable[[], dict]:
         return self._build_reports
 

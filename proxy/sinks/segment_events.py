@@ -56,6 +56,9 @@ class SegmentEvents:
     def history(self) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
         return event_history(self._settings.events_db, self.store)
 
+    async def check(self) -> str:
+        return await self.store.check()
+
     def report_builder(self) -> None:
         return None  # the pipeline's
 

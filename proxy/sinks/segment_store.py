@@ -16,11 +16,13 @@ interval, rows kept, fail closed at `max_buffered`) takes over.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -36,6 +38,7 @@ REJECTED = "rejected"
 #: Concurrent object store requests of one fetch or move.
 CONCURRENCY = 16
 BULK_DELETE = 1000  # keys per delete request (S3's limit)
+CHECK_EVERY_S, CHECK_TIMEOUT_S = 5.0, 1.5  # the /readyz probe of object storage
 RETRY = {"max_retries": 3, "retry_timeout": timedelta(seconds=10),
          "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2), "base": 2}}
 
@@ -60,6 +63,9 @@ class SegmentStore(Protocol):
 
     def move(self, names: list[str], folder: str) -> None:
         """Move the named segments under `folder/` (ingested/, rejected/)."""
+
+    async def check(self) -> str:
+        """"ok", or why segments cannot be written there now (for /readyz; cheap enough to call often)."""
 
     def delete_before(self, folder: str, cutoff: datetime) -> int:
         """Delete the segments under `folder/` last written before `cutoff`; returns how many."""
@@ -130,6 +136,11 @@ class LocalSegments:
     def list_sealed(self) -> list[str]:
         return [path.name for path in sealed_segments(self.directory)]
 
+    async def check(self) -> str:
+        if os.access(self.directory, os.W_OK | os.X_OK):
+            return "ok"
+        return f"segments directory {self.directory} is missing or not writable"
+
     @contextlib.contextmanager
     def local_copies(self, names: list[str]) -> Iterator[dict[str, Path]]:
         yield {name: self.directory / name for name in names}
@@ -163,6 +174,7 @@ class ObjectSegments:
             self._store = obstore.store.from_url(url, retry_config=RETRY)
         except Exception as exc:  # a malformed URL, an unknown AWS_* value in the environment
             raise ValueError(f"segments_dir {url!r}: {safe_error(exc)}") from exc
+        self._checked: tuple[float, str] = (-CHECK_EVERY_S, "ok")
 
     def seal(self, name: str, write: Callable[[Path], None]) -> None:
         with tempfile.TemporaryDirectory(prefix="tollway-seal-") as tmp:
@@ -190,6 +202,26 @@ class ObjectSegments:
             raise OSError(f"cannot list {self.location}: {safe_error(exc)}") from exc
         return sorted(meta["path"] for meta in found["objects"]
                       if meta["path"].endswith(SUFFIX) and "/" not in meta["path"])
+
+    async def check(self) -> str:
+        """One LIST of the prefix, at most every CHECK_EVERY_S (load balancers ask often), bounded in time:
+        an idle gateway learns that its store went away before a seal fails."""
+        import obstore
+
+        at, result = self._checked
+        if time.monotonic() - at < CHECK_EVERY_S:
+            return result
+        try:
+            await asyncio.wait_for(obstore.list_with_delimiter_async(self._store), CHECK_TIMEOUT_S)
+            result = "ok"
+        except FileNotFoundError:
+            result = "ok"  # nothing sealed yet under the prefix
+        except TimeoutError:
+            result = f"object store {self.location} did not answer a LIST within {CHECK_TIMEOUT_S} s"
+        except Exception as exc:
+            result = f"object store {self.location} cannot be listed: {safe_error(exc)}"
+        self._checked = (time.monotonic(), result)
+        return result
 
     def get(self, name: str) -> bytes:
         import obstore
