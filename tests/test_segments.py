@@ -158,6 +158,8 @@ def test_every_answered_request_has_exactly_one_event_after_the_pipeline(deploym
     carol, bob = client_for(gw, deployment.tokens["carol"]), client_for(gw, deployment.tokens["bob"])
     claude = {"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": CHAT["messages"]}
     try:
+        ready = carol.get("/readyz")  # before the first seal has created the segments directory
+        assert ready.status_code == 200 and ready.json()["checks"]["event_store"] == "ok", ready.text
         responses = [chat(carol) for _ in range(12)]
         responses += [bob.post("/anthropic/v1/messages", json=claude) for _ in range(3)]  # denied by policy
         responses += [client_for(gw, "tw_not_a_token").post("/openai/v1/chat/completions", json=CHAT)]

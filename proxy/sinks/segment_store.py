@@ -137,9 +137,12 @@ class LocalSegments:
         return [path.name for path in sealed_segments(self.directory)]
 
     async def check(self) -> str:
-        if os.access(self.directory, os.W_OK | os.X_OK):
+        existing = self.directory  # the first seal creates the directory: its nearest parent must allow that
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if os.access(existing, os.W_OK | os.X_OK):
             return "ok"
-        return f"segments directory {self.directory} is missing or not writable"
+        return f"segments directory {self.directory} cannot be written (check {existing}'s permissions)"
 
     @contextlib.contextmanager
     def local_copies(self, names: list[str]) -> Iterator[dict[str, Path]]:
