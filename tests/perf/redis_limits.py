@@ -12,7 +12,8 @@
    every check queued behind 63 others) and with none (saturated: only limit checks, so the figure is
    mostly queueing behind the other 63), Redis's own time per script call and the Redis commands the
    scripts run per request (INFO commandstats), and the caller's CPU per reserve + settle.
-2. Processes: `tollway serve` with `[limits] store = "memory"` and with the Redis URL, the simulated
+2. Processes: `tollway serve` with `[limits] store = "memory"`, with the Redis URL, and with the Redis URL
+   plus `[events] sink = "segments"` (the scale-out pair the plan compares with the defaults), the simulated
    provider and the same load (JSON chat completions at concurrency 16); the gateway's CPU per
    request and redis-server's, read from /proc. Runs alternate the two stores. The gateway is pinned
    to core 0; simulator, load generator and redis-server share core 1 (as in bench_gateway.py).
@@ -134,14 +135,16 @@ async def part_one(url: str, checks: int) -> None:
             await store.close()
 
 
-def gateway_run(store_url: str | None, requests: int, redis_pid: int) -> tuple[float, float]:
-    """(gateway µs CPU per request, redis-server µs CPU per request) for one run."""
+def gateway_run(store_url: str | None, requests: int, redis_pid: int, segments: bool = False) -> tuple[float, float]:
+    """(gateway µs CPU per request, redis-server µs CPU per request) for one run; `segments`: the segment
+    sink (with its spool) instead of events.duckdb."""
     sim_port, gw_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
         deploy = Path(tmp) / "deploy"
         token = setup_deployment(deploy, sim_port, gw_port)
         toml = deploy / "tollway.toml"
         extra = f'\n[limits]\nstore = "{store_url}"\n' if store_url else ""
+        extra += '\n[events]\nsink = "segments"\n' if segments else ""
         toml.write_text(toml.read_text() + extra + "\n[pipeline]\nreport_interval_s = 3600\n")
         sim = subprocess.Popen([sys.executable, "-m", "proxy.simulator", "--port", str(sim_port), "--no-record",
                                 "--key", f"openai={SIM_KEY}"], cwd=REPO, preexec_fn=pinned(1),
@@ -178,12 +181,13 @@ def main() -> int:
             pinned(0)()  # part 1: the gateway's side on core 0, redis-server on core 1
             asyncio.run(part_one(url, args.checks))
             pinned(1)()  # part 2's load generator shares core 1 with the simulator and redis-server
-            results: dict[str, list[tuple[float, float]]] = {"memory": [], "redis": []}
+            results: dict[str, list[tuple[float, float]]] = {"memory": [], "redis": [], "redis+segments": []}
             for run in range(args.runs):
-                for name, store in (("memory", None), ("redis", url)):
-                    results[name].append(gateway_run(store, args.requests, proc.pid))
+                for name, store, segments in (("memory", None, False), ("redis", url, False),
+                                              ("redis+segments", url, True)):
+                    results[name].append(gateway_run(store, args.requests, proc.pid, segments))
                     gw_us, redis_us = results[name][-1]
-                    print(f"run {run + 1} {name:6}: gateway {gw_us:6.1f} µs CPU per request, "
+                    print(f"run {run + 1} {name:14}: gateway {gw_us:6.1f} µs CPU per request, "
                           f"redis-server {redis_us:5.1f} µs", flush=True)
         finally:
             proc.terminate()
@@ -193,6 +197,8 @@ def main() -> int:
     redis_srv = statistics.median(r for _, r in results["redis"])
     print(f"median gateway CPU per request: memory {memory:.1f} µs, redis {redis_gw:.1f} µs ({redis_gw / memory:.2f}x); "
           f"with redis-server's own {redis_srv:.1f} µs: {(redis_gw + redis_srv) / memory:.2f}x")
+    both = statistics.median(g for g, _ in results["redis+segments"])
+    print(f"redis store + segment sink (spool on): {both:.1f} µs ({both / memory:.2f}x of memory + events.duckdb)")
     return 0
 
 
