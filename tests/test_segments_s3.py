@@ -137,6 +137,29 @@ def test_the_store_down_keeps_the_buffer_readyz_says_why_and_every_kept_event_ar
     assert event_ids(deployment) == served, "every served request's event arrived, once"
 
 
+def test_a_gateway_stopped_while_its_store_is_down_keeps_the_events_for_its_next_start(deployment, s3, bucket):
+    s3_deployment(deployment, bucket)
+    gw = GatewayProcess(deployment).start()
+    carol = client_for(gw, deployment.tokens["carol"])
+    before = [chat(carol) for _ in range(4)]
+    wait_for(lambda: sealed_event_count(bucket) == 4)
+    assert pipeline_once(deployment)["ingest"]["inserted"] == 4  # moto keeps nothing across its restart
+    s3.kill()
+    try:
+        during = [chat(carol) for _ in range(3)]  # answered, their segment cannot be PUT
+        assert gw.stop() == 0, gw.log()
+        assert "stay in the spool" in gw.log()
+    finally:
+        s3.start()
+    s3.create_bucket(bucket)
+    gw = GatewayProcess(deployment).start()  # seals the spool before it serves
+    assert gw.stop() == 0
+    pipeline_once(deployment)
+    answered = Counter(r.headers[REQUEST_ID] for r in before + during)
+    assert all(r.status_code == 200 for r in before + during)
+    assert event_ids(deployment) == answered, "the events answered during the outage arrived, once"
+
+
 def test_an_idle_gateway_finds_its_store_gone_through_readyz_and_back(deployment, s3, bucket):
     s3_deployment(deployment, bucket)
     gw = GatewayProcess(deployment).start()
