@@ -71,3 +71,15 @@ def redis_server(tmp_path):
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_gateway_outlives_the_session():
+    """A test that failed before stopping its gateway must not leave `tollway serve` running."""
+    yield
+    from tests.helpers import GatewayProcess
+
+    for proc in GatewayProcess.started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -119,6 +119,9 @@ class Deployment:
 class GatewayProcess:
     """`tollway serve` in a subprocess on a loopback port."""
 
+    #: Every process started, so the session can end any a failed test left running (tests/conftest.py).
+    started: list[subprocess.Popen] = []
+
     def __init__(self, deployment: Deployment) -> None:
         self.deployment = deployment
         self.url = f"http://127.0.0.1:{deployment.port}"
@@ -129,6 +132,7 @@ class GatewayProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "--data-dir", str(self.deployment.path),
                                       "serve"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        GatewayProcess.started.append(self.proc)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -4,6 +4,7 @@ with latency histograms, limit refusals, key failures and the event queue, and n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections import Counter, defaultdict
@@ -46,7 +47,8 @@ def traffic(deployment, sim):
     gw = GatewayProcess(deployment).start()
     tokens = deployment.tokens
     chat = {"model": "gpt-4o-mini", "max_tokens": 32, "messages": [{"role": "user", "content": "metrics please"}]}
-    with httpx.Client(timeout=10) as http:
+    with httpx.Client(timeout=10) as http, contextlib.ExitStack() as stopped:
+        stopped.callback(gw.stop)  # also when an assertion below fails
         bob = {"authorization": f"Bearer {tokens['bob']}"}
         for _ in range(3):
             assert http.post(gw.url + "/openai/v1/chat/completions", json=chat, headers=bob).status_code == 200
