@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -81,6 +83,14 @@ class Deployment:
         sections = "".join(f'[providers.{n}]\nbase_url = "{u}"\nread_timeout_s = 5\n\n' for n, u in urls.items())
         (self.path / "tollway.toml").write_text(
             f'[server]\nhost = "127.0.0.1"\nport = {self.port}\n\n{sections}[events]\nflush_interval_ms = 200\n{extra}\n')
+
+    def twin(self, path: Path) -> Deployment:
+        """The same deployment (master key, policy, settings, control store, tokens) in another directory on
+        another port, as a second machine has it, with events of its own. Write its tollway.toml next."""
+        shutil.copytree(self.path, path, ignore=shutil.ignore_patterns("events.duckdb*", "*.log", "reports", "spool"))
+        other = copy.copy(self)
+        other.path, other.port, other.tokens = path, free_port(), dict(self.tokens)
+        return other
 
     def add_test_keys(self) -> None:
         """The keys every test deployment routes to (see ROUTES): one operator key per provider, and
@@ -202,3 +212,16 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
             if all(found.get(k) == v for k, v in labels.items()):
                 return float(line.rsplit(" ", 1)[1])
     return None
+
+
+def refused_after(gw: GatewayProcess, token: str, limit_s: float = 3.0) -> float:
+    """Seconds until the gateway answers 401 to `token` (polling a cheap authenticated route); inf past `limit_s`."""
+    start = time.monotonic()
+    with httpx.Client(base_url=gw.url, timeout=5) as http:
+        while time.monotonic() - start < limit_s:
+            status = http.get("/openai/v1/models", headers={"authorization": f"Bearer {token}"}).status_code
+            if status == 401:
+                return time.monotonic() - start
+            assert status == 200, status
+            time.sleep(0.01)
+    return float("inf")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,7 +21,7 @@ import pytest
 from proxy.control import ControlError, ControlStore, ControlUnavailable
 from proxy.control.schema import SCHEMA_VERSION
 from proxy.crypto import Keyring, load_master_key
-from tests.helpers import REPO, SIM_KEYS, Deployment, GatewayProcess, free_port, run_cli
+from tests.helpers import REPO, SIM_KEYS, Deployment, GatewayProcess, refused_after, run_cli
 from tests.pg_server import PgServer, unavailable_reason
 
 pytestmark = [pytest.mark.timeout(120),
@@ -77,19 +76,6 @@ def chat(gw: GatewayProcess, token: str) -> int:
         return 200
     except openai.APIStatusError as exc:
         return exc.status_code
-
-
-def refused_after(gw: GatewayProcess, token: str, limit_s: float = 3.0) -> float:
-    """Seconds until the gateway answers 401 to `token` (polling a cheap authenticated route)."""
-    start = time.monotonic()
-    with httpx.Client(base_url=gw.url, timeout=5) as http:
-        while time.monotonic() - start < limit_s:
-            status = http.get("/openai/v1/models", headers={"authorization": f"Bearer {token}"}).status_code
-            if status == 401:
-                return time.monotonic() - start
-            assert status == 200, status
-            time.sleep(0.01)
-    return float("inf")
 
 
 def readyz(gw: GatewayProcess) -> dict:
@@ -349,10 +335,7 @@ def test_a_token_exchanged_at_one_gateway_is_accepted_by_another_within_a_second
     (pg_deployment.path / "policy" / "access.csv").write_text(ACCESS)
     (pg_deployment.path / "policy" / "identities.csv").write_text(IDENTITIES)
     pg_deployment.write_toml(auth_toml(idps))
-    twin = PgDeployment.__new__(PgDeployment)
-    twin.url, twin.sim_url, twin.tokens = pg_deployment.url, pg_deployment.sim_url, dict(pg_deployment.tokens)
-    twin.path, twin.port = tmp_path / "twin", free_port()
-    shutil.copytree(pg_deployment.path, twin.path, ignore=shutil.ignore_patterns("*.log", "events.duckdb*"))
+    twin = pg_deployment.twin(tmp_path / "twin")
     twin.write_toml(auth_toml(idps))
     a, b = GatewayProcess(pg_deployment).start(), GatewayProcess(twin).start()
     try:

@@ -11,7 +11,6 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 
 import httpx
 import pytest
@@ -211,21 +210,12 @@ async def test_an_unreachable_redis_refuses_with_limit_store_unavailable():
 
 
 # --- two gateway processes sharing one Redis ------------------------------------------------------
-def _twin(deployment: Deployment, path: Path) -> Deployment:
-    """The same deployment (master key, control.db, policy, tokens) in another directory, on another port,
-    with events of its own (DuckDB: one process per file)."""
-    shutil.copytree(deployment.path, path, ignore=shutil.ignore_patterns("events.duckdb*", "*.log", "reports"))
-    twin = Deployment.__new__(Deployment)
-    twin.path, twin.port, twin.sim_url, twin.tokens = path, free_port(), deployment.sim_url, dict(deployment.tokens)
-    return twin
-
-
 def _pair(deployment: Deployment, redis_server: RedisServer, limits: str, routes: str | None = None):
     (deployment.path / "policy" / "access.csv").write_text(OPEN_ACCESS)
     (deployment.path / "policy" / "limits.csv").write_text("tenant,subject,metric,window,limit\n" + limits)
     if routes is not None:
         (deployment.path / "policy" / "routes.csv").write_text(routes)
-    twin = _twin(deployment, deployment.path.parent / "twin")
+    twin = deployment.twin(deployment.path.parent / "twin")
     extra = f'\n[limits]\nstore = "{redis_server.url}"\n'
     for dep in (deployment, twin):
         dep.write_toml(extra)
