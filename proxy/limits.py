@@ -162,6 +162,7 @@ class Reservation:
     amounts: Amounts
     starts: tuple[datetime, ...]  # the start of each window (WINDOWS order) it was counted in
     generation: str | None = None  # the shared store's counter generation it was made in (Redis)
+    holds: tuple = ()  # the shared store's counters it holds its amounts in (Redis: the checked ones)
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,13 +59,13 @@ def _nano(usd: str | Decimal) -> int:
 
 
 def _counter(client, scope: Scope, window: str, at: datetime) -> dict[str, int]:
-    """A counter's used figures (u0-u2) and reserved ones (r0-r2: held t0-t2 minus used)."""
+    """A counter's used figures (u0-u2) and reserved ones (r0-r2: h0-h2, held by requests in flight)."""
     key = f"tollway:c:{scope.tenant}:{scope.user or '-'}:{WINDOWS.index(window) + 1}:{int(window_start(window, at).timestamp())}"
     raw = {k.decode(): int(v) for k, v in client.hgetall(key).items()}
     if not raw:
         return {}
     return {**{f"u{m}": raw.get(f"u{m}", 0) for m in range(3)},
-            **{f"r{m}": raw.get(f"t{m}", 0) - raw.get(f"u{m}", 0) for m in range(3)}}
+            **{f"r{m}": raw.get(f"h{m}", 0) for m in range(3)}}
 
 
 # --- the scripts, directly against redis ----------------------------------------------------------
@@ -103,17 +103,25 @@ async def test_concurrent_reservations_never_cross_the_limit_and_money_stays_exa
     assert figures["u2"] == 99 * 10_000_001 and figures["r2"] == 0 and figures["u0"] == 99
 
 
+EVERY_COUNTER = [Check(scope, "requests", window, 1000) for scope in (TENANT, ALICE) for window in WINDOWS]
+
+
 async def test_windows_come_from_the_server_clock_and_keys_expire_after_them(store, redis_server):
-    held = await store.reserve([], (TENANT, ALICE), Amounts(1, 0, Decimal(0)), datetime(2001, 1, 1, tzinfo=UTC))
+    held = await store.reserve([EVERY_COUNTER[0]], (TENANT, ALICE), Amounts(1, 0, Decimal(0)),
+                               datetime(2001, 1, 1, tzinfo=UTC))
     server_now = datetime.fromtimestamp(redis_server.client().time()[0], UTC)
     assert abs((held.at - server_now).total_seconds()) < 2, "the server's TIME, not the caller's `at`"
     assert held.starts == tuple(window_start(w, held.at) for w in WINDOWS)
     client = redis_server.client()
-    for window, start in zip(WINDOWS, held.starts, strict=True):
-        key = f"tollway:c:acme:-:{WINDOWS.index(window) + 1}:{int(start.timestamp())}"
-        left = client.ttl(key)
-        expected = (window_end(window, start) - server_now).total_seconds() + 120
-        assert 0 < left <= expected + 1 and left >= expected - 3, (window, left, expected)
+    assert client.keys("tollway:c:*") == [f"tollway:c:acme:-:1:{int(held.starts[0].timestamp())}".encode()], \
+        "a reservation holds only the counters a limit checks"
+    await store.settle(held, Amounts(1, 0, Decimal(0)))
+    for scope in (TENANT, ALICE):
+        for window, start in zip(WINDOWS, held.starts, strict=True):
+            key = f"tollway:c:acme:{scope.user or '-'}:{WINDOWS.index(window) + 1}:{int(start.timestamp())}"
+            left = client.ttl(key)
+            expected = (window_end(window, start) - server_now).total_seconds() + 120
+            assert 0 < left <= expected + 1 and left >= expected - 3, (scope, window, left, expected)
 
 
 async def test_a_counter_created_again_by_a_late_settle_or_release_still_expires(store, redis_server):
@@ -122,7 +130,7 @@ async def test_a_counter_created_again_by_a_late_settle_or_release_still_expires
     their expiry."""
     client = redis_server.client()
     for finish in ("settle", "release"):
-        held = await store.reserve([], (TENANT, ALICE), Amounts(1, 50, Decimal("0.001")), datetime.now(UTC))
+        held = await store.reserve(EVERY_COUNTER, (TENANT, ALICE), Amounts(1, 50, Decimal("0.001")), datetime.now(UTC))
         keys = client.keys("tollway:c:*")
         assert len(keys) == 8 and all(client.ttl(k) > 0 for k in keys)
         client.delete(*keys)  # expired meanwhile

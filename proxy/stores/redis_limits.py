@@ -1,7 +1,8 @@
 """Limit counters shared by every gateway process and machine, in Redis (`[limits] store = "redis://..."`).
 
-Reserve (check every applicable counter, then add to all of them, or refuse), settle and seed are
-each one Lua script (`redis_scripts`), so two gateways can never both take the last of a budget.
+Reserve (check every applicable counter, then hold the request's worst case in all of them, or refuse),
+settle and seed are each one Lua script (`redis_scripts`), so two gateways can never both take the last
+of a budget. Only the counters a limit checks hold reservations; used figures are counted everywhere.
 Window starts come from the Redis server's clock. Money is integer nano-dollars, as in memory.
 A request costs two commands (reserve, settle: one EVALSHA each), sent over one pipelined connection
 (`redis_pipe`) with the other commands of the same turn of the event loop.
@@ -163,8 +164,11 @@ class RedisLimitStore:
     async def reserve(self, checks: list[Check], scopes: tuple[Scope, ...], amounts: Amounts,
                       at: datetime) -> Reservation | Denied:
         args = [*vector(amounts), GRACE_S]
+        holds: list = []
         for check in checks:
-            args += (1 if check.scope.user is None else 2, _M[check.metric], _W[check.window], check.limit)
+            counter = (1 if check.scope.user is None else 2, _M[check.metric], _W[check.window])
+            holds += counter
+            args += (*counter, check.limit)
         keys = [self._marker_key, self._scope_key(scopes[0]), self._scope_key(scopes[1])]
         reply = await self._call(self._reserve, keys, args)
         if reply[0] == -1:  # Redis lost its counters: put this source's usage back first, once
@@ -178,7 +182,7 @@ class RedisLimitStore:
             over = [(int(reply[i]), int(reply[i + 1])) for i in range(8, len(reply), 2)]
             return pick_denial(checks, over, starts, now)
         gen = reply[3].decode() if isinstance(reply[3], bytes) else str(reply[3])
-        return Reservation(now, scopes, amounts, starts, gen)
+        return Reservation(now, scopes, amounts, starts, gen, tuple(holds))
 
     async def _reseed_once(self) -> None:
         async with self._reseeding:  # single-flight: the waiters find the marker set
@@ -202,8 +206,8 @@ class RedisLimitStore:
     async def _settle(self, reservation: Reservation, actual: list[int]) -> dict[tuple[Scope, str], int]:
         held = vector(reservation.amounts)
         scopes = reservation.scopes
-        args = [reservation.generation or "", *self._epochs_of(reservation.starts),
-                actual[0] - held[0], actual[1] - held[1], actual[2] - held[2], *actual, GRACE_S]
+        args = [reservation.generation or "", *self._epochs_of(reservation.starts), -held[0], -held[1], -held[2],
+                *actual, GRACE_S, *reservation.holds]
         keys = [self._marker_key, self._scope_key(scopes[0]), self._scope_key(scopes[1])]
         reply = await self._call(self._settle_script, keys, args)
         if len(reply) != 8:
