@@ -111,7 +111,8 @@ async def test_windows_come_from_the_server_clock_and_keys_expire_after_them(sto
                                datetime(2001, 1, 1, tzinfo=UTC))
     server_now = datetime.fromtimestamp(redis_server.client().time()[0], UTC)
     assert abs((held.at - server_now).total_seconds()) < 2, "the server's TIME, not the caller's `at`"
-    assert held.starts == tuple(window_start(w, held.at) for w in WINDOWS)
+    assert held.starts == tuple(window_start(w, held.at) for w in WINDOWS), \
+        "the caller's month (January 2001, from its `at`) is only a hint: the server's month is used"
     client = redis_server.client()
     assert client.keys("tollway:c:*") == [f"tollway:c:acme:-:1:{int(held.starts[0].timestamp())}".encode()], \
         "a reservation holds only the counters a limit checks"

@@ -97,6 +97,7 @@ class RedisLimitStore:
         self._scope_keys: dict[Scope, str] = {}
         self._starts: dict[tuple, tuple[tuple[datetime, ...], tuple[int, ...]]] = {}
         self._epochs: dict[tuple[datetime, ...], tuple[int, ...]] = {}
+        self._month: tuple = (datetime.max.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC), 0, 0)
 
     @property
     def redis(self) -> redis.Redis:
@@ -161,9 +162,19 @@ class RedisLimitStore:
         epochs = self._epochs.get(starts)
         return epochs if epochs is not None else tuple(int(s.timestamp()) for s in starts)
 
+    def _month_of(self, at: datetime) -> tuple[int, int]:
+        """The month window containing `at` by this machine's calendar, as epoch seconds (a hint for the
+        reserve script, which checks it against the server's time)."""
+        month = self._month
+        if not month[0] <= at < month[1]:
+            start = window_start("month", at)
+            end = window_end("month", start)
+            month = self._month = (start, end, int(start.timestamp()), int(end.timestamp()))
+        return month[2], month[3]
+
     async def reserve(self, checks: list[Check], scopes: tuple[Scope, ...], amounts: Amounts,
                       at: datetime) -> Reservation | Denied:
-        args = [*vector(amounts), GRACE_S]
+        args = [*vector(amounts), GRACE_S, *self._month_of(at)]
         holds: list = []
         for check in checks:
             counter = (1 if check.scope.user is None else 2, _M[check.metric], _W[check.window])

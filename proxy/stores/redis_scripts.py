@@ -40,15 +40,19 @@ local function civil_from_days(z)
   if m <= 2 then y = y + 1 end
   return y, m
 end
--- calendar windows (UTC) containing `now`: starts and ends, epoch seconds
-local function windows(now)
+-- calendar windows (UTC) containing `now`: starts and ends, epoch seconds. The caller's month (`month`
+-- to `month_end`, from its own calendar) is used when `now` falls in it, which saves the calendar
+-- arithmetic on all but the calls near a month's turn on a drifting clock.
+local function windows(now, month, month_end)
   local day = math.floor(now / 86400)
-  local y, m = civil_from_days(day)
-  local ny, nm = y, m + 1
-  if nm > 12 then ny, nm = y + 1, 1 end
   local minute, hour = now - now % 60, now - now % 3600
-  return {minute, hour, day * 86400, days_from_civil(y, m, 1) * 86400},
-         {minute + 60, hour + 3600, day * 86400 + 86400, days_from_civil(ny, nm, 1) * 86400}
+  if not (month and month <= now and now < month_end) then
+    local y, m = civil_from_days(day)
+    local ny, nm = y, m + 1
+    if nm > 12 then ny, nm = y + 1, 1 end
+    month, month_end = days_from_civil(y, m, 1) * 86400, days_from_civil(ny, nm, 1) * 86400
+  end
+  return {minute, hour, day * 86400, month}, {minute + 60, hour + 3600, day * 86400 + 86400, month_end}
 end
 -- the end of window w (1-4) starting at `start`
 local function window_end(w, start)
@@ -61,19 +65,20 @@ local U, H = {'u0', 'u1', 'u2'}, {'h0', 'h1', 'h2'}
 """
 
 #: KEYS: seeded marker, tenant scope prefix, user scope prefix. ARGV: wanted requests, tokens, usd; grace
-#: seconds; then per check: scope (1 tenant, 2 user), metric (0-2), window (1-4), limit.
+#: seconds; the caller's month start and end (epoch seconds: a hint, used if the server's time is in it);
+#: then per check: scope (1 tenant, 2 user), metric (0-2), window (1-4), limit.
 #: Returns {-1} unseeded; {0, sec, usec, gen, s1..s4, index, held, ...} denied; {1, sec, usec, gen, s1..s4}.
 #: Only the checked counters are read and held: a check is `u + h + wanted <= limit` (one HMGET).
 RESERVE = _WINDOWS + r"""
 local gen = redis.call('GET', KEYS[1])
 if not gen then return {-1} end
 local t = redis.call('TIME')
-local starts, ends = windows(tonumber(t[1]))
+local starts, ends = windows(tonumber(t[1]), tonumber(ARGV[5]), tonumber(ARGV[6]))
 local want = {tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])}
 local keys, fresh = {}, {}
 local over = {}
 local i = 0
-for b = 5, #ARGV, 4 do
+for b = 7, #ARGV, 4 do
   local w, m = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 1]) + 1
   local key = KEYS[tonumber(ARGV[b]) + 1] .. ':' .. w .. ':' .. starts[w]
   local f = redis.call('HMGET', key, U[m], H[m])
@@ -93,7 +98,7 @@ if #over > 0 then
 end
 local grace = tonumber(ARGV[4])
 local c = 0
-for b = 5, #ARGV, 4 do
+for b = 7, #ARGV, 4 do
   c = c + 1
   local m = tonumber(ARGV[b + 1]) + 1
   if want[m] ~= 0 then

@@ -6,12 +6,16 @@
    EVALSHA of the reserve script), a simulated upstream call, then `settle`, from 64 concurrent
    requests, four limits applying to each (a tenant budget per month, tenant tokens per day, user
    requests per minute, a user budget per day), 100 users rotating. Reports the reserve latency seen by
-   the caller (p50/p99) for the memory store and for Redis, with a 20 ms upstream call (64 requests in
-   flight, as a gateway at c=64 has them; the 64 start spread over one upstream call, as clients'
-   requests arrive, rather than all in the same instant, which would keep them in lock-step so that
-   every check queued behind 63 others) and with none (saturated: only limit checks, so the figure is
-   mostly queueing behind the other 63), Redis's own time per script call and the Redis commands the
-   scripts run per request (INFO commandstats), and the caller's CPU per reserve + settle.
+   the caller (p50/p99) for the memory store and for Redis in three shapes of load:
+   - an upstream call of 10 to 30 ms (uniformly drawn, mean 20 ms: provider latency varies), 64 requests
+     in flight as a gateway at c=64 has them, their starts spread over one call: the figure the plan's
+     target is about;
+   - a fixed 20 ms call: the 64 callers fall into lock-step (a batch of replies resumes together, sleeps
+     the same 20 ms and checks again in the same turn of the event loop), so every check waits behind
+     up to 63 others, as in a burst of 64 requests arriving at once;
+   - no upstream call (saturated: only limit checks, so the figure is mostly queueing behind the other 63);
+   with Redis's own time per script call and the Redis commands the scripts run per request (INFO
+   commandstats), and the caller's CPU per reserve + settle.
 2. Processes: `tollway serve` with `[limits] store = "memory"`, with the Redis URL, and with the Redis URL
    plus `[events] sink = "segments"` (the scale-out pair the plan compares with the defaults), the simulated
    provider and the same load (JSON chat completions at concurrency 16); the gateway's CPU per
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import shutil
 import statistics
 import subprocess
@@ -77,14 +82,16 @@ def _plan(pseudonym: uuid.UUID) -> list[AppliedLimit]:
             for i, (subject, metric, window, limit) in enumerate(RULES)]
 
 
-async def check_latency(store, checks: int, upstream_s: float) -> list[float]:
-    """µs per `Limiter.reserve` at CONCURRENCY in flight; each reservation is settled after `upstream_s`."""
+async def check_latency(store, checks: int, upstream_s: float, jitter: float = 0.0) -> list[float]:
+    """µs per `Limiter.reserve` at CONCURRENCY in flight; each reservation is settled after an upstream call
+    of `upstream_s` (times a uniform draw from 1 - `jitter` to 1 + `jitter`)."""
     limiter = Limiter(store, 4096, lambda alert: None, lambda refusal: None)
     users = [uuid.uuid4() for _ in range(100)]
     plans = {u: _plan(u) for u in users}
     amounts = Amounts(1, 4196, Decimal("0.002472"))
     samples: list[float] = []
     per_worker = checks // CONCURRENCY
+    draw = random.Random(7)
 
     async def worker(w: int) -> None:
         if upstream_s:
@@ -96,7 +103,7 @@ async def check_latency(store, checks: int, upstream_s: float) -> list[float]:
             reservation = await limiter.reserve(plans[user], "acme", user, amounts, at)
             samples.append((time.perf_counter() - started) * 1e6)
             if upstream_s:
-                await asyncio.sleep(upstream_s)
+                await asyncio.sleep(upstream_s * draw.uniform(1 - jitter, 1 + jitter))
             event = Event(event_id=uuid.uuid4(), ts=at, tenant="acme", user_pseudonym=user, input_tokens=100,
                           output_tokens=12, cost_usd=Decimal("0.0000222"))
             await limiter.settle(reservation, plans[user], event)
@@ -113,13 +120,14 @@ async def part_one(url: str, checks: int) -> None:
     import redis
 
     client = redis.Redis.from_url(url)
-    for upstream_s, checks_run in ((0.02, min(checks, 12_800)), (0.0, checks)):
+    for upstream_s, jitter, checks_run in ((0.02, 0.5, min(checks, 12_800)), (0.02, 0.0, min(checks, 12_800)),
+                                           (0.0, 0.0, checks)):
         for name, make in (("memory", MemoryLimitStore), ("redis", lambda: RedisLimitStore(url, prefix="bench"))):
             store = make()
             await check_latency(store, CONCURRENCY * 20, 0.0)  # warm-up: scripts loaded, connections open
             client.config_resetstat()
             cpu = time.process_time()
-            samples = sorted(await check_latency(store, checks_run, upstream_s))
+            samples = sorted(await check_latency(store, checks_run, upstream_s, jitter))
             cpu = (time.process_time() - cpu) * 1e6 / len(samples)
             server = ""
             if name == "redis":
@@ -129,7 +137,9 @@ async def part_one(url: str, checks: int) -> None:
                 if scripts:
                     server = (f"; Redis per script call {scripts['usec_per_call']:.1f} µs, "
                               f"{inner / len(samples):.0f} commands per request")
-            print(f"limit check ({name:6}) c={CONCURRENCY}, upstream {upstream_s * 1000:2.0f} ms: "
+            shape = (f"upstream {upstream_s * (1 - jitter) * 1000:.0f}-{upstream_s * (1 + jitter) * 1000:.0f} ms"
+                     if jitter else f"upstream {upstream_s * 1000:2.0f} ms")
+            print(f"limit check ({name:6}) c={CONCURRENCY}, {shape}: "
                   f"p50 {_pct(samples, 0.5):7.1f} µs  p99 {_pct(samples, 0.99):7.1f} µs  max {samples[-1]:8.1f} µs; "
                   f"caller CPU {cpu:5.1f} µs per reserve + settle{server}", flush=True)
             await store.close()
