@@ -32,6 +32,7 @@ from proxy.pipeline.ingest import ingest
 from proxy.recorder import open_events_db
 from proxy.sinks.segment_store import LocalSegments
 from proxy.sinks.segments import SegmentSink, sealed_segments
+from proxy.sinks.spool import read_rows
 from tests.helpers import OPEN_ACCESS, REPO, GatewayProcess, free_port, run_cli
 
 pytestmark = pytest.mark.timeout(120)
@@ -268,6 +269,64 @@ def test_without_the_spool_kill_9_loses_at_most_the_unsealed_buffer(deployment):
     recorded, answered = event_ids(deployment), {r.headers[REQUEST_ID] for r in before}
     assert max(recorded.values()) == 1 and set(recorded) <= answered
     assert 10 <= len(recorded) <= 13, "only the unsealed tail is lost"
+
+
+def test_a_lost_machines_spool_copied_elsewhere_is_sealed_by_seal_spool_and_counted_once(deployment, tmp_path):
+    """The machine is gone but its disk can be read: its spool files, copied to another machine of the
+    deployment, are sealed into the deployment's segments by `tollway pipeline seal-spool`; sealing a
+    second copy of the same files adds nothing after the pipeline."""
+    (deployment.path / "policy" / "access.csv").write_text(OPEN_ACCESS)
+    segments = segments_deployment(deployment, "batch_size = 1000\nflush_interval_ms = 600000\n")
+    gw = GatewayProcess(deployment).start()
+    answered = [chat(client_for(gw, deployment.tokens["carol"])) for _ in range(6)]
+    gw.stop(signal.SIGKILL)
+    assert [r.status_code for r in answered] == [200] * 6
+    assert sealed_segments(segments) == [], "nothing was sealed before the machine was lost"
+    rescued, again = tmp_path / "rescued", tmp_path / "again"
+    for copy in (rescued, again):  # read off the lost machine's disk, twice
+        shutil.copytree(deployment.path / "spool", copy)
+    shutil.rmtree(deployment.path / "spool")
+
+    done = run_cli(deployment.path, "pipeline", "seal-spool", str(rescued), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["events"], report["segments"], report["left"], report["error"]) == (6, 1, [], None)
+    assert "sealed 6 events" in done.stderr
+    assert list(rescued.iterdir()) == [], "each file goes once its events are sealed, no empty one is left"
+    pipeline_once(deployment)
+    served = Counter(r.headers[REQUEST_ID] for r in answered)
+    assert event_ids(deployment) == served
+
+    assert run_cli(deployment.path, "pipeline", "seal-spool", str(again)).returncode == 0
+    assert pipeline_once(deployment)["ingest"]["duplicates_skipped"] == 6
+    assert event_ids(deployment) == served, "a spool sealed twice is still counted once"
+
+
+def test_seal_spool_refuses_what_it_cannot_seal_and_keeps_the_files(deployment, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    duckdb_sink = run_cli(deployment.path, "pipeline", "seal-spool", str(empty))
+    assert duckdb_sink.returncode == 1 and '[events] sink is "duckdb"' in duckdb_sink.stderr
+    segments_deployment(deployment)
+    for where, message in ((empty, "no spool files (*.spool) in"), (tmp_path / "missing", "is not a directory")):
+        refused = run_cli(deployment.path, "pipeline", "seal-spool", str(where))
+        assert refused.returncode == 1 and message in refused.stderr, refused.stderr
+
+    spool = tmp_path / "spool"
+    script = (f"import sys, uuid; sys.path.insert(0, {str(REPO)!r});"
+              "from collections import deque; from tests.test_spool import ROW;"
+              "from proxy.sinks.spool import EventSpool;"
+              f"s = EventSpool(__import__('pathlib').Path({str(spool)!r}), 'lost'); q = deque();"
+              "[s.append((uuid.uuid4(),) + ROW[1:], q) for i in range(3)];"
+              "import os; os._exit(0)")  # a process killed before sealing
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    deployment.write_toml(extra=f'sink = "segments"\nsegments_dir = "{blocker / "segments"}"\n')
+    failed = run_cli(deployment.path, "pipeline", "seal-spool", str(spool))
+    assert failed.returncode == 1 and "could not be sealed" in failed.stderr and "run this again" in failed.stderr
+    (kept,) = spool.glob("*.spool")
+    assert len(read_rows(kept.read_bytes())) == 3, "the unsealed events stay in their file"
 
 
 def _sealed_ids(segments: Path) -> set[str]:

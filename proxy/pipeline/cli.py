@@ -1,9 +1,11 @@
-"""`tollway pipeline` (long-running) and `tollway pipeline run --once`; `report_now` for `tollway report run`."""
+"""`tollway pipeline` (long-running), `tollway pipeline run --once`, `tollway pipeline seal-spool DIR`;
+`report_now` for `tollway report run`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+from pathlib import Path
 
 from proxy.settings import Settings, load_settings, resolve_data_dir
 
@@ -41,6 +43,34 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_seal_spool(args: argparse.Namespace) -> int:
+    from proxy.cli import CommandError, emit, say
+    from proxy.pipeline.rescue import seal_copied_spool, spool_files
+
+    settings = load_settings(resolve_data_dir(args.data_dir))
+    if settings.events.sink != "segments":
+        raise CommandError('[events] sink is "duckdb": gateways of this deployment keep no spool and seal no '
+                           f"segments; to seal a spool here, {SINK_HINT}")
+    directory: Path = args.directory
+    where = "the directory the lost machine's spool files (its DATA_DIR/spool/*.spool) were copied to"
+    if not directory.is_dir():
+        raise CommandError(f"{directory} is not a directory: give {where}")
+    if not spool_files(directory):
+        raise CommandError(f"no spool files (*.spool) in {directory}: give {where}")
+    rescue = seal_copied_spool(settings, directory)
+    say(f"sealed {rescue.events} events from {rescue.files} spool file(s) into {rescue.segments} segment(s) in "
+        f"{rescue.location}; the pipeline ingests them (an event it already holds is skipped)")
+    if rescue.left:
+        say(f"left in {directory}: {', '.join(rescue.left)} (held by a running gateway, not readable by this "
+            "version, or not sealed)")
+    emit(args, {"files": rescue.files, "events": rescue.events, "segments": rescue.segments,
+                "location": rescue.location, "left": list(rescue.left), "error": rescue.error}, None)
+    if rescue.error is not None:
+        raise CommandError(f"the events could not be sealed in {rescue.location}: {rescue.error}; the spool files "
+                           "are kept: fix the segment store (credentials, reachability) and run this again")
+    return 0
+
+
 def report_now(settings: Settings, wait_s: float = 120) -> tuple[dict, str]:
     """`tollway report run` with sink = "segments": the running pipeline builds (asked through the
     trigger file, it ingests first); without one, ingest and build here. Returns (manifest, who)."""
@@ -68,6 +98,12 @@ def register(commands, common: argparse.ArgumentParser, as_json: argparse.Argume
                      "retention, exit")
     _tuning(run)
     run.set_defaults(func=cmd_pipeline)
+    seal = actions.add_parser("seal-spool", parents=[common, as_json],
+                              help="seal the spool files of a lost machine, copied to DIRECTORY, into this "
+                                   "deployment's segments")
+    seal.add_argument("directory", type=Path, metavar="DIRECTORY",
+                      help="where the lost machine's DATA_DIR/spool/*.spool files were copied")
+    seal.set_defaults(func=cmd_seal_spool)
 
 
 def _tuning(parser: argparse.ArgumentParser) -> None:

@@ -188,4 +188,7 @@ class EventSpool:
             return
         for fd, _ in self._retired:
             os.close(fd)
+        if not self._written:  # this generation holds nothing: no empty file left for the next start
+            with contextlib.suppress(OSError):
+                self._path.unlink()
         os.close(self._fd)
