@@ -15,12 +15,19 @@ from pathlib import Path
 import casbin
 from casbin import model as casbin_model
 
-from policy.files import AccessRule, LimitRule, OperationRule, PolicyFiles, RouteRule, glob_regex
+from policy.files import (
+    BUILT_IN_MODEL_CONF,
+    AccessRule,
+    LimitRule,
+    OperationRule,
+    PolicyFiles,
+    RouteRule,
+    glob_regex,
+)
 
 # Casbin logs every denied request with its subject (a user id) at WARNING: keep user ids out of logs.
 logging.getLogger("casbin").setLevel(logging.ERROR)
 
-DEFAULT_MODEL_CONF = Path(__file__).with_name("model.conf")
 ANY_TENANT = "*"
 _CACHE_LIMIT = 100_000
 
@@ -107,7 +114,7 @@ class Policy:
         if files.errors:
             raise ValueError("refusing to build a policy from files with errors")
         self.files = files
-        conf = model_conf if model_conf and model_conf.exists() else DEFAULT_MODEL_CONF
+        conf = model_conf if model_conf and model_conf.exists() else BUILT_IN_MODEL_CONF
         self._model_text = conf.read_text(encoding="utf-8")
         tenants = {r.tenant for r in files.access} | {g.tenant for g in files.roles} | set(files.tenants)
         self._access = {t: self._access_enforcer(t) for t in tenants | {ANY_TENANT}}

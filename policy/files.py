@@ -18,8 +18,10 @@ EFFECTS = ("allow", "deny")
 METRICS = ("requests", "tokens", "usd")
 WINDOWS = ("minute", "hour", "day", "month")
 LIMITS_HEADER = ["tenant", "subject", "metric", "window", "limit"]
+MODEL_CONF = "policy/model.conf"
+BUILT_IN_MODEL_CONF = Path(__file__).with_name("model.conf")  # what applies where a deployment has none
 #: Every file of a policy set, relative to the deployment directory.
-POLICY_FILES = ("tenants.csv", "pricing.csv", "policy/model.conf", "policy/access.csv", "policy/routes.csv",
+POLICY_FILES = ("tenants.csv", "pricing.csv", MODEL_CONF, "policy/access.csv", "policy/routes.csv",
                 "policy/limits.csv", "policy/operations.csv", "policy/identities.csv")
 _NAME = re.compile(r"^[A-Za-z0-9._@:\-]+$")
 _GLOB = re.compile(r"^[A-Za-z0-9._@:/\-*?]+$")
@@ -208,16 +210,20 @@ def load_policy_files(data_dir: Path) -> PolicyFiles:
 
 
 def file_hashes(data_dir: Path) -> dict[str, str]:
-    """sha256 of each policy file that exists."""
-    return {name: hashlib.sha256((data_dir / name).read_bytes()).hexdigest()
-            for name in POLICY_FILES if (data_dir / name).exists()}
+    """sha256 of each policy file that exists; for `policy/model.conf`, of the built-in copy when the
+    deployment has none (it is the one in force, and the one a newer Tollway might change)."""
+    hashes = {name: hashlib.sha256((data_dir / name).read_bytes()).hexdigest()
+              for name in POLICY_FILES if (data_dir / name).exists()}
+    hashes.setdefault(MODEL_CONF, hashlib.sha256(BUILT_IN_MODEL_CONF.read_bytes()).hexdigest())
+    return hashes
 
 
 def set_hash(hashes: dict[str, str]) -> str:
     """The policy set's hash: sha256 of `name=sha256(bytes);` for each file of `file_hashes`, by name.
 
     Raw bytes, on purpose: the same hash means the same files, byte for byte (a BOM or CRLF the loader
-    ignores still changes it). A missing file is left out, so it differs from an empty one. Gateways
+    ignores still changes it). A missing file is left out, so it differs from an empty one (but a missing
+    model.conf counts as the built-in copy it stands for). Gateways
     show it as `policy_hash` (`/readyz`) and `tollway_policy_info` (`/metrics`); `tollway policy check`
     prints it for a directory, so an operator can compare a machine's files with what a gateway serves.
     """

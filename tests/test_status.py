@@ -114,6 +114,19 @@ def test_a_url_where_nothing_listens_is_unreachable():
     assert gateway["error"]
 
 
+def test_a_deployment_without_model_conf_hashes_the_built_in_copy_that_applies(tmp_path, simulator):
+    """No policy/model.conf means the built-in one: hashed as such, so a deployment with no copy and one with
+    an identical copy agree, and one whose model differs does not."""
+    built_in = Path(__file__).parents[1] / "policy" / "model.conf"
+    without, copied, changed = (Deployment(tmp_path / name, simulator.url) for name in ("without", "copied", "changed"))
+    (without.path / "policy" / "model.conf").unlink(missing_ok=True)
+    (copied.path / "policy" / "model.conf").write_bytes(built_in.read_bytes())
+    (changed.path / "policy" / "model.conf").write_bytes(built_in.read_bytes() + b"\n# tuned\n")
+    checked = {dep.path.name: run_cli(dep.path, "policy", "check").stdout for dep in (without, copied, changed)}
+    assert checked["without"] == checked["copied"] == f"policy hash {hash_by_hand(copied.path)}\n"
+    assert checked["changed"] == f"policy hash {hash_by_hand(changed.path)}\n" != checked["copied"]
+
+
 def test_a_gateway_whose_redis_is_down_is_named_with_the_failing_check(tmp_path, simulator):
     dep = Deployment(tmp_path / "deploy", simulator.url)
     dep.add_test_keys()
