@@ -28,7 +28,7 @@ from proxy.limits import (
     window_start,
 )
 from proxy.stores import redis_scripts
-from tests.helpers import OPEN_ACCESS, SIM_KEYS, Deployment, GatewayProcess, free_port
+from tests.helpers import OPEN_ACCESS, SIM_KEYS, Deployment, GatewayProcess, free_port, run_cli
 from tests.redis_server import RedisServer
 
 redis = pytest.importorskip("redis")
@@ -378,3 +378,46 @@ async def test_redis_stopped_under_load_fails_closed_and_recovers_with_counters_
     finally:
         _stop(restarted)
     assert _counter(client, TENANT, "day", datetime.now(UTC))["u0"] == len(admitted) + 1
+
+
+async def test_a_re_seed_that_cannot_read_the_events_refuses_with_503_then_recovers(deployment, sim, redis_server):
+    """Redis lost its counters and the events cannot be read back (here: the segments directory turned into a
+    file): requests are refused with 503 `limit_store_unavailable` in the route's format, never a 500, and
+    /readyz says why; once the events can be read, the next request re-seeds and every request counts."""
+    (deployment.path / "policy" / "access.csv").write_text(OPEN_ACCESS)
+    (deployment.path / "policy" / "limits.csv").write_text("tenant,subject,metric,window,limit\n"
+                                                           "acme,tenant,requests,day,1000\n")
+    deployment.write_toml(extra=f'sink = "segments"\n\n[limits]\nstore = "{redis_server.url}"\n')
+    segments = deployment.path / "segments"
+    gw = GatewayProcess(deployment).start()
+    try:
+        async with httpx.AsyncClient(timeout=15) as http:
+            url, body, headers = _chat(gw)
+            assert (await http.post(url, json=body, headers=headers)).status_code == 200
+            deadline = time.monotonic() + 10
+            while not list(segments.glob("*.parquet")):  # sealed within flush_interval_ms
+                assert time.monotonic() < deadline, "the first event was never sealed"
+                await asyncio.sleep(0.05)
+            redis_server.client().flushall()
+            aside = segments.with_name("segments-aside")
+            segments.rename(aside)
+            segments.write_text("")  # listing the segments now fails
+            refused = [await http.post(url, json=body, headers=headers) for _ in range(3)]
+            assert [r.status_code for r in refused] == [503] * 3
+            error = refused[0].json()["error"]
+            assert error["code"] == "limit_store_unavailable" and "lost its counters" in error["message"], error
+            ready = await http.get(gw.url + "/readyz")
+            assert ready.status_code == 503 and "re-seeding them from the events failed" in ready.json()["checks"]["limits"]
+            segments.unlink()
+            aside.rename(segments)
+            await asyncio.sleep(1.1)  # past the pause after a failed re-seed
+            assert (await http.post(url, json=body, headers=headers)).status_code == 200
+            assert (await http.get(gw.url + "/readyz")).status_code == 200
+    finally:
+        assert gw.stop() == 0, gw.log()
+    assert run_cli(deployment.path, "pipeline", "run", "--once").returncode == 0
+    rows = deployment.events()
+    admitted = [e for e in rows if e["status_code"] == 200]
+    assert len(admitted) == 2 and sum(e["status_code"] == 503 for e in rows) == 3
+    figures = _counter(redis_server.client(), TENANT, "day", datetime.now(UTC))
+    assert figures["u0"] == 2, "re-seeded with the first request, then counted the second"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -51,8 +52,12 @@ from proxy.stores.redis_pipe import AutoPipeline, RedisReplyError, RedisUnavaila
 
 log = logging.getLogger("tollway.limits")
 GRACE_S = 120  # counters outlive their window this long, for requests that settle late
+RESEED_RETRY_S = 1.0  # after a failed re-seed, requests are refused this long before the next try
 _W = {w: i + 1 for i, w in enumerate(WINDOWS)}
 _M = {m: i for i, m in enumerate(METRICS)}
+RESEED_FAILED = ("Tollway cannot check this request's limits right now: its shared limit store (Redis) lost its "
+                 "counters and reading the usage so far back from the events failed, so it refuses the request "
+                 "rather than serve past a budget. Retry shortly; operators: see /readyz and the gateway log.")
 UNAVAILABLE = ("Tollway cannot check this request's limits right now (its shared limit store, Redis, does not "
                "answer) and refuses it rather than serve past a budget. Retry shortly; operators: see /readyz.")
 
@@ -94,6 +99,8 @@ class RedisLimitStore:
         self._reseed: Callable[[], Awaitable[None]] | None = None
         self._reseeding = asyncio.Lock()
         self.last_error: str | None = None
+        self.reseed_error: str | None = None  # why the last re-seed failed, until one succeeds
+        self._reseed_failed_at = 0.0
         self._scope_keys: dict[Scope, str] = {}
         self._starts: dict[tuple, tuple[tuple[datetime, ...], tuple[int, ...]]] = {}
         self._epochs: dict[tuple[datetime, ...], tuple[int, ...]] = {}
@@ -187,6 +194,9 @@ class RedisLimitStore:
             reply = await self._call(self._reserve, keys, args)
             if reply[0] == -1:
                 raise LimitStoreUnavailable(UNAVAILABLE, retry_after=1)
+        if self.reseed_error is not None:  # the counters are back (seeded here, or by another process)
+            log.warning("limit store %s holds its counters again: requests are served again", self.shown)
+            self.reseed_error = None
         now = _at(int(reply[1])).replace(microsecond=int(reply[2]))
         starts = self._windows(reply)
         if reply[0] == 0:
@@ -199,12 +209,22 @@ class RedisLimitStore:
         async with self._reseeding:  # single-flight: the waiters find the marker set
             if await self._command("EXISTS", self._marker_key):
                 return
+            if self.reseed_error is not None and time.monotonic() - self._reseed_failed_at < RESEED_RETRY_S:
+                raise LimitStoreUnavailable(RESEED_FAILED, retry_after=1)  # the waiters of a failed re-seed
             if self._reseed is None:
                 await self.seed(self.source, [])
                 return
             log.warning("limit store %s has no counters for %s: re-seeding them from the events", self.shown,
                         self.source)
-            await self._reseed()
+            try:
+                await self._reseed()
+            except LimitStoreUnavailable:
+                raise
+            except Exception as exc:  # the events could not be read: refuse (503) until they can, never 500
+                self.reseed_error, self._reseed_failed_at = f"{type(exc).__name__}: {exc}", time.monotonic()
+                log.error("limit store %s lost its counters and re-seeding them from the events failed; requests "
+                          "are refused until it succeeds: %s", self.shown, self.reseed_error)
+                raise LimitStoreUnavailable(RESEED_FAILED, retry_after=1) from exc
 
     async def settle(self, reservation: Reservation, actual: Amounts) -> dict[tuple[Scope, str], int]:
         """As the interface says, except that a request that cost nothing returns {} (no budget moved,
@@ -257,6 +277,8 @@ class RedisLimitStore:
         except (RedisUnavailable, RedisReplyError, TimeoutError) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             return f"redis {self.shown} unreachable: {self.last_error}"
+        if self.reseed_error is not None:
+            return f"redis {self.shown} lost its counters and re-seeding them from the events failed: {self.reseed_error}"
         return "ok"
 
     async def close(self) -> None:
