@@ -39,6 +39,14 @@ class SseParser:
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         """Add bytes; return the events they complete, in order."""
+        if not self._buffer and not self._oversized and chunk.endswith(b"\n\n") and b"\r" not in chunk:
+            # The common case: whole `\n\n`-framed events, nothing held from before. `split` finds the same
+            # boundaries as the search below (left to right, not overlapping), without copying into the buffer.
+            parts = chunk.split(b"\n\n")
+            if not parts[-1]:  # (a chunk ending in three newlines ends with one held for the next event)
+                if len(parts) == 2:
+                    return [parse_event(chunk)]
+                return [parse_event(part + b"\n\n") for part in parts[:-1]]
         buffer = self._buffer
         buffer += chunk
         events, start = [], 0
@@ -72,6 +80,8 @@ class SseParser:
 
 
 def parse_event(raw: bytes) -> SseEvent:
+    if raw.startswith(b"data: ") and raw.find(b"\n", 6) == len(raw) - 2 and raw.endswith(b"\n") and b"\r" not in raw:
+        return SseEvent(raw, None, raw[6:-2])  # one `data: ` line and its blank line: most events of every provider
     name: str | None = None
     data: list[bytes] = []
     for line in raw.splitlines():

@@ -380,6 +380,30 @@ def test_capped_sse_parser_hands_back_every_byte_once_in_order(data, cap, split)
             assert capped.get((start, end)) == event, (start, end, event)
 
 
+_WHOLE_EVENTS = st.lists(st.one_of(st.binary(max_size=40).map(lambda b: b"data: " + b + b"\n\n"), _SSE_BITS),
+                         max_size=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=_WHOLE_EVENTS, split=st.data())
+@example(parts=[b'data: {"a": 1}\n\n', b"data: [DONE]\n\n"], split=None)
+def test_chunks_of_whole_events_read_as_the_same_bytes_fed_one_at_a_time(parts, split):
+    """The parser's shortcut for a chunk of whole `\\n\\n`-framed events (and for a one-line `data: ` event)
+    reads exactly what the boundary search reads; a one-byte chunk never takes the shortcut."""
+    data = b"".join(parts)
+    if split is None:
+        chunks = parts
+    else:  # cuts at event boundaries (the shortcut's case) and anywhere else
+        bounds = [sum(map(len, parts[:i])) for i in range(len(parts) + 1)]
+        chunks = split_at(data, split.draw(st.lists(st.sampled_from(bounds) | st.integers(0, len(data)), max_size=30)))
+
+    def events(pieces: list[bytes]) -> list:
+        parser = SseParser()
+        return [e for piece in pieces for e in parser.feed(piece)] + parser.close()
+
+    assert events(chunks) == events([data[i:i + 1] for i in range(len(data))])
+
+
 @settings(max_examples=200, deadline=None)
 @given(data=capped_streams, extra=st.integers(0, 64), split=st.data())
 def test_a_cap_larger_than_the_stream_changes_nothing(data, extra, split):
