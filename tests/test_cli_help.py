@@ -31,7 +31,7 @@ def readme_commands() -> set[tuple[str, ...]]:
     table = text[text.index("## Command line"):text.index("## HTTP interface")]
     found = set()
     for cell in re.findall(r"^\| (.+?) \|", table, re.M):
-        for phrase in re.findall(r"`(?:tollway )?([a-z]+(?: [a-z]+)?)", cell):
+        for phrase in re.findall(r"`(?:tollway )?([a-z][a-z-]*(?: [a-z][a-z-]*)?)", cell):
             found.add(tuple(phrase.split()))
     return found
 
