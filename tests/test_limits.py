@@ -101,9 +101,9 @@ def _by_id(gw: GatewayProcess) -> dict[uuid.UUID, dict]:
 # --- requests per minute, each user, in each provider's format -----------------------------------
 def test_a_user_limited_to_10_requests_a_minute_gets_10_then_429_in_every_format(deployment, sim):
     _setup(deployment, "*,*,requests,minute,10\n")
-    _fresh_window("minute", 15)
     gw = GatewayProcess(deployment).start()
     try:
+        _fresh_window("minute", 10)  # every request below inside one minute window
         calls = {"bob": lambda h: _openai(h, gw, "bob"), "alice": lambda h: _anthropic(h, gw, "alice"),
                  "carol": lambda h: _gemini(h, gw, "carol")}
         results: dict[str, list[httpx.Response]] = {}
@@ -148,10 +148,10 @@ def test_a_user_limited_to_10_requests_a_minute_gets_10_then_429_in_every_format
 
 def test_a_tokens_per_minute_limit_counts_reserved_then_real_tokens(deployment, sim):
     _setup(deployment, "acme,bob@acme.com,tokens,minute,1000\n")
-    _fresh_window("minute", 15)
     gw = GatewayProcess(deployment).start()
     long_reply = {"x-sim-output-tokens": "300"}
     try:
+        _fresh_window("minute", 10)  # every request below inside one minute window
         with httpx.Client(timeout=10) as http:
             # each: 2 input tokens + 300 output tokens, reserved and then reported
             admitted = [_openai(http, gw, "bob", max_tokens=300, headers=long_reply) for _ in range(3)]

@@ -20,7 +20,7 @@ from proxy.sinks.segment_store import segment_store_for
 from proxy.sinks.segments import SegmentSink
 from proxy.sinks.spool import SUFFIX
 
-_NEVER = 24 * 3600 * 1000  # the sink's writer thread never flushes on its own: this command does
+_RETRY_MS = 1000  # the sink's writer thread retries this often: close() waits at most that long for it
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def seal_copied_spool(settings: Settings, directory: Path) -> Rescue:
     """Seal every spool file in `directory` that no live process holds into the deployment's segments."""
     found = spool_files(directory)
     store = segment_store_for(settings.events, settings.data_dir)
-    sink = SegmentSink(store, spool_dir=directory, flush_interval_ms=_NEVER, batch_size=settings.events.batch_size,
+    sink = SegmentSink(store, spool_dir=directory, flush_interval_ms=_RETRY_MS, batch_size=settings.events.batch_size,
                        max_buffered=10**12, fail_closed=False,  # adopts every free file and seals it now
                        rejected_path=settings.data_dir / "rejected-events.jsonl")
     sink.close()  # one more try for anything a failing store kept; keeps the files of what is still unsealed
