@@ -79,6 +79,7 @@ class Gateway:
         self.metrics = Metrics()
         self._configure_metrics(policies)
         self.limit_store = limit_store
+        limit_store.instrument(self.metrics.limit_store_call)
         self.limiter = Limiter(self.limit_store, settings.limits.default_max_output_tokens, self._budget_alert,
                                self._limit_refusal, settings.metering.max_output_tokens)
         self.keys = KeyPools(control, self.metrics, self._persist_failing, limit_store.key_share())

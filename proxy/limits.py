@@ -201,6 +201,10 @@ class LimitStore(Protocol):
         """`source` names the event store this process seeds from; `reseed` puts its usage back into a
         shared store that lost its counters (Redis restarted empty)."""
 
+    def instrument(self, observe: Callable[[str, float], None]) -> None:
+        """Report each reserve and settle's duration (call name, seconds) to `observe` (for /metrics); a store
+        whose calls cost microseconds (memory) has nothing to report."""
+
     def key_share(self) -> object | None:
         """`proxy.keys.KeyShare` for key health shared with other processes; None: in-process only."""
 

@@ -23,6 +23,7 @@ OTHER = "other"
 #: The exposition format's type without its charset: the web framework appends `charset=utf-8` itself.
 CONTENT_TYPE = CONTENT_TYPE_LATEST.split("; charset")[0]
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
 class Metrics:
@@ -41,6 +42,10 @@ class Metrics:
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.limit_refusals = Counter("tollway_limit_refusals", "Requests refused by a limit",
                                       ["tenant", "metric", "window"], registry=r)
+        self.limit_store_latency = Histogram(
+            "tollway_limit_store_seconds", "A shared limit store's call (Redis: reserve, settle) as the request "
+            "waits for it", ["call"], buckets=_STORE_BUCKETS, registry=r)
+        self._store_calls: dict[str, object] = {}
         self.key_failures = Counter("tollway_key_failures", "Provider keys that failed a request",
                                     ["key_id", "reason"], registry=r)
         self.budget_alerts = Counter("tollway_budget_alerts", "Budget thresholds crossed",
@@ -69,6 +74,13 @@ class Metrics:
     def configure(self, tenants: set[str], providers: set[str], models: set[str]) -> None:
         """The label values configuration knows (called at start and on every policy reload)."""
         self._tenants, self._providers, self._models = frozenset(tenants), frozenset(providers), frozenset(models)
+
+    def limit_store_call(self, call: str, seconds: float) -> None:
+        """One call of a shared limit store (`call`: reserve or settle, a fixed set)."""
+        child = self._store_calls.get(call)
+        if child is None:
+            child = self._store_calls[call] = self.limit_store_latency.labels(call)
+        child.observe(seconds)
 
     def policy(self, set_hash: str) -> None:
         """The policy set now in force (at start and on every reload); replaces the previous series."""

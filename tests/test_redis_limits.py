@@ -291,8 +291,28 @@ async def test_a_10_requests_a_minute_limit_admits_exactly_10_of_50_across_two_g
         refused = next(r for r in responses if r.status_code == 429)
         assert "10 requests per minute" in refused.json()["error"]["message"]
         assert {r.url.port for r in responses if r.status_code == 200} <= {a.deployment.port, b.deployment.port}
+        # /metrics: each request waited for one reserve, each admitted one for a settle, on one gateway or the other
+        deadline = time.monotonic() + 5
+        while (calls := await _store_calls([a, b])) != {"reserve": 50, "settle": 10}:
+            assert time.monotonic() < deadline, calls
+            await asyncio.sleep(0.05)
     finally:
         _stop(a, b)
+
+
+async def _store_calls(gateways: list[GatewayProcess]) -> dict[str, int]:
+    """`tollway_limit_store_seconds_count` by call, summed over the gateways' /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    calls: dict[str, int] = {}
+    async with httpx.AsyncClient(timeout=10) as http:
+        for gw in gateways:
+            text = (await http.get(gw.url + "/metrics")).text
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "tollway_limit_store_seconds_count":
+                        calls[sample.labels["call"]] = calls.get(sample.labels["call"], 0) + int(sample.value)
+    return calls
 
 
 def test_a_key_cooling_down_after_a_429_on_one_gateway_is_honoured_by_the_other(deployment, sim, redis_server):

@@ -166,6 +166,9 @@ class MemoryLimitStore:
         self._alerted[key] = until
         return True
 
+    def instrument(self, observe) -> None:
+        """Nothing to report: every call is a few list operations, never waited for."""
+
     def key_share(self) -> None:
         """Key health stays in this process (`proxy.keys`)."""
         return None

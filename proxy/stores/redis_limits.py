@@ -100,6 +100,7 @@ class RedisLimitStore:
         self._reseeding = asyncio.Lock()
         self.last_error: str | None = None
         self.reseed_error: str | None = None  # why the last re-seed failed, until one succeeds
+        self._observe: Callable[[str, float], None] | None = None
         self._reseed_failed_at = 0.0
         self._scope_keys: dict[Scope, str] = {}
         self._starts: dict[tuple, tuple[tuple[datetime, ...], tuple[int, ...]]] = {}
@@ -188,7 +189,10 @@ class RedisLimitStore:
             holds += counter
             args += (*counter, check.limit)
         keys = [self._marker_key, self._scope_key(scopes[0]), self._scope_key(scopes[1])]
+        started = time.perf_counter()
         reply = await self._call(self._reserve, keys, args)
+        if self._observe is not None:
+            self._observe("reserve", time.perf_counter() - started)
         if reply[0] == -1:  # Redis lost its counters: put this source's usage back first, once
             await self._reseed_once()
             reply = await self._call(self._reserve, keys, args)
@@ -240,7 +244,10 @@ class RedisLimitStore:
         args = [reservation.generation or "", *self._epochs_of(reservation.starts), -held[0], -held[1], -held[2],
                 *actual, GRACE_S, *reservation.holds]
         keys = [self._marker_key, self._scope_key(scopes[0]), self._scope_key(scopes[1])]
+        started = time.perf_counter()
         reply = await self._call(self._settle_script, keys, args)
+        if self._observe is not None:
+            self._observe("settle", time.perf_counter() - started)
         if len(reply) != 8:
             return {}
         return {(scope, window): reply[s * 4 + w]
@@ -265,6 +272,9 @@ class RedisLimitStore:
     async def first_alert(self, key: str, until: datetime) -> bool:
         expire = int(until.timestamp()) + 86_400
         return await self._command("SET", f"{self._prefix}:alert:{key}", 1, "NX", "EXAT", expire) is not None
+
+    def instrument(self, observe: Callable[[str, float], None]) -> None:
+        self._observe = observe
 
     def key_share(self) -> RedisKeyShare:
         """Provider-key health shared through the same Redis."""
