@@ -1,4 +1,5 @@
-"""A private `redis-server` on a free loopback port for tests (no persistence: a restart comes back empty)."""
+"""A private `redis-server` on a free loopback port for tests (no persistence: a restart comes back empty),
+plain or TLS only (`tls=True`: a private CA's server certificate; `client_certs=True`: clients must show one)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,28 @@ from pathlib import Path
 import redis
 
 from tests.helpers import free_port
+from tests.tls_certs import make_tls_files
 
 
 class RedisServer:
     """A private `redis-server` on a loopback port, without persistence: a restart comes back empty."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tls: bool = False, client_certs: bool = False) -> None:
         self.port, self.workdir = free_port(), workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.tls = make_tls_files(workdir / "tls") if tls else None
+        self.client_certs = client_certs
+        self.url = f"{'rediss' if tls else 'redis'}://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> RedisServer:
         self.workdir.mkdir(exist_ok=True)
         log = (self.workdir / "redis.log").open("ab")
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.server_cert),
+                      "--tls-key-file", str(self.tls.server_key), "--tls-ca-cert-file", str(self.tls.ca),
+                      "--tls-auth-clients", "yes" if self.client_certs else "no"]
+        self.proc = subprocess.Popen(["redis-server", *listen, "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no", "--dir", str(self.workdir)], stdout=log, stderr=log)
         client = self.client()
         deadline = time.monotonic() + 10
@@ -40,4 +49,7 @@ class RedisServer:
             self.proc.wait(timeout=10)
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+        if self.tls is None:
+            return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, ssl=True, ssl_ca_certs=str(self.tls.ca),
+                           ssl_certfile=str(self.tls.client_cert), ssl_keyfile=str(self.tls.client_key))

@@ -441,3 +441,30 @@ async def test_a_re_seed_that_cannot_read_the_events_refuses_with_503_then_recov
     assert len(admitted) == 2 and sum(e["status_code"] == 503 for e in rows) == 3
     figures = _counter(redis_server.client(), TENANT, "day", datetime.now(UTC))
     assert figures["u0"] == 2, "re-seeded with the first request, then counted the second"
+
+
+def test_a_gateway_reaches_redis_over_tls_with_a_private_ca_and_a_client_certificate(deployment, sim, tmp_path):
+    """`[limits] store = "rediss://…?ssl_ca_certs=…&ssl_certfile=…&ssl_keyfile=…"`: limits and key health both
+    go over TLS to a server that only speaks TLS and asks for a client certificate."""
+    server = RedisServer(tmp_path / "redis-tls", tls=True, client_certs=True).start()
+    tls = server.tls
+    url = f"{server.url}?ssl_ca_certs={tls.ca}&ssl_certfile={tls.client_cert}&ssl_keyfile={tls.client_key}"
+    (deployment.path / "policy" / "access.csv").write_text(OPEN_ACCESS)
+    (deployment.path / "policy" / "limits.csv").write_text("tenant,subject,metric,window,limit\n"
+                                                           "acme,tenant,requests,day,1000\n")
+    deployment.write_toml(f'\n[limits]\nstore = "{url}"\n')
+    gw = GatewayProcess(deployment).start()
+    try:
+        url_, body, headers = _chat(gw)
+        assert [httpx.post(url_, json=body, headers=headers, timeout=15).status_code for _ in range(3)] == [200] * 3
+        ready = httpx.get(gw.url + "/readyz", timeout=5)
+        assert ready.status_code == 200 and ready.json()["checks"]["limits"] == "ok", ready.text
+        assert _counter(server.client(), TENANT, "day", datetime.now(UTC))["u0"] == 3
+        deadline = time.monotonic() + 5  # key health (redis-py, the same URL) subscribed over TLS too
+        while dict(server.client().pubsub_numsub("tollway:keys")).get(b"tollway:keys", 0) < 1:
+            assert time.monotonic() < deadline, "key health never subscribed"
+            time.sleep(0.05)
+    finally:
+        assert gw.stop() == 0, gw.log()
+        server.stop()
+    assert "Traceback" not in gw.log() and "ERROR" not in gw.log(), gw.log()

@@ -189,3 +189,35 @@ async def test_the_store_over_the_pipe_fails_closed_while_redis_is_killed_and_re
         assert await store.spent(tenant, "usd", "day", again.at) == Decimal("0.000000007")
     finally:
         await store.close()
+
+
+async def test_tls_with_the_urls_ca_and_client_certificate_and_refused_without_them(tmp_path):
+    """`rediss://` with the query parameters redis-py reads too: the server's certificate checked against
+    `ssl_ca_certs`, a client certificate shown from `ssl_certfile`/`ssl_keyfile` when the server asks;
+    without the CA the certificate is refused, without the client certificate the server refuses."""
+    server = RedisServer(tmp_path / "redis", tls=True, client_certs=True).start()
+    tls = server.tls
+    trusted = f"{server.url}?ssl_ca_certs={tls.ca}&ssl_certfile={tls.client_cert}&ssl_keyfile={tls.client_key}"
+    try:
+        pipe = AutoPipeline(trusted)
+        assert await pipe.execute("PING") == b"PONG"
+        assert await Script(pipe, "return ARGV[1]")([], ["over tls"]) == b"over tls"
+        await pipe.close()
+
+        for url, reason in ((f"{server.url}?ssl_certfile={tls.client_cert}&ssl_keyfile={tls.client_key}",
+                             "CERTIFICATE_VERIFY_FAILED"),  # the system's CAs do not know ours
+                            (f"{server.url}?ssl_ca_certs={tls.ca}", "")):  # no client certificate
+            pipe = AutoPipeline(url, reply_timeout=1.0)
+            with pytest.raises(RedisUnavailable) as refused:
+                await pipe.execute("PING")
+            assert reason in str(refused.value), refused.value
+            await pipe.close()
+
+        unchecked = AutoPipeline(f"{server.url}?ssl_cert_reqs=none&ssl_certfile={tls.client_cert}"
+                                 f"&ssl_keyfile={tls.client_key}")
+        assert await unchecked.execute("PING") == b"PONG", "ssl_cert_reqs=none: encrypted, not verified"
+        await unchecked.close()
+        with pytest.raises(ValueError, match="TLS files"):
+            AutoPipeline(f"{server.url}?ssl_ca_certs={tmp_path / 'missing.pem'}")
+    finally:
+        server.stop()

@@ -29,6 +29,21 @@ import hiredis
 from redis.asyncio.connection import parse_url
 
 
+def tls_context(options: dict) -> ssl_module.SSLContext:
+    """TLS for a `rediss://` URL, from the query parameters redis-py reads too: `ssl_ca_certs` (a CA file to
+    trust, else the system's), `ssl_cert_reqs=none` (no verification), `ssl_certfile` and `ssl_keyfile`
+    (a client certificate, for a server that asks for one). A file that cannot be read raises ValueError."""
+    try:
+        context = ssl_module.create_default_context(cafile=options.get("ssl_ca_certs"))
+        if options.get("ssl_certfile"):
+            context.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    except (OSError, ssl_module.SSLError) as exc:
+        raise ValueError(f"the TLS files the URL names cannot be used: {exc}") from exc
+    if str(options.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
+        context.check_hostname, context.verify_mode = False, ssl_module.CERT_NONE
+    return context
+
+
 class RedisUnavailable(Exception):
     """Redis could not be reached, or did not answer in time; the command may or may not have run."""
 
@@ -56,11 +71,7 @@ class AutoPipeline:
         self.url = url
         self._path: str | None = options.get("path")
         self._host, self._port = options.get("host", "localhost"), int(options.get("port", 6379))
-        self._ssl: ssl_module.SSLContext | None = None
-        if url.startswith("rediss://"):
-            self._ssl = ssl_module.create_default_context()
-            if str(options.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
-                self._ssl.check_hostname, self._ssl.verify_mode = False, ssl_module.CERT_NONE
+        self._ssl = tls_context(options) if url.startswith("rediss://") else None
         self._hello: list[tuple] = []
         if options.get("password"):
             user = options.get("username")
