@@ -92,6 +92,8 @@ class Gateway:
     async def start(self) -> None:
         self.recorder = self.events.open()
         await self._seed_limits()
+        for advice in await self.limit_store.advice():
+            log.warning("%s", advice)
         self.control_writer = ControlWriter(self._open_control)
         self.objects = ObjectRegistry(self._open_control, self.control_writer)
         await self.upstream.start()

@@ -201,6 +201,9 @@ class LimitStore(Protocol):
         """`source` names the event store this process seeds from; `reseed` puts its usage back into a
         shared store that lost its counters (Redis restarted empty)."""
 
+    async def advice(self) -> list[str]:
+        """Settings of the store that put limits at risk, for the operator (logged at start); [] when none."""
+
     def instrument(self, observe: Callable[[str, float], None]) -> None:
         """Report each reserve and settle's duration (call name, seconds) to `observe` (for /metrics); a store
         whose calls cost microseconds (memory) has nothing to report."""

@@ -16,8 +16,8 @@ from tests.tls_certs import make_tls_files
 class RedisServer:
     """A private `redis-server` on a loopback port, without persistence: a restart comes back empty."""
 
-    def __init__(self, workdir: Path, tls: bool = False, client_certs: bool = False) -> None:
-        self.port, self.workdir = free_port(), workdir
+    def __init__(self, workdir: Path, tls: bool = False, client_certs: bool = False, *config: str) -> None:
+        self.port, self.workdir, self.config = free_port(), workdir, config
         self.tls = make_tls_files(workdir / "tls") if tls else None
         self.client_certs = client_certs
         self.url = f"{'rediss' if tls else 'redis'}://127.0.0.1:{self.port}/0"
@@ -32,7 +32,8 @@ class RedisServer:
                       "--tls-key-file", str(self.tls.server_key), "--tls-ca-cert-file", str(self.tls.ca),
                       "--tls-auth-clients", "yes" if self.client_certs else "no"]
         self.proc = subprocess.Popen(["redis-server", *listen, "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.workdir)], stdout=log, stderr=log)
+                                      "--appendonly", "no", "--dir", str(self.workdir), *self.config],
+                                     stdout=log, stderr=log)
         client = self.client()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

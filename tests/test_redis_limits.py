@@ -468,3 +468,29 @@ def test_a_gateway_reaches_redis_over_tls_with_a_private_ca_and_a_client_certifi
         assert gw.stop() == 0, gw.log()
         server.stop()
     assert "Traceback" not in gw.log() and "ERROR" not in gw.log(), gw.log()
+
+
+async def test_a_redis_that_may_evict_counters_is_named_at_start(deployment, sim, tmp_path):
+    """`maxmemory` with an evicting policy (several managed services' default) could silently forget usage:
+    the store says so, and the gateway logs it at start; the default (`noeviction`) says nothing."""
+    from proxy.stores.redis_limits import RedisLimitStore
+
+    evicting = RedisServer(tmp_path / "evicting", False, False, "--maxmemory", "64mb",
+                           "--maxmemory-policy", "allkeys-lru").start()
+    plain = RedisServer(tmp_path / "plain").start()
+    try:
+        advice = {}
+        for name, server in (("evicting", evicting), ("plain", plain)):
+            store = RedisLimitStore(server.url)
+            advice[name] = await store.advice()
+            await store.close()
+        assert advice["plain"] == []
+        (said,) = advice["evicting"]
+        assert "maxmemory-policy allkeys-lru" in said and "set maxmemory-policy noeviction" in said.lower(), said
+        deployment.write_toml(f'\n[limits]\nstore = "{evicting.url}"\n')
+        gw = GatewayProcess(deployment).start()
+        assert gw.stop() == 0
+        assert "WARNING" in gw.log() and "maxmemory-policy allkeys-lru" in gw.log(), gw.log()
+    finally:
+        evicting.stop()
+        plain.stop()

@@ -166,6 +166,9 @@ class MemoryLimitStore:
         self._alerted[key] = until
         return True
 
+    async def advice(self) -> list[str]:
+        return []
+
     def instrument(self, observe) -> None:
         """Nothing to report: every call is a few list operations, never waited for."""
 

@@ -273,6 +273,24 @@ class RedisLimitStore:
         expire = int(until.timestamp()) + 86_400
         return await self._command("SET", f"{self._prefix}:alert:{key}", 1, "NX", "EXAT", expire) is not None
 
+    async def advice(self) -> list[str]:
+        """Redis may evict keys under memory pressure (a `maxmemory` with a policy other than `noeviction`,
+        the default of several managed services): an evicted counter forgets usage and a budget under-counts
+        without anyone noticing. Read from INFO, which managed services allow where CONFIG is disabled."""
+        try:
+            info = await self._command("INFO", "memory")
+        except LimitStoreUnavailable:
+            return []  # unreachable: /readyz and every request say so already
+        fields = dict(line.split(":", 1) for line in info.decode().splitlines() if ":" in line)
+        policy, limit = fields.get("maxmemory_policy", "noeviction"), int(fields.get("maxmemory", "0") or 0)
+        if policy == "noeviction" or limit == 0:
+            return []
+        return [f"limit store {self.shown} has maxmemory {limit} bytes with maxmemory-policy {policy}: when it is "
+                "full, Redis evicts keys, and an evicted limit counter forgets usage (budgets under-count) or an "
+                "evicted seed marker makes a gateway count its events twice. Set maxmemory-policy noeviction "
+                "(Redis then refuses writes when full, and Tollway refuses requests with 503), and size "
+                "maxmemory for the counters (see the deployment guide)"]
+
     def instrument(self, observe: Callable[[str, float], None]) -> None:
         self._observe = observe
 
