@@ -284,8 +284,10 @@ def _control(raw: dict[str, Any], where: str) -> ControlSettings:
 
 def _limits(raw: dict[str, Any], where: str) -> LimitSettings:
     settings = _build(LimitSettings, raw, where)
-    if settings.store != "memory" and not settings.store.startswith(("redis://", "rediss://", "unix://")):
-        raise SettingsError(f'{where}: store must be "memory" or a Redis URL such as "redis://127.0.0.1:6379/0"')
+    if settings.store != "memory" and not settings.store.startswith(("redis://", "rediss://", "unix://",
+                                                                     "redis+sentinel://")):
+        raise SettingsError(f'{where}: store must be "memory" or a Redis URL such as "redis://127.0.0.1:6379/0" '
+                            '(or "redis+sentinel://HOST:26379,HOST:26379/SERVICE" for Redis behind Sentinel)')
     return settings
 
 

@@ -24,7 +24,7 @@ class RedisServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> RedisServer:
-        self.workdir.mkdir(exist_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         log = (self.workdir / "redis.log").open("ab")
         listen = ["--port", str(self.port)]
         if self.tls is not None:
@@ -54,3 +54,61 @@ class RedisServer:
             return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, ssl=True, ssl_ca_certs=str(self.tls.ca),
                            ssl_certfile=str(self.tls.client_cert), ssl_keyfile=str(self.tls.client_key))
+
+
+class SentinelSet:
+    """A master, one replica and one Sentinel watching them as service `tw` (quorum 1, a master is called down
+    after 500 ms), on free loopback ports: `url` is the `redis+sentinel://` URL a gateway uses."""
+
+    SERVICE = "tw"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.master = RedisServer(workdir / "master")
+        self.replica = RedisServer(workdir / "replica", False, False, "--replicaof", "127.0.0.1", str(self.master.port))
+        self.port = free_port()
+        self.url = f"redis+sentinel://127.0.0.1:{self.port}/{self.SERVICE}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> SentinelSet:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.master.start()
+        self.replica.start()
+        self._wait(lambda: self.replica.client().info("replication").get("master_link_status") == "up",
+                   "the replica never synced")
+        conf = self.workdir / "sentinel.conf"
+        conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+                        f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.master.port} 1\n"
+                        f"sentinel down-after-milliseconds {self.SERVICE} 500\n"
+                        f"sentinel failover-timeout {self.SERVICE} 3000\n")
+        log = (self.workdir / "sentinel.log").open("ab")
+        self.proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=log, stderr=log)
+        self._wait(lambda: self.master_port() == self.master.port, "Sentinel never named the master")
+        self._wait(lambda: self._sentinel().execute_command("SENTINEL", "REPLICAS", self.SERVICE),
+                   "Sentinel never found the replica")
+        return self
+
+    def _sentinel(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+
+    def master_port(self) -> int | None:
+        try:
+            reply = self._sentinel().execute_command("SENTINEL", "get-master-addr-by-name", self.SERVICE)
+        except redis.exceptions.ConnectionError:
+            return None
+        return int(reply[1]) if reply else None
+
+    @staticmethod
+    def _wait(check, what: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                raise RuntimeError(what)
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.replica.stop()
+        self.master.stop()

@@ -494,3 +494,57 @@ async def test_a_redis_that_may_evict_counters_is_named_at_start(deployment, sim
     finally:
         evicting.stop()
         plain.stop()
+
+
+async def test_behind_sentinel_a_failover_is_ridden_out_with_the_counters_kept(deployment, sim, tmp_path):
+    """`[limits] store = "redis+sentinel://…/tw"`: the gateway asks Sentinel for the master. The master is
+    killed: requests are refused with 503 (fail closed) until Sentinel promotes the replica, then served
+    again by the new master, which holds the counters replicated before the loss."""
+    from tests.redis_server import SentinelSet
+
+    redis_set = SentinelSet(tmp_path / "sentinel").start()
+    (deployment.path / "policy" / "access.csv").write_text(OPEN_ACCESS)
+    (deployment.path / "policy" / "limits.csv").write_text("tenant,subject,metric,window,limit\n"
+                                                           "acme,tenant,requests,day,1000\n")
+    deployment.write_toml(f'\n[limits]\nstore = "{redis_set.url}"\n')
+    gw = GatewayProcess(deployment).start()
+    statuses: list[int] = []
+    try:
+        async with httpx.AsyncClient(timeout=15) as http:
+            url, body, headers = _chat(gw)
+            before = [(await http.post(url, json=body, headers=headers)).status_code for _ in range(3)]
+            assert before == [200] * 3
+            replica = redis_set.replica.client()
+            deadline = time.monotonic() + 5
+            while _counter(replica, TENANT, "day", datetime.now(UTC)).get("u0") != 3:  # replicated
+                assert time.monotonic() < deadline, "the replica never got the counters"
+                await asyncio.sleep(0.05)
+            redis_set.master.proc.kill()
+            redis_set.master.proc.wait()
+            deadline = time.monotonic() + 30
+            while not statuses or statuses[-1] != 200:
+                assert time.monotonic() < deadline, f"never served again after the failover: {statuses[-5:]}"
+                response = await http.post(url, json=body, headers=headers)
+                statuses.append(response.status_code)
+                if response.status_code == 503:
+                    assert response.json()["error"]["code"] == "limit_store_unavailable", response.text
+                await asyncio.sleep(0.1)
+            assert redis_set.master_port() == redis_set.replica.port, "Sentinel promoted the replica"
+            after = [(await http.post(url, json=body, headers=headers)).status_code for _ in range(2)]
+            assert after == [200, 200]
+            assert (await http.get(gw.url + "/readyz")).status_code == 200
+            deadline = time.monotonic() + 15  # key health (redis-py, through Sentinel) subscribed to the new master
+            while dict(replica.pubsub_numsub("tollway:keys")).get(b"tollway:keys", 0) < 1:
+                assert time.monotonic() < deadline, "key health never subscribed to the new master"
+                await asyncio.sleep(0.1)
+    except BaseException:
+        redis_set.stop()
+        raise
+    finally:
+        assert gw.stop() == 0, gw.log()
+    assert set(statuses[:-1]) <= {503}, statuses
+    try:
+        figures = _counter(redis_set.replica.client(), TENANT, "day", datetime.now(UTC))
+        assert figures["u0"] == 3 + 1 + 2, f"the counters from before the loss and after it: {figures}"
+    finally:
+        redis_set.stop()

@@ -221,3 +221,40 @@ async def test_tls_with_the_urls_ca_and_client_certificate_and_refused_without_t
             AutoPipeline(f"{server.url}?ssl_ca_certs={tmp_path / 'missing.pem'}")
     finally:
         server.stop()
+
+
+async def test_behind_sentinel_the_pipe_asks_for_the_master_and_leaves_a_server_that_is_a_replica(tmp_path):
+    """`redis+sentinel://`: Sentinel names the master, the pipe writes there. A connection open to a server
+    that is (or became, in a failover) a replica gets READONLY for a write: that caller gets
+    RedisUnavailable (503 upstream) and the connection is dropped, so the next command connects afresh
+    (asking Sentinel again). The failover itself, under a gateway: test_redis_limits.py."""
+    from tests.redis_server import SentinelSet
+
+    redis_set = SentinelSet(tmp_path / "sentinel").start()
+    write = "return redis.call('INCR', KEYS[1])"
+    try:
+        pipe = AutoPipeline(redis_set.url)
+        assert await Script(pipe, write)(["n"], []) == 1
+        assert redis_set.master.client().get("n") == b"1", "written on the master Sentinel named"
+        await pipe.close()
+
+        replica = AutoPipeline(f"redis://127.0.0.1:{redis_set.replica.port}/0")
+        assert await replica.execute("PING") == b"PONG"
+        server = redis_set.replica.client()
+        connections = server.info("stats")["total_connections_received"]
+        with pytest.raises(RedisUnavailable, match="replica now"):
+            await Script(replica, write)(["n"], [])
+        assert await replica.execute("PING") == b"PONG"
+        assert server.info("stats")["total_connections_received"] == connections + 1, "dropped, connected again"
+        await replica.close()
+
+        for url, message in (("redis+sentinel://127.0.0.1/tw", "is not HOST:PORT"),
+                             ("redis+sentinel://127.0.0.1:26379", "names no service")):
+            with pytest.raises(ValueError, match=message):
+                AutoPipeline(url)
+        lost = AutoPipeline(f"redis+sentinel://127.0.0.1:{free_port()}/tw")
+        with pytest.raises(RedisUnavailable, match="no Sentinel named the master"):
+            await lost.execute("PING")
+        await lost.close()
+    finally:
+        redis_set.stop()

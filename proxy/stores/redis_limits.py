@@ -49,6 +49,8 @@ from proxy.limits import (
 from proxy.stores import redis_scripts
 from proxy.stores.redis_keys import RedisKeyShare
 from proxy.stores.redis_pipe import AutoPipeline, RedisReplyError, RedisUnavailable, Script
+from proxy.stores.redis_sentinel import SCHEME as SENTINEL_SCHEME
+from proxy.stores.redis_sentinel import parse_sentinel_url
 
 log = logging.getLogger("tollway.limits")
 GRACE_S = 120  # counters outlive their window this long, for requests that settle late
@@ -64,9 +66,18 @@ UNAVAILABLE = ("Tollway cannot check this request's limits right now (its shared
 
 def connect(url: str) -> redis.Redis:
     """A redis-py client for what is not on a request's path (key health's publish and subscribe): fails
-    fast, one immediate retry on a broken connection, none on a timeout."""
-    return redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0, retry_on_timeout=False,
-                                retry=Retry(NoBackoff(), 1, (RedisConnectionError,)), max_connections=64)
+    fast, one immediate retry on a broken connection, none on a timeout. Behind Sentinel, redis-py asks it
+    for the master at each connection."""
+    options = {"socket_connect_timeout": 0.5, "socket_timeout": 1.0, "retry_on_timeout": False,
+               "retry": Retry(NoBackoff(), 1, (RedisConnectionError,))}
+    if not url.startswith(SENTINEL_SCHEME):
+        return redis.Redis.from_url(url, max_connections=64, **options)
+    from redis.asyncio.sentinel import Sentinel
+
+    target = parse_sentinel_url(url)
+    sentinel = Sentinel(list(target.sentinels), socket_connect_timeout=0.5, socket_timeout=1.0)
+    return sentinel.master_for(target.service, db=target.db, username=target.username, password=target.password,
+                               **options)
 
 
 def _at(seconds: int) -> datetime:

@@ -28,6 +28,9 @@ import time
 import hiredis
 from redis.asyncio.connection import parse_url
 
+from proxy.stores.redis_sentinel import SCHEME as SENTINEL_SCHEME
+from proxy.stores.redis_sentinel import SentinelUrl, master_address, parse_sentinel_url
+
 
 def tls_context(options: dict) -> ssl_module.SSLContext:
     """TLS for a `rediss://` URL, from the query parameters redis-py reads too: `ssl_ca_certs` (a CA file to
@@ -67,7 +70,13 @@ class _Protocol(asyncio.Protocol):
 
 class AutoPipeline:
     def __init__(self, url: str, connect_timeout: float = 0.5, reply_timeout: float = 1.0) -> None:
-        options = parse_url(url)
+        self._sentinel: SentinelUrl | None = None
+        if url.startswith(SENTINEL_SCHEME):  # the master's address is asked of Sentinel at each connect
+            self._sentinel = parse_sentinel_url(url)
+            options = {"db": self._sentinel.db, "username": self._sentinel.username,
+                       "password": self._sentinel.password, "host": "(not asked yet)", "port": 0}
+        else:
+            options = parse_url(url)
         self.url = url
         self._path: str | None = options.get("path")
         self._host, self._port = options.get("host", "localhost"), int(options.get("port", 6379))
@@ -147,13 +156,15 @@ class AutoPipeline:
         loop = self._loop
         protocol = _Protocol(self)
         try:
+            if self._sentinel is not None:
+                self._host, self._port = await master_address(self._sentinel, self.connect_timeout)
             async with asyncio.timeout(self.connect_timeout):
                 if self._path:
                     transport, _ = await loop.create_unix_connection(lambda: protocol, self._path)
                 else:
                     transport, _ = await loop.create_connection(lambda: protocol, self._host, self._port,
                                                                 ssl=self._ssl)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:  # ConnectionError (no Sentinel named a master) included
             self._connecting = None
             self._fail(self._outbox_futures, RedisUnavailable(f"cannot connect to {self._where()}: {exc!r}"))
             self._outbox, self._outbox_futures = [], []
@@ -177,6 +188,8 @@ class AutoPipeline:
             self._drop(RedisUnavailable(f"Redis refused the connection's set-up: {future.exception()}"))
 
     def _where(self) -> str:
+        if self._sentinel is not None:
+            return f"{self._host}:{self._port}, the master of {self._sentinel.service!r} Sentinel named"
         return self._path or f"{self._host}:{self._port}"
 
     def _received(self, protocol: _Protocol, data: bytes) -> None:
@@ -197,12 +210,17 @@ class AutoPipeline:
                 return
             future = pending.popleft()
             self._answered_one()
-            if future.done():
-                continue  # its caller gave up; the reply is read all the same
-            if isinstance(reply, RedisReplyError):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+            replica = isinstance(reply, RedisReplyError) and str(reply).startswith("READONLY")
+            if not future.done():  # (else its caller gave up; the reply is read all the same)
+                if replica:
+                    future.set_exception(RedisUnavailable(f"{self._where()} is a replica now: {reply}"))
+                elif isinstance(reply, RedisReplyError):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+            if replica:  # a failover demoted the server we reached: connect again (Sentinel names the master)
+                self._drop(RedisUnavailable(f"{self._where()} is a replica now"))
+                return
 
     def _answered_one(self) -> None:
         count, at = self._sent_at[0]
