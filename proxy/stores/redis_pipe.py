@@ -74,7 +74,7 @@ class AutoPipeline:
         if url.startswith(SENTINEL_SCHEME):  # the master's address is asked of Sentinel at each connect
             self._sentinel = parse_sentinel_url(url)
             options = {"db": self._sentinel.db, "username": self._sentinel.username,
-                       "password": self._sentinel.password, "host": "(not asked yet)", "port": 0}
+                       "password": self._sentinel.password, "host": "", "port": 0}
         else:
             options = parse_url(url)
         self.url = url
@@ -189,7 +189,8 @@ class AutoPipeline:
 
     def _where(self) -> str:
         if self._sentinel is not None:
-            return f"{self._host}:{self._port}, the master of {self._sentinel.service!r} Sentinel named"
+            master = f"the master of {self._sentinel.service!r}"
+            return f"{master} named by Sentinel" if not self._port else f"{self._host}:{self._port}, {master}"
         return self._path or f"{self._host}:{self._port}"
 
     def _received(self, protocol: _Protocol, data: bytes) -> None:
