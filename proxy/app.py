@@ -46,7 +46,9 @@ def create_app(gateway: Gateway) -> GatewayApp:
         ready = checks["event_store"] == "ok" and checks["limits"] == "ok"
         policies = gateway.policies
         # policy_hash: the set in force (a refused edit does not change it); `tollway status` compares it.
+        # advice: settings that put limits at risk without stopping service (an evicting Redis); not a failed check
         return Response({"status": "ready" if ready else "not ready", "checks": checks, "policy_hash": policies.hash,
+                         "advice": await gateway.advice(),
                          "policy": {"version": policies.version, "hash": policies.hash,
                                     "loaded_at": policies.loaded_at.isoformat(), "warnings": len(policies.warnings)}},
                         status_code=200 if ready else 503)

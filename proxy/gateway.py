@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import socket
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -42,6 +43,7 @@ from proxy.sinks import EventBackend, EventSink
 from proxy.upstream import Upstream
 
 log = logging.getLogger("tollway.gateway")
+ADVICE_TTL_S = 60.0  # how long the limit store's advice (an evicting Redis) is reused before it is asked again
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +89,13 @@ class Gateway:
         self.events = events  # the event sink's backend ([events] sink)
         self.recorder: EventSink | None = None
         self._tasks: list[asyncio.Task] = []
+        self._advice: tuple[float, list[str]] | None = None
         self.reports: ReportSchedule | None = None
 
     async def start(self) -> None:
         self.recorder = self.events.open()
         await self._seed_limits()
-        for advice in await self.limit_store.advice():
+        for advice in await self.advice():
             log.warning("%s", advice)
         self.control_writer = ControlWriter(self._open_control)
         self.objects = ObjectRegistry(self._open_control, self.control_writer)
@@ -110,6 +113,14 @@ class Gateway:
         gc.collect()
         gc.freeze()
         gc.set_threshold(20_000, 20, 50)
+
+    async def advice(self) -> list[str]:
+        """Settings that put limits at risk without stopping service (an evicting Redis), for the start log,
+        /readyz and `tollway status`; asked of the store at most once a minute."""
+        now = time.monotonic()
+        if self._advice is None or now - self._advice[0] > ADVICE_TTL_S:
+            self._advice = (now, await self.limit_store.advice())
+        return self._advice[1]
 
     async def stop(self) -> None:
         """After in-flight requests finished: close upstream connections, flush every event."""

@@ -32,6 +32,7 @@ class GatewayStatus:
     ready: bool = False
     policy_hash: str | None = None
     checks: dict[str, str] = field(default_factory=dict)
+    advice: list[str] = field(default_factory=list)  # settings at risk that do not stop service (an evicting Redis)
     error: str | None = None
 
     @property
@@ -66,6 +67,8 @@ async def probe(client, url: str) -> GatewayStatus:
         status.error = f"/readyz answered {response.status_code} without a Tollway readiness document"
         return status
     status.checks = {str(k): str(v) for k, v in document["checks"].items()}
+    advice = document.get("advice")
+    status.advice = [str(a) for a in advice] if isinstance(advice, list) else []
     status.policy_hash = document.get("policy_hash") or None
     status.ready = response.status_code == 200 and document.get("status") == "ready"
     if status.policy_hash is None:
@@ -133,6 +136,7 @@ def render(statuses: list[GatewayStatus], document: dict) -> str:
         state = "unreachable" if not s.reachable else "ready" if s.ready else "not ready"
         shown = s.policy_hash[:SHORT] if s.policy_hash else "-"
         lines.append(f"{s.url:<{width}}  {state:<11}  policy {shown:<{SHORT}}  {_detail(s)}")
+        lines += [f"{'':<{width}}  advice: {advice}" for advice in s.advice]
     majority = document["majority_policy_hash"]
     hashed = [s for s in statuses if s.policy_hash]
     if majority is None:

@@ -6,6 +6,7 @@ load fails closed (503 in the route's format) and recovers with counters neither
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 import uuid
@@ -489,7 +490,16 @@ async def test_a_redis_that_may_evict_counters_is_named_at_start(deployment, sim
         assert "maxmemory-policy allkeys-lru" in said and "set maxmemory-policy noeviction" in said.lower(), said
         deployment.write_toml(f'\n[limits]\nstore = "{evicting.url}"\n')
         gw = GatewayProcess(deployment).start()
-        assert gw.stop() == 0
+        try:
+            ready = httpx.get(gw.url + "/readyz", timeout=5)
+            assert ready.status_code == 200, "advice, not a failed check: the gateway serves"
+            assert ready.json()["advice"] == [said]
+            shown = run_cli(None, "status", gw.url)
+            assert shown.returncode == 0 and f"advice: {said}" in shown.stdout, shown.stdout + shown.stderr
+            (gateway,) = json.loads(run_cli(None, "status", "--json", gw.url).stdout)["gateways"]
+            assert gateway["advice"] == [said]
+        finally:
+            assert gw.stop() == 0
         assert "WARNING" in gw.log() and "maxmemory-policy allkeys-lru" in gw.log(), gw.log()
     finally:
         evicting.stop()
