@@ -48,7 +48,7 @@ def create_app(gateway: Gateway) -> GatewayApp:
         # policy_hash: the set in force (a refused edit does not change it); `tollway status` compares it.
         # advice: settings that put limits at risk without stopping service (an evicting Redis); not a failed check
         return Response({"status": "ready" if ready else "not ready", "checks": checks, "policy_hash": policies.hash,
-                         "advice": await gateway.advice(),
+                         "advice": await gateway.advice() if checks["limits"] == "ok" else [],
                          "policy": {"version": policies.version, "hash": policies.hash,
                                     "loaded_at": policies.loaded_at.isoformat(), "warnings": len(policies.warnings)}},
                         status_code=200 if ready else 503)
