@@ -16,7 +16,8 @@ from tests.tls_certs import make_tls_files
 class RedisServer:
     """A private `redis-server` on a loopback port, without persistence: a restart comes back empty."""
 
-    def __init__(self, workdir: Path, tls: bool = False, client_certs: bool = False, *config: str) -> None:
+    def __init__(self, workdir: Path, tls: bool = False, client_certs: bool = False,
+                 config: tuple[str, ...] = ()) -> None:
         self.port, self.workdir, self.config = free_port(), workdir, config
         self.tls = make_tls_files(workdir / "tls") if tls else None
         self.client_certs = client_certs
@@ -65,7 +66,7 @@ class SentinelSet:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.master = RedisServer(workdir / "master")
-        self.replica = RedisServer(workdir / "replica", False, False, "--replicaof", "127.0.0.1", str(self.master.port))
+        self.replica = RedisServer(workdir / "replica", config=("--replicaof", "127.0.0.1", str(self.master.port)))
         self.port = free_port()
         self.url = f"redis+sentinel://127.0.0.1:{self.port}/{self.SERVICE}/0"
         self.proc: subprocess.Popen | None = None

@@ -476,8 +476,7 @@ async def test_a_redis_that_may_evict_counters_is_named_at_start(deployment, sim
     the store says so, and the gateway logs it at start; the default (`noeviction`) says nothing."""
     from proxy.stores.redis_limits import RedisLimitStore
 
-    evicting = RedisServer(tmp_path / "evicting", False, False, "--maxmemory", "64mb",
-                           "--maxmemory-policy", "allkeys-lru").start()
+    evicting = RedisServer(tmp_path / "evicting", config=("--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")).start()
     plain = RedisServer(tmp_path / "plain").start()
     try:
         advice = {}
