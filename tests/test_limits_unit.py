@@ -65,6 +65,25 @@ async def reserve(store: MemoryLimitStore, limits: list[AppliedLimit], amounts: 
 
 
 # --- MemoryLimitStore: reserve and settle ---------------------------------------------------------
+async def test_a_request_holds_its_worst_case_only_where_one_of_its_limits_checks_it():
+    """As the Redis store does: a request no limit applied to (or a limit added by a reload after it was
+    admitted) is not held against that limit while in flight; its real figures count once it settles."""
+    store = MemoryLimitStore()
+    budget = [applied("usd", "day", "1.00")]
+    unchecked = await reserve(store, [], Amounts(1, 10, Decimal("0.90")))
+    checked = await reserve(store, budget, Amounts(1, 10, Decimal("0.90")))
+    assert isinstance(unchecked, Reservation) and isinstance(checked, Reservation), "0.90 held, not 1.80"
+    third = await reserve(store, budget, Amounts(1, 10, Decimal("0.20")))
+    assert isinstance(third, Refusal) and third.used == Decimal("0.90"), "the checked request's 0.90 is held"
+    await store.settle(unchecked, Amounts(1, 5, Decimal("0.05")))
+    fourth = await reserve(store, budget, Amounts(1, 10, Decimal("0.06")))
+    assert isinstance(fourth, Refusal) and fourth.used == Decimal("0.95"), "0.05 used + 0.90 held"
+    await store.settle(checked, Amounts(1, 5, Decimal("0.10")))
+    assert await store.spent(TENANT, "usd", "day", AT) == Decimal("0.15")
+    last = await reserve(store, budget, Amounts(1, 10, Decimal("0.85")))
+    assert isinstance(last, Reservation), "nothing held once both settled: 0.15 + 0.85 fits"
+
+
 async def test_reservations_count_until_settled_then_the_actual_figures_replace_them():
     store = MemoryLimitStore()
     budget = [applied("usd", "month", "1.00")]

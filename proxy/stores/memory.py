@@ -1,7 +1,8 @@
 """One process's limit counters, in memory: the default store, and the one the request path must keep fast.
 
-Every method runs without awaiting, so each is atomic on the event loop; a reservation is a few
-list additions per window. Counters for a scope hold only the current calendar windows: a window
+Every method runs without awaiting, so each is atomic on the event loop; a reservation adds its
+worst case to the counters its limits check (as the Redis store does), a settle adds the real figures
+to every window of both scopes. Counters for a scope hold only the current calendar windows: a window
 that moves on empties its counters, and a settle for a window that moved on is dropped.
 """
 
@@ -113,12 +114,15 @@ class MemoryLimitStore:
                 over.append((index, current))
         if over:
             return pick_denial(checks, over, starts, at)
-        for counters in (tenant_counters, user_counters):
-            for w in range(_W):
-                if counters.starts[w] == starts[w]:  # only windows still at `starts`
-                    for m, value in enumerate(wanted):
-                        counters.reserved[m * _W + w] += value
-        return Reservation(at, scopes, amounts, starts)
+        holds = []  # as in Redis: the worst case is held only in the counters a limit checks
+        for scope, metric, window, _ in checks:
+            counters = tenant_counters if scope.user is None else user_counters
+            w, slot = _WINDOW_INDEX[window], _SLOT_OF[metric][window]
+            value = wanted[slot // _W]
+            if value and counters.starts[w] == starts[w]:  # only a window still at `starts`
+                counters.reserved[slot] += value
+                holds.append((counters, w, slot, value))
+        return Reservation(at, scopes, amounts, starts, None, tuple(holds))
 
     async def settle(self, reservation: Reservation, actual: Amounts) -> dict[tuple[Scope, str], int]:
         return self._settle(reservation, vector(actual))
@@ -128,19 +132,20 @@ class MemoryLimitStore:
 
     def _settle(self, reservation: Reservation, spent: list[int]) -> dict[tuple[Scope, str], int]:
         starts = reservation.starts
+        for counters, w, slot, value in reservation.holds:
+            if counters.starts[w] == starts[w]:  # else the window rolled over: its figures went with it
+                counters.reserved[slot] -= value
         minute = int(reservation.at.timestamp() // 60)
-        held = vector(reservation.amounts)
         usd_totals = {}
         for scope in reservation.scopes:
             counters = self._counters(scope, starts, minute)  # windows only move forward: a later one stays
+            used = counters.used
             for w, window in enumerate(WINDOWS):
                 if counters.starts[w] != starts[w]:
                     continue  # the window rolled over since the reservation: its figures went with it
-                for m in range(len(METRICS)):
-                    slot = m * _W + w
-                    counters.reserved[slot] -= held[m]
-                    counters.used[slot] += spent[m]
-                usd_totals[scope, window] = counters.used[_USD_BASE + w]
+                for m, value in enumerate(spent):
+                    used[m * _W + w] += value
+                usd_totals[scope, window] = used[_USD_BASE + w]
         return usd_totals
 
     async def seed(self, source: str, rows: list[SeedRow]) -> bool:
