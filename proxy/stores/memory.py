@@ -105,24 +105,22 @@ class MemoryLimitStore:
         tenant_counters, user_counters = (self._counters(scope, starts, minute) for scope in scopes)
         wanted = vector(amounts)
         over = None
+        cells = []
         for index, (scope, metric, window, limit) in enumerate(checks):
             counters = tenant_counters if scope.user is None else user_counters
             slot = _SLOT_OF[metric][window]
+            value = wanted[slot // _W]
             current = counters.used[slot] + counters.reserved[slot]
-            if current + wanted[slot // _W] > limit:
+            if current + value > limit:
                 over = over or []
                 over.append((index, current))
+            elif value and counters.starts[slot % _W] == starts[slot % _W]:  # a window still at `starts`
+                cells.append((counters, slot, value))
         if over:
             return pick_denial(checks, over, starts, at)
-        holds = []  # as in Redis: the worst case is held only in the counters a limit checks
-        for scope, metric, window, _ in checks:
-            counters = tenant_counters if scope.user is None else user_counters
-            w, slot = _WINDOW_INDEX[window], _SLOT_OF[metric][window]
-            value = wanted[slot // _W]
-            if value and counters.starts[w] == starts[w]:  # only a window still at `starts`
-                counters.reserved[slot] += value
-                holds.append((counters, w, slot, value))
-        return Reservation(at, scopes, amounts, starts, None, tuple(holds))
+        for counters, slot, value in cells:  # as in Redis: held only in the counters a limit checks
+            counters.reserved[slot] += value
+        return Reservation(at, scopes, amounts, starts, None, tuple(cells))
 
     async def settle(self, reservation: Reservation, actual: Amounts) -> dict[tuple[Scope, str], int]:
         return self._settle(reservation, vector(actual))
@@ -132,8 +130,8 @@ class MemoryLimitStore:
 
     def _settle(self, reservation: Reservation, spent: list[int]) -> dict[tuple[Scope, str], int]:
         starts = reservation.starts
-        for counters, w, slot, value in reservation.holds:
-            if counters.starts[w] == starts[w]:  # else the window rolled over: its figures went with it
+        for counters, slot, value in reservation.holds:
+            if counters.starts[slot % _W] == starts[slot % _W]:  # else the window rolled over, figures and all
                 counters.reserved[slot] -= value
         minute = int(reservation.at.timestamp() // 60)
         usd_totals = {}
