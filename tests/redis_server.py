@@ -43,6 +43,7 @@ class RedisServer:
                 return self
             except redis.exceptions.ConnectionError:
                 time.sleep(0.02)
+        self.stop()  # never left running by a start that failed
         raise RuntimeError((self.workdir / "redis.log").read_text())
 
     def stop(self) -> None:
@@ -72,6 +73,13 @@ class SentinelSet:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> SentinelSet:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # never left running by a start that failed
+            raise
+
+    def _start(self) -> SentinelSet:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.master.start()
         self.replica.start()
