@@ -162,7 +162,7 @@ class Reservation:
     amounts: Amounts
     starts: tuple[datetime, ...]  # the start of each window (WINDOWS order) it was counted in
     generation: str | None = None  # the shared store's counter generation it was made in (Redis)
-    holds: tuple = ()  # the shared store's counters it holds its amounts in (Redis: the checked ones)
+    holds: tuple = ()  # the counters its amounts are held in (the checked ones), in the store's own terms
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +176,9 @@ class Alert:
 class LimitStore(Protocol):
     async def reserve(self, checks: list[Check], scopes: tuple[Scope, ...], amounts: Amounts,
                       at: datetime) -> Reservation | Denied:
-        """Atomically: deny if any check would be crossed, else add `amounts` as reserved in every window
-        of every scope (`scopes` is (the tenant's, the user's); each check counts in one of them)."""
+        """Atomically: deny if any check would be crossed, else hold `amounts` in each checked counter (`scopes`
+        is (the tenant's, the user's); each check counts in one of them). A counter no check reads holds
+        nothing: it gets the real figures at settle."""
 
     async def settle(self, reservation: Reservation, actual: Amounts) -> dict[tuple[Scope, str], int]:
         """Replace the reservation by the real figures (in the windows it was made in).
